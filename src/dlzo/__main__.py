@@ -1,0 +1,5 @@
+import sys
+
+from dlzo.cli import main
+
+sys.exit(main())

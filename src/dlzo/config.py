@@ -1,0 +1,52 @@
+"""Dataclass configs are the one source of truth for options: the CLI flags are generated from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text for its CLI flag."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _base_type(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing})  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of the dataclass `cls`."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("help"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _base_type(f.type)
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})",
+                                **extra)
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace, **overrides: Any) -> T:
+    """Build the dataclass `cls` from parsed flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(namespace).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
