@@ -1,0 +1,127 @@
+"""The fast path for scopes inside decoder layers: both SPSA branches in one forward of 2B rows.
+
+- Layers below the first tuned layer see identical halves, so they run once on B rows and their output
+  is duplicated (the prefix is shared between the +ε and -ε branches).
+- Each tuned layer runs its first B rows with θ+εz and its last B rows with θ-εz, by swapping tensors
+  into the layer for one call; the model's own parameters are never modified.
+- Layers above run on all 2B rows; logits are computed only where the loss reads them (dlzo.scoring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from dlzo.models import decoder_layers
+from dlzo.scoring import EncodedBatch, loss_from_logprobs, token_logprobs
+
+
+def _split(value, rows: int, half: int):
+    """(first half, second half) of every batch-leading tensor inside value; other values go to both."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+        return value[:half], value[half:]
+    if isinstance(value, (tuple, list)):
+        pairs = [_split(v, rows, half) for v in value]
+        return type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs)
+    if isinstance(value, dict):
+        pairs = {k: _split(v, rows, half) for k, v in value.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    return value, value
+
+
+def _join(first, second):
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join(a, b) for a, b in zip(first, second))
+    return first
+
+
+@contextlib.contextmanager
+def swapped_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily use `tensors` (names relative to module) in place of the module's parameters."""
+    saved = []
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        saved.append((owner, leaf, owner._parameters[leaf]))
+        owner._parameters[leaf] = tensor
+    try:
+        yield
+    finally:
+        for owner, leaf, original in saved:
+            owner._parameters[leaf] = original
+
+
+class BranchedForward:
+    """Computes (L(θ+εz), L(θ-εz)) for tensors that all live inside decoder layers, in one forward."""
+
+    def __init__(self, model: nn.Module, tuned_names: list[str]):
+        self.model = model
+        self.layers = decoder_layers(model)
+        full_names = {id(p): n for n, p in model.named_parameters()}
+        self.local_names: dict[int, dict[str, str]] = {}  # layer index -> {global name: local name}
+        for index, layer in enumerate(self.layers):
+            for local, param in layer.named_parameters():
+                name = full_names.get(id(param))
+                if name in tuned_names:
+                    self.local_names.setdefault(index, {})[name] = local
+        covered = {n for names in self.local_names.values() for n in names}
+        outside = [n for n in tuned_names if n not in covered]
+        if outside:
+            raise ValueError(f"the fast path needs tuned tensors inside decoder layers; outside: {outside[:3]}")
+        self.first_tuned = min(self.local_names)
+
+    @contextlib.contextmanager
+    def _patched(self, rows: int, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor]):
+        half = rows // 2
+        originals = {}
+        had_own_forward = {}  # accelerate's device-map hooks install an instance-level forward
+
+        def shared_prefix(layer):
+            def forward(*args, **kwargs):
+                args1, _ = _split(args, rows, half)
+                kwargs1, _ = _split(kwargs, rows, half)
+                out = originals[id(layer)](*args1, **kwargs1)
+                return _join(out, out)
+            return forward
+
+        def branched(layer, names):
+            plus_local = {local: plus[name] for name, local in names.items()}
+            minus_local = {local: minus[name] for name, local in names.items()}
+
+            def forward(*args, **kwargs):
+                (args1, args2), (kwargs1, kwargs2) = _split(args, rows, half), _split(kwargs, rows, half)
+                with swapped_tensors(layer, plus_local):
+                    out1 = originals[id(layer)](*args1, **kwargs1)
+                with swapped_tensors(layer, minus_local):
+                    out2 = originals[id(layer)](*args2, **kwargs2)
+                return _join(out1, out2)
+            return forward
+
+        for index, layer in enumerate(self.layers):
+            if index < self.first_tuned or index in self.local_names:
+                originals[id(layer)] = layer.forward
+                had_own_forward[id(layer)] = "forward" in layer.__dict__
+                tuned = self.local_names.get(index)
+                layer.forward = branched(layer, tuned) if tuned else shared_prefix(layer)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                if had_own_forward.get(id(layer)):
+                    layer.forward = originals[id(layer)]
+                elif id(layer) in originals:
+                    del layer.forward  # the class's forward shows again
+
+    @torch.no_grad()
+    def loss_pair(self, batch: EncodedBatch, plus: dict[str, torch.Tensor],
+                  minus: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        doubled = batch.doubled()
+        with self._patched(doubled.input_ids.shape[0], plus, minus):
+            logprobs = token_logprobs(self.model, doubled)
+        tokens = batch.token_row.shape[0]
+        return (loss_from_logprobs(batch, logprobs[:tokens]), loss_from_logprobs(batch, logprobs[tokens:]))

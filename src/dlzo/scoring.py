@@ -1,0 +1,185 @@
+"""Turn examples into padded token batches and score their candidates: the task interface of the engine.
+
+An `EncodedBatch` lists, for every candidate, which (row, position) logits predict which answer tokens.
+Two ways to fill it:
+- packed (the fast path): when every candidate of an example is one token appended to the shared
+  context, the example is one sequence and all candidates are read from its last position;
+- per candidate (MeZO's way, and the fallback): one sequence per candidate.
+Losses read logits only at the scored positions (answer-only logits) unless `full_logits` is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlzo.models import backbone_and_head, logits_from_hidden
+from dlzo.tasks import Example
+
+
+@dataclass
+class EncodedBatch:
+    input_ids: torch.Tensor  # (rows, T), left-padded
+    attention_mask: torch.Tensor  # (rows, T)
+    token_row: torch.Tensor  # (M,) row of each scored answer token
+    token_position: torch.Tensor  # (M,) position whose logits predict it
+    token_target: torch.Tensor  # (M,) the answer token id
+    token_candidate: torch.Tensor  # (M,) global candidate index
+    candidate_example: torch.Tensor  # (C,) example of each candidate
+    candidate_slot: torch.Tensor  # (C,) index of the candidate within its example
+    labels: torch.Tensor  # (E,) correct candidate of each example
+    num_examples: int
+    max_candidates: int
+    generation: bool = False
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        # Explicit positions so left padding never shifts absolute position embeddings (GPT-2, OPT).
+        return (self.attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+    def to(self, device: torch.device) -> EncodedBatch:
+        values = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return EncodedBatch(**values)
+
+    def doubled(self) -> EncodedBatch:
+        """The same batch twice (rows 0..R-1 and R..2R-1), for evaluating both ZO branches in one forward."""
+        rows = self.input_ids.shape[0]
+        candidates = self.candidate_example.shape[0]
+        return EncodedBatch(
+            input_ids=torch.cat([self.input_ids, self.input_ids]),
+            attention_mask=torch.cat([self.attention_mask, self.attention_mask]),
+            token_row=torch.cat([self.token_row, self.token_row + rows]),
+            token_position=torch.cat([self.token_position, self.token_position]),
+            token_target=torch.cat([self.token_target, self.token_target]),
+            token_candidate=torch.cat([self.token_candidate, self.token_candidate + candidates]),
+            candidate_example=torch.cat([self.candidate_example, self.candidate_example + self.num_examples]),
+            candidate_slot=torch.cat([self.candidate_slot, self.candidate_slot]),
+            labels=torch.cat([self.labels, self.labels]),
+            num_examples=2 * self.num_examples,
+            max_candidates=self.max_candidates,
+            generation=self.generation,
+        )
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+
+
+def encode(
+    tokenizer,
+    examples: list[Example],
+    pack_single_token: bool = True,
+    max_length: int = 2048,
+    demonstrations: str = "",
+    generation: bool = False,
+) -> EncodedBatch:
+    """Tokenize examples into one left-padded batch. `demonstrations` is prepended (in-context learning)."""
+    sequences: list[list[int]] = []
+    scored: list[tuple[int, int, int, int]] = []  # row, position, target, candidate
+    candidate_example, candidate_slot, labels = [], [], []
+    for example_index, example in enumerate(examples):
+        context = _tokens(tokenizer, demonstrations + example.prompt)
+        fulls = [_tokens(tokenizer, demonstrations + example.prompt + c) for c in example.continuations]
+        packable = pack_single_token and all(len(f) == len(context) + 1 and f[:-1] == context for f in fulls)
+        if packable:
+            sequences.append(context[-max_length:])
+        for slot, full in enumerate(fulls):
+            shared = _common_prefix(context, full)
+            answer = full[shared:] if shared < len(full) else full[-1:]
+            candidate = len(candidate_example)
+            candidate_example.append(example_index)
+            candidate_slot.append(slot)
+            if not packable:
+                sequences.append(full[-max_length:])
+            row = len(sequences) - 1
+            length = len(sequences[row])
+            first_position = (length - 1) if packable else (length - len(answer) - 1)
+            for offset, target in enumerate(answer):
+                scored.append((row, max(first_position + offset, 0), target, candidate))
+        labels.append(example.label)
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence) :] = 1
+    rows, positions, targets, candidates = (torch.tensor(column) for column in zip(*scored))
+    # Positions were computed in each unpadded sequence; shift them by the row's left padding.
+    positions = positions + (width - attention_mask.sum(-1))[rows]
+    return EncodedBatch(
+        input_ids, attention_mask, rows, positions, targets, candidates,
+        torch.tensor(candidate_example), torch.tensor(candidate_slot), torch.tensor(labels),
+        num_examples=len(examples), max_candidates=max(len(e.continuations) for e in examples),
+        generation=generation,
+    )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def hidden_states(model: nn.Module, batch: EncodedBatch) -> torch.Tensor:
+    """Final-normed hidden states of the transformer body (no LM head)."""
+    body, _ = backbone_and_head(model)
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+               use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def token_logprobs(model: nn.Module, batch: EncodedBatch, full_logits: bool = False) -> torch.Tensor:
+    """Log-probability of every scored answer token, shape (M,)."""
+    if full_logits:
+        # MeZO's way: logits over the whole vocabulary at every position of every row.
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False).logits
+        logprobs = logits.float().log_softmax(-1)
+        return logprobs[batch.token_row, batch.token_position, batch.token_target]
+    hidden = hidden_states(model, batch)
+    pairs = torch.stack([batch.token_row, batch.token_position], 1)
+    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    logits = logits_from_hidden(model, hidden[unique[:, 0], unique[:, 1]])
+    logprobs = logits.float().log_softmax(-1)
+    return logprobs[inverse, batch.token_target]
+
+
+def candidate_scores(batch: EncodedBatch, logprobs: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log-probability of each candidate, as an (examples, max_candidates) matrix
+    with -inf where an example has fewer candidates."""
+    num_candidates = batch.candidate_example.shape[0]
+    sums = torch.zeros(num_candidates, dtype=logprobs.dtype, device=logprobs.device)
+    sums.index_add_(0, batch.token_candidate, logprobs)
+    counts = torch.zeros_like(sums).index_add_(0, batch.token_candidate, torch.ones_like(logprobs))
+    scores = torch.full((batch.num_examples, batch.max_candidates), float("-inf"), dtype=logprobs.dtype,
+                        device=logprobs.device)
+    scores[batch.candidate_example, batch.candidate_slot] = sums / counts
+    return scores
+
+
+def loss_from_logprobs(batch: EncodedBatch, logprobs: torch.Tensor) -> torch.Tensor:
+    """Classification: cross-entropy over the candidates' mean answer log-probs (MeZO's
+    train-as-classification). Generation: mean negative log-likelihood of the gold answer tokens."""
+    scores = candidate_scores(batch, logprobs)
+    if batch.generation or batch.max_candidates == 1:
+        return -scores[:, 0].mean()
+    return F.cross_entropy(scores, batch.labels)
+
+
+def per_example_losses(batch: EncodedBatch, logprobs: torch.Tensor) -> torch.Tensor:
+    scores = candidate_scores(batch, logprobs)
+    if batch.generation or batch.max_candidates == 1:
+        return -scores[:, 0]
+    return F.cross_entropy(scores, batch.labels, reduction="none")
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch: EncodedBatch, full_logits: bool = False) -> torch.Tensor:
+    return loss_from_logprobs(batch, token_logprobs(model, batch, full_logits))

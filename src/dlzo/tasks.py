@@ -1,0 +1,392 @@
+"""The benchmark tasks: MeZO's prompt templates, loaders for the official files, MeZO's sampling, metrics.
+
+A task turns an official example into an `Example`: a prompt (context) and the continuations to score.
+Classification tasks score each candidate continuation; generation tasks (SQuAD, DROP) have one gold
+continuation for the LM loss and are evaluated by greedy generation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import string
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dlzo.errors import DlzoError
+
+
+@dataclass
+class Example:
+    prompt: str
+    continuations: list[str]  # appended to the prompt; one per candidate (generation: the gold answer)
+    label: int  # index of the correct continuation; 0 for generation tasks
+    answers: list[str] = field(default_factory=list)  # gold answers for generation metrics
+    correct: list[int] = field(default_factory=list)  # all correct candidates (ReCoRD); default [label]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DlzoError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            missing = [name for name in required if name not in row]
+            if missing:
+                raise DlzoError(f"{path}:{number}: missing field '{missing[0]}'")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> object:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DlzoError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def _label(path: Path, number: int, value, allowed: dict) -> int:
+    if value not in allowed:
+        raise DlzoError(f"{path}:{number}: label {value!r} is not one of {list(allowed)}")
+    return allowed[value]
+
+
+def _require(path: Path, files: dict[str, Path], split: str) -> Path:
+    if split not in files or not files[split].exists():
+        wanted = files.get(split, path)
+        raise DlzoError(f"data file not found: {wanted} (pass the folder of official files with --data-dir)")
+    return files[split]
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+
+class Task:
+    """A benchmark task. Subclasses give the file layout, how to read a row, and the template."""
+
+    name: str = ""
+    metric: str = "accuracy"
+    generation: bool = False
+    default_num_dev: int = 500
+    folder: str = ""
+    splits_files: dict[str, str] = {"train": "train.jsonl", "valid": "val.jsonl"}
+    required: tuple[str, ...] = ()
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+
+    def files(self) -> dict[str, Path]:
+        return {split: self.data_dir / self.folder / name for split, name in self.splits_files.items()}
+
+    def has_split(self, split: str) -> bool:
+        return self.files().get(split, Path("/nonexistent")).exists()
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        rows = _read_jsonl(path, self.required)
+        return [self.build(row, path, number) for number, row in enumerate(rows, start=1)]
+
+    def build(self, row: dict, path: Path, number: int) -> Example:
+        raise NotImplementedError
+
+    def prompt_text(self, example: Example) -> str:
+        return example.prompt + example.continuations[example.label]
+
+    # MeZO's protocol: train+dev drawn together from the train split with the seed, dev = the last
+    # num_dev of them; test drawn from the validation split with the same seed (all of it when smaller).
+    def splits(self, seed: int = 0, num_train: int = 1000, num_dev: int | None = None,
+               num_test: int = 1000) -> Splits:
+        num_dev = self.default_num_dev if num_dev is None else num_dev
+        notes = []
+        valid = self.read_split("valid")
+        if self.has_split("train"):
+            train_pool = self.read_split("train")
+            picked = _sample(train_pool, seed, num_train + num_dev)
+            dev, train = (picked[-num_dev:], picked[:-num_dev]) if num_dev else ([], picked)
+            test = _sample(valid, seed, num_test)
+            if num_train + num_dev > len(train_pool):
+                notes.append(f"{self.name}: only {len(train_pool)} training examples, so train={len(train)} "
+                             f"and dev={len(dev)} (dev is taken first, as MeZO does)")
+        else:
+            # No train file (BoolQ in ../shared): train, dev and test all come from the validation file,
+            # disjointly. Results are not comparable with papers that train on the official train split.
+            order = _sample(valid, seed, len(valid))
+            train, dev = order[:num_train], order[num_train : num_train + num_dev]
+            test = order[num_train + num_dev :][:num_test]
+            notes.append(f"WARNING {self.name}: no train file in {self.data_dir / self.folder}; train, dev and test "
+                         f"are drawn disjointly from the validation file ({len(train)}/{len(dev)}/{len(test)})")
+        return Splits(train, dev, test, notes)
+
+
+def _sample(items: list, seed: int, num: int) -> list:
+    """MeZO's sample_subset: the first `num` of a seeded numpy permutation."""
+    order = np.random.RandomState(seed).permutation(len(items)).tolist()
+    return [items[i] for i in order[:num]]
+
+
+class SST2(Task):
+    name, folder = "sst2", "glue/SST-2"
+    splits_files = {"train": "train.tsv", "valid": "dev.tsv"}
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        examples = []
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if header is None or header[:2] != ["sentence", "label"]:
+                raise DlzoError(f"{path}:1: expected the header 'sentence<TAB>label', got {header}")
+            for number, row in enumerate(reader, start=2):
+                if len(row) != 2:
+                    raise DlzoError(f"{path}:{number}: expected 2 tab-separated fields, got {len(row)}")
+                label = _label(path, number, row[1].strip(), {"0": 0, "1": 1})
+                examples.append(self.build({"sentence": row[0], "label": label}, path, number))
+        return examples
+
+    def build(self, row, path, number):
+        return Example(f"{row['sentence'].strip()} It was", [" terrible", " great"], row["label"])
+
+
+class RTE(Task):
+    name, folder, required = "rte", "superglue/RTE", ("premise", "hypothesis", "label")
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {"entailment": 0, "not_entailment": 1})
+        prompt = f"{row['premise']}\nDoes this mean that \"{row['hypothesis']}\" is true? Yes or No?\n"
+        return Example(prompt, ["Yes", "No"], label)
+
+
+class CB(Task):
+    name, folder, required, default_num_dev = "cb", "superglue/CB", ("premise", "hypothesis", "label"), 100
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {"entailment": 0, "contradiction": 1, "neutral": 2})
+        prompt = f"Suppose {row['premise']} Can we infer that \"{row['hypothesis']}\"? Yes, No, or Maybe?\n"
+        return Example(prompt, ["Yes", "No", "Maybe"], label)
+
+
+class BoolQ(Task):
+    name, folder, required = "boolq", "superglue/BoolQ", ("passage", "question", "label")
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {True: 0, False: 1})
+        question = row["question"]
+        question = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
+        return Example(f"{row['passage']} {question}\n", ["Yes", "No"], label)
+
+
+class WSC(Task):
+    name, folder, required = "wsc", "superglue/WSC", ("text", "target", "label")
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {False: 0, True: 1})
+        target = row["target"]
+        if not isinstance(target, dict) or not {"span1_text", "span2_text"} <= set(target):
+            raise DlzoError(f"{path}:{number}: field 'target' needs span1_text and span2_text")
+        prompt = (f"{row['text']}\nIn the previous sentence, does the pronoun \"{target['span2_text'].lower()}\" "
+                  f"refer to {target['span1_text']}? Yes or No?\n")
+        return Example(prompt, ["No", "Yes"], label)
+
+
+class WiC(Task):
+    name, folder, required = "wic", "superglue/WiC", ("word", "sentence1", "sentence2", "label")
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {False: 0, True: 1})
+        prompt = (f"Does the word \"{row['word']}\" have the same meaning in these two sentences? Yes, No?\n"
+                  f"{row['sentence1']}\n{row['sentence2']}\n")
+        return Example(prompt, ["No", "Yes"], label)
+
+
+class MultiRC(Task):
+    """One example per answer option (MeZO's accuracy is per option)."""
+
+    name, folder, required = "multirc", "superglue/MultiRC", ("passage",)
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        examples = []
+        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
+            passage = row["passage"]
+            if not isinstance(passage, dict) or "text" not in passage or "questions" not in passage:
+                raise DlzoError(f"{path}:{number}: field 'passage' needs 'text' and 'questions'")
+            for question in passage["questions"]:
+                for answer in question.get("answers", []):
+                    if "text" not in answer or "label" not in answer:
+                        raise DlzoError(f"{path}:{number}: an answer is missing 'text' or 'label'")
+                    label = _label(path, number, answer["label"], {0: 0, 1: 1})
+                    prompt = (f"{passage['text']}\nQuestion: {question['question']}\nI found this answer "
+                              f"\"{answer['text']}\". Is that correct? Yes or No?\n")
+                    examples.append(Example(prompt, ["No", "Yes"], label))
+        return examples
+
+
+class COPA(Task):
+    name, folder, required, default_num_dev = "copa", "superglue/COPA", ("premise", "choice1", "choice2", "question", "label"), 100
+
+    def build(self, row, path, number):
+        label = _label(path, number, row["label"], {0: 0, 1: 1})
+        conjunction = {"effect": " so ", "cause": " because "}.get(row["question"])
+        if conjunction is None:
+            raise DlzoError(f"{path}:{number}: field 'question' is {row['question']!r}, not 'cause' or 'effect'")
+        premise = row["premise"].rstrip()
+        premise = premise[:-1] if premise.endswith(".") else premise
+        return Example(premise + conjunction, [_copa_case(row["choice1"]), _copa_case(row["choice2"])], label)
+
+
+def _copa_case(choice: str) -> str:
+    words = choice.split(" ")
+    if words[0] != "I":
+        words[0] = words[0].lower()
+    return " ".join(words)
+
+
+class ReCoRD(Task):
+    """Classification over the passage's entities, each substituted into the query."""
+
+    name, folder, required = "record", "superglue/ReCoRD", ("passage", "qas")
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        examples = []
+        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
+            passage = row["passage"]
+            if not isinstance(passage, dict) or "text" not in passage or "entities" not in passage:
+                raise DlzoError(f"{path}:{number}: field 'passage' needs 'text' and 'entities'")
+            text = passage["text"]
+            entities = list(dict.fromkeys(text[e["start"] : e["end"] + 1] for e in passage["entities"]))
+            context = text.replace("@highlight\n", "- ").strip() + "\n- "
+            for qa in row["qas"]:
+                if "query" not in qa:
+                    raise DlzoError(f"{path}:{number}: a qas entry is missing 'query'")
+                gold = {a["text"] for a in qa.get("answers", [])}
+                correct = [i for i, e in enumerate(entities) if e in gold]
+                if not correct:
+                    continue  # an unanswerable query: MeZO skips these too
+                options = [qa["query"].replace("@placeholder", e) for e in entities]
+                examples.append(Example(context, options, correct[0], answers=sorted(gold), correct=correct))
+        return examples
+
+
+class SQuAD(Task):
+    name, folder, metric, generation = "squad", "squad", "f1", True
+    splits_files = {"train": "train-v1.1.json", "valid": "dev-v1.1.json"}
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        data = _read_json(path)
+        if not isinstance(data, dict) or "data" not in data:
+            raise DlzoError(f"{path}: expected a SQuAD v1.1 object with a 'data' list")
+        examples = []
+        for article_number, article in enumerate(data["data"]):
+            for paragraph in article.get("paragraphs", []):
+                for qa in paragraph.get("qas", []):
+                    answers = [a["text"] for a in qa.get("answers", [])]
+                    if not answers:
+                        raise DlzoError(f"{path}: question {qa.get('id', '?')} in article {article_number} has no answers")
+                    prompt = (f"Title: {article.get('title', '')}\nContext: {paragraph['context']}\n"
+                              f"Question: {qa['question']}\nAnswer:")
+                    examples.append(Example(prompt, [" " + answers[0]], 0, answers=answers))
+        return examples
+
+
+class DROP(Task):
+    name, folder, metric, generation = "drop", "drop", "f1", True
+    splits_files = {"train": "drop_dataset_train.json", "valid": "drop_dataset_dev.json"}
+
+    def read_split(self, split: str) -> list[Example]:
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise DlzoError(f"{path}: expected a DROP object keyed by passage id")
+        examples = []
+        for passage_id, item in data.items():
+            if "passage" not in item or "qa_pairs" not in item:
+                raise DlzoError(f"{path}: passage {passage_id} needs 'passage' and 'qa_pairs'")
+            for qa in item["qa_pairs"]:
+                answers = [_drop_answer(a) for a in [qa["answer"], *qa.get("validated_answers", [])]]
+                answers = [a for a in dict.fromkeys(answers) if a]
+                if not answers:
+                    continue
+                prompt = f"Passage: {item['passage']}\nQuestion: {qa['question']}\nAnswer:"
+                examples.append(Example(prompt, [" " + answers[0]], 0, answers=answers))
+        return examples
+
+
+def _drop_answer(answer: dict) -> str:
+    if answer.get("number"):
+        return str(answer["number"])
+    if answer.get("spans"):
+        return ", ".join(answer["spans"])
+    date = answer.get("date") or {}
+    return " ".join(str(date[k]) for k in ("month", "day", "year") if date.get(k))
+
+
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (SST2, RTE, CB, BoolQ, WSC, WiC, MultiRC, COPA, ReCoRD, SQuAD, DROP)
+}
+
+
+def load_task(name: str, data_dir: str | Path) -> Task:
+    key = name.lower().replace("-", "")
+    if key not in TASKS:
+        raise DlzoError(f"--task {name!r} is not one of {', '.join(TASKS)}")
+    return TASKS[key](data_dir)
+
+
+def task_splits(task: Task, seed: int = 0, num_train: int = 1000, num_dev: int | None = None,
+                num_test: int = 1000) -> Splits:
+    splits = task.splits(seed, num_train, num_dev, num_test)
+    for note in splits.notes:
+        print(note, file=sys.stderr)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower-case, drop punctuation and articles, squeeze whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    predicted, truth = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = Counter(predicted) & Counter(truth)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_over_answers(metric, prediction: str, answers: list[str]) -> float:
+    return max(metric(prediction, gold) for gold in answers)

@@ -1,0 +1,184 @@
+"""The zeroth-order optimizer: SPSA as in MeZO, with z regenerated from a seed.
+
+    L+ = L(θ + εz),  L- = L(θ - εz),  g = (L+ - L-) / 2ε,  θ <- θ - lr·(g·z + wd·θ)
+
+z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
+from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
+
+Two ways to evaluate the perturbed losses:
+- `step(closure)`: in place. The closure computes the loss at the model's current weights. Small scopes
+  restore θ by copying a saved copy (exact); the full scope uses MeZO's +ε/-2ε/+ε arithmetic (no copy).
+- `step_functional(pair_loss)`: pair_loss(plus, minus) gets the perturbed tensors and returns (L+, L-),
+  e.g. from one batched forward (dlzo.fastpath); the model's weights are never perturbed in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over the values: well-spread 64-bit seeds from small integers."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 29
+    return state & ((1 << 63) - 1)
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    return _mix(run_seed, step, direction)
+
+
+def no_decay(name: str) -> bool:
+    """MeZO applies no weight decay to biases and normalisation weights."""
+    lowered = name.lower()
+    return "bias" in lowered or "norm" in lowered or ".ln" in lowered or "ln_" in lowered
+
+
+@dataclass
+class StepResult:
+    seeds: list[int]
+    projected_grads: list[float]
+    loss_plus: list[float]
+    loss_minus: list[float]
+    skipped: bool = False
+
+    @property
+    def loss(self) -> float:
+        return sum(p + m for p, m in zip(self.loss_plus, self.loss_minus)) / (2 * len(self.loss_plus))
+
+
+class ZOOptimizer:
+    """SPSA over a list of named tensors. Usable from any training loop, not only dlzo's trainer."""
+
+    def __init__(
+        self,
+        params: Iterable[tuple[str, nn.Parameter]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        q: int = 1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        distribution: str = "gaussian",
+        exact_restore: bool = True,
+    ):
+        self.named = list(params)
+        if not self.named:
+            raise ValueError("ZOOptimizer got no parameters to tune")
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"distribution must be gaussian or rademacher, not {distribution!r}")
+        self.lr, self.eps, self.q = lr, eps, q
+        self.weight_decay, self.seed, self.distribution = weight_decay, seed, distribution
+        self.exact_restore = exact_restore
+        self.step_count = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # -------------------------------------------------------------------------------- noise
+
+    def sample(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+        """z for tensor `index` of direction `seed`, regenerated identically on any call."""
+        generator = self._generators.get(like.device)
+        if generator is None:
+            generator = self._generators[like.device] = torch.Generator(device=like.device)
+        generator.manual_seed(_mix(seed, index))
+        if self.distribution == "gaussian":
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return bits.mul_(2).sub_(1)
+
+    def _add_noise(self, seed: int, scale: float) -> None:
+        for index, (_, param) in enumerate(self.named):
+            param.data.add_(self.sample(seed, index, param), alpha=scale)
+
+    # -------------------------------------------------------------------------------- update
+
+    def apply_update(self, seeds: list[int], grads: list[float], zs: list[list[torch.Tensor]] | None = None) -> None:
+        """θ <- θ - lr·(mean_d g_d·z_d + wd·θ). Replay calls this with the logged seeds and grads, so
+        training and replay run the same arithmetic and give bit-identical weights."""
+        count = len(seeds)
+        for index, (name, param) in enumerate(self.named):
+            direction = None
+            for d, (seed, grad) in enumerate(zip(seeds, grads)):
+                z = zs[d][index] if zs is not None else self.sample(seed, index, param)
+                term = z.mul_(grad / count) if zs is None else z * (grad / count)
+                direction = term if direction is None else direction.add_(term)
+            if self.weight_decay and not no_decay(name):
+                direction.add_(param.data, alpha=self.weight_decay)
+            param.data.sub_(direction, alpha=self.lr)
+
+    # -------------------------------------------------------------------------------- steps
+
+    def seeds_for_step(self, step: int) -> list[int]:
+        return [direction_seed(self.seed, step, d) for d in range(self.q)]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None = None) -> StepResult:
+        """Evaluate the closure at θ±εz for each direction (in place) and update θ."""
+        seeds = self.seeds_for_step(self.step_count)
+        chosen = range(self.q) if directions is None else directions
+        plus, minus, grads = [], [], []
+        backup = [p.detach().clone() for _, p in self.named] if self.exact_restore else None
+        for d in chosen:
+            seed = seeds[d]
+            if backup is not None:
+                zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+                for (_, p), z, saved in zip(self.named, zs, backup):
+                    p.data.copy_(saved).add_(z, alpha=self.eps)
+                loss_plus = float(closure())
+                for (_, p), z, saved in zip(self.named, zs, backup):
+                    p.data.copy_(saved).add_(z, alpha=-self.eps)
+                loss_minus = float(closure())
+                for (_, p), saved in zip(self.named, backup):
+                    p.data.copy_(saved)
+            else:
+                self._add_noise(seed, self.eps)
+                loss_plus = float(closure())
+                self._add_noise(seed, -2 * self.eps)
+                loss_minus = float(closure())
+                self._add_noise(seed, self.eps)
+            plus.append(loss_plus)
+            minus.append(loss_minus)
+            grads.append((loss_plus - loss_minus) / (2 * self.eps))
+        return self._finish([seeds[d] for d in chosen], grads, plus, minus)
+
+    @torch.no_grad()
+    def step_functional(
+        self, pair_loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[float, float]]
+    ) -> StepResult:
+        """Evaluate pair_loss(θ+εz, θ-εz) for each direction without touching θ, then update θ."""
+        seeds = self.seeds_for_step(self.step_count)
+        plus, minus, grads = [], [], []
+        for seed in seeds:
+            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+            theta_plus = {n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}
+            theta_minus = {n: p.detach() - self.eps * z for (n, p), z in zip(self.named, zs)}
+            loss_plus, loss_minus = (float(v) for v in pair_loss(theta_plus, theta_minus))
+            plus.append(loss_plus)
+            minus.append(loss_minus)
+            grads.append((loss_plus - loss_minus) / (2 * self.eps))
+        return self._finish(seeds, grads, plus, minus)
+
+    def _finish(self, seeds, grads, plus, minus) -> StepResult:
+        result = StepResult(seeds, grads, plus, minus)
+        if not all(math.isfinite(v) for v in plus + minus):
+            result.skipped = True  # a non-finite loss must never reach the weights
+        else:
+            self.apply_update(seeds, grads)
+        self.step_count += 1
+        return result
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,
+                "weight_decay": self.weight_decay, "distribution": self.distribution}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
