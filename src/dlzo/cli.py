@@ -52,6 +52,81 @@ def cmd_probe(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from dlzo import distributed
+    from dlzo.config import from_namespace
+    from dlzo.train import TrainConfig, train
+
+    distributed.init_if_launched(args.device)
+    train(from_namespace(TrainConfig, args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dlzo.eval import demonstrations, evaluate
+    from dlzo.models import load_model, load_tokenizer
+    from dlzo.tasks import load_task, task_splits
+
+    task = load_task(args.task, args.data_dir)
+    splits = task_splits(task, args.data_seed, num_test=args.num_test)
+    if args.run:
+        from dlzo.checkpoint import load_tensors
+        from dlzo.train import _rebuild, load_into
+
+        checkpoint = Path(args.run) / f"{args.checkpoint}.safetensors"
+        if not checkpoint.exists():
+            raise DlzoError(f"--run {args.run}: {checkpoint.name} not found")
+        prepared, _ = _rebuild(Path(args.run), args.model)
+        model, tokenizer = prepared.model, prepared.tokenizer
+        load_into(model, load_tensors(checkpoint))
+    else:
+        if not args.model:
+            raise DlzoError("--model is required (or --run to evaluate a trained run)")
+        model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    demos = demonstrations(splits.train, args.icl, args.data_seed)
+    result = evaluate(model, tokenizer, task, splits.test, args.batch_size, demos=demos)
+    data = {**result.to_json(), "icl": args.icl, "model": args.model, "run": args.run}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "eval.json", data)
+    print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
+          f"({args.icl}-shot); wrote {out / 'eval.json'}")
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from dlzo.checkpoint import load_tensors, save_tensors
+    from dlzo.train import replay
+
+    run = Path(args.run)
+    if not (run / "trajectory.jsonl").exists():
+        raise DlzoError(f"--run {run}: no trajectory.jsonl there")
+    rebuilt = replay(run, args.base)
+    if args.to:
+        save_tensors(args.to, rebuilt)
+    final = run / "final.safetensors"
+    if final.exists():
+        trained = load_tensors(final)
+        same = all(torch_equal(rebuilt[n], trained[n]) for n in trained)
+        worst = max(float((rebuilt[n].float() - trained[n].float()).abs().max()) for n in trained)
+        print(f"replayed {len(rebuilt)} tensors; bit-identical to final.safetensors: {same} (max |diff| {worst:.3g})")
+        if not same:
+            raise DlzoError("replay differs from the trained weights (different device type or library versions?)")
+    else:
+        print(f"replayed {len(rebuilt)} tensors (no final.safetensors to compare with)")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.cpu(), b.cpu()))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dlzo.train import export
+
+    print(f"wrote a merged Hugging Face folder to {export(args.run, args.to, args.checkpoint)}")
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="hub id, local Hugging Face folder, .gguf file (or folder holding one), or a short "
@@ -77,6 +152,41 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--rel-threshold", type=float, default=1000.0, help="max |h| / median |h| must reach this")
     probe.set_defaults(handler=cmd_probe)
 
+    from dlzo.config import add_arguments
+    from dlzo.train import TrainConfig
+
+    train = commands.add_parser("train", help="fine-tune a scope of the model with ZO (or AdamW) on a task")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(handler=cmd_train)
+
+    evaluation = commands.add_parser("eval", help="zero-shot, in-context, or trained-run evaluation on a task")
+    evaluation.add_argument("--model", default="", help="model to evaluate (with --run: the base model, "
+                                                        "default the run's own)")
+    evaluation.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    evaluation.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    evaluation.add_argument("--task", required=True, help="task name, e.g. sst2")
+    evaluation.add_argument("--data-dir", default="../shared/data", help="folder of official task files")
+    evaluation.add_argument("--run", default="", help="evaluate the tuned tensors of this training run")
+    evaluation.add_argument("--checkpoint", default="best", help="best, last or final (with --run)")
+    evaluation.add_argument("--icl", type=int, default=0, help="in-context demonstrations drawn from train")
+    evaluation.add_argument("--num-test", type=int, default=1000, help="test examples (MeZO: 1000)")
+    evaluation.add_argument("--data-seed", type=int, default=0, help="sampling seed (MeZO's train_set_seed)")
+    evaluation.add_argument("--batch-size", type=int, default=16, help="examples per forward")
+    evaluation.add_argument("--out", default="out/eval", help="folder for eval.json")
+    evaluation.set_defaults(handler=cmd_eval)
+
+    replay = commands.add_parser("replay", help="rebuild a run's tuned weights from the base model and its trajectory")
+    replay.add_argument("--run", required=True, help="run folder")
+    replay.add_argument("--base", default=None, help="base model (default: the run's)")
+    replay.add_argument("--to", default=None, help="also write the rebuilt tensors to this .safetensors file")
+    replay.set_defaults(handler=cmd_replay)
+
+    exporter = commands.add_parser("export", help="write a merged Hugging Face folder from a run")
+    exporter.add_argument("--run", required=True, help="run folder")
+    exporter.add_argument("--to", required=True, help="output folder")
+    exporter.add_argument("--checkpoint", default="best", help="best, last or final")
+    exporter.set_defaults(handler=cmd_export)
     return parser
 
 

@@ -1,0 +1,78 @@
+"""torch.distributed helpers. A ZO step exchanges only scalars: the loss pair (8 bytes per direction).
+
+Launcher-agnostic: torchrun and accelerate both set RANK, WORLD_SIZE and LOCAL_RANK. In a single
+process every helper is a no-op, so the trainer has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+BYTES_EXCHANGED = {"per_step": 0}
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_if_launched(device: str = "auto") -> None:
+    """Join the process group when started by torchrun/accelerate (gloo on CPU, nccl on GPU)."""
+    if not launched() or torch_dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if active() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        torch_dist.barrier()
+
+
+def mean_pair_across_ranks(pair: tuple[float, float]) -> tuple[float, float]:
+    """All-reduce the (L+, L-) pair: the only traffic of a data-parallel ZO step."""
+    if not active():
+        return pair
+    values = torch.tensor(pair, dtype=torch.float64)
+    torch_dist.all_reduce(values)
+    BYTES_EXCHANGED["per_step"] = values.numel() * values.element_size()
+    values /= world_size()
+    return float(values[0]), float(values[1])
+
+
+def mean_across_ranks(value: float) -> float:
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(tensor)
+    return float(tensor[0]) / world_size()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """First-order baseline only: average real gradients across ranks."""
+    if not active():
+        return
+    for param in params:
+        if param.grad is not None:
+            torch_dist.all_reduce(param.grad)
+            param.grad /= world_size()
