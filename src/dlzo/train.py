@@ -179,6 +179,7 @@ def prepare_model(config: TrainConfig, train_examples: list[Example], layer_choi
             choice = {"layer": layer, "reason": reason}
         layers = [choice["layer"]]
     if spec.uses_lora:
+        torch.manual_seed(config.seed)  # LoRA's A is random: replay and resume must rebuild the same adapters
         model = add_lora(model, layers if spec.kind == "dominant-lora" else None, config.lora_r, config.lora_alpha)
     scope = select(model, spec, layers, config.params)
     return Prepared(model, tokenizer, scope, choice)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from conftest import DATA, tiny_model
+from dlzo.analysis import layer_parameters
+from dlzo.fastpath import BranchedForward
+from dlzo.scoring import batch_loss, encode
+from dlzo.tasks import Example, load_task
+
+ARCHS = ["llama", "qwen3", "mistral", "opt", "gpt2", "gemma2", "phi3", "gpt_neox", "falcon"]
+
+
+def perturbed_pair_plain(model, batch, named, zs, eps):
+    """The plain path: perturb in place, one sequence per candidate, logits over the whole vocabulary."""
+    losses = []
+    for sign in (1, -1):
+        for (_, p), z in zip(named, zs):
+            p.data.add_(z, alpha=sign * eps)
+        losses.append(batch_loss(model, batch, full_logits=True))
+        for (_, p), z in zip(named, zs):
+            p.data.add_(z, alpha=-sign * eps)
+    return losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layers", [[1], [0, 2]])
+def test_fast_path_equals_plain_path_with_left_padding(arch, layers, stories_tokenizer):
+    model = tiny_model(arch, layers=4)
+    examples = load_task("copa", DATA).splits(num_train=5, num_dev=0, num_test=1).train
+    examples += [Example("Once upon a time there was", [" a", " the"], 1)]  # packs into one row
+    named = [item for layer in layers for item in layer_parameters(model, layer)]
+    torch.manual_seed(0)
+    zs = [torch.randn_like(p) for _, p in named]
+    eps = 1e-2
+    plus = {n: p.detach() + eps * z for (n, p), z in zip(named, zs)}
+    minus = {n: p.detach() - eps * z for (n, p), z in zip(named, zs)}
+    fast = BranchedForward(model, [n for n, _ in named]).loss_pair(encode(stories_tokenizer, examples), plus, minus)
+    plain = perturbed_pair_plain(model, encode(stories_tokenizer, examples, pack_single_token=False), named, zs, eps)
+    assert abs(float(fast[0] - fast[1])) > 1e-6  # the perturbation matters
+    for f, p in zip(fast, plain):
+        assert float(f) == pytest.approx(float(p), abs=1e-5)
+
+
+def test_fast_path_leaves_model_untouched(stories_tokenizer):
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    named = layer_parameters(model, 2)
+    runner = BranchedForward(model, [n for n, _ in named])
+    batch = encode(stories_tokenizer, [Example("Hello there", [" a", " b"], 0)])
+    runner.loss_pair(batch, {n: p + 1 for n, p in named}, {n: p - 1 for n, p in named})
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_fast_path_rejects_tensors_outside_layers():
+    with pytest.raises(ValueError, match="inside decoder layers"):
+        BranchedForward(tiny_model("llama"), ["model.embed_tokens.weight"])

@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA, STORIES, tiny_model
+from dlzo.errors import DlzoError
+from dlzo.train import TrainConfig, batch_indices, replay, train
+
+SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
+             batch_size=4, lr=1e-3, eps=1e-3, quiet=True, eval_batch_size=16)
+
+
+def cli_args(out, steps, **extra):
+    values = {**SMALL, **extra, "out": str(out), "steps": steps}
+    args = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def test_train_end_to_end_writes_run_folder(tmp_path):
+    results = train(TrainConfig(**SMALL, out=str(tmp_path), steps=6, eval_every=3, scope="layer:2"))
+    for name in ("run.json", "metrics.jsonl", "trajectory.jsonl", "best.safetensors", "last.safetensors",
+                 "final.safetensors", "results.json"):
+        assert (tmp_path / name).exists(), name
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["lr"] == 1e-3 and run["versions"]["torch"] and run["perturbation"] == "functional"
+    final = load_file(tmp_path / "final.safetensors")
+    assert all(".layers.2." in name for name in final)  # only the tuned layer is stored
+    assert results["test_metric"] == "accuracy" and 0 <= results["test_value"] <= 1
+    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 6
+
+
+def test_dominant_scope_falls_back_to_sensitivity_on_stories(tmp_path, capsys):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="dominant"))
+    choice = json.loads((tmp_path / "run.json").read_text())["layer_choice"]
+    assert "no massive activations" in choice["reason"] and 0 <= choice["layer"] < 5
+    assert "fell back to the most perturbation-sensitive layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scope,fast", [("layer:1", True), ("full", False), ("lora", True)])
+def test_replay_rebuilds_weights_bit_exactly(tmp_path, scope, fast):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=5, eval_every=0, scope=scope, fast_path=fast))
+    trained = load_file(tmp_path / "final.safetensors")
+    rebuilt = replay(tmp_path)
+    assert set(rebuilt) == set(trained)
+    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    steps = 16
+    reference = tmp_path / "reference"
+    train(TrainConfig(**SMALL, out=str(reference), steps=steps, eval_every=4, scope="layer:1"))
+    interrupted = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "dlzo", "train", *cli_args(interrupted, steps, eval_every=4, scope="layer:1")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = 6 + int(time.time()) % 5  # a step between the checkpoints at 4 and 8 .. 12
+    trajectory = interrupted / "trajectory.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if trajectory.exists() and len(trajectory.read_text().splitlines()) >= kill_after:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert not (interrupted / "final.safetensors").exists(), "the run finished before it was killed"
+    done = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(interrupted, steps, eval_every=4,
+                                                                          scope="layer:1"), "--resume", str(interrupted)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = load_file(reference / "final.safetensors"), load_file(interrupted / "final.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    lines = [json.loads(x) for x in trajectory.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(steps))
+
+
+def test_resume_with_different_arguments_is_refused(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=2, eval_every=0, scope="layer:1"))
+    with pytest.raises(DlzoError, match="--lr was 0.001"):
+        train(TrainConfig(**{**SMALL, "lr": 1e-2}, out=str(tmp_path), steps=4, scope="layer:1", resume=str(tmp_path)))
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
+    with pytest.raises(DlzoError, match="already holds a run"):
+        train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
+
+
+def test_gradient_accumulation_uses_one_direction(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path / "one"), steps=3, eval_every=0, scope="layer:1"))
+    train(TrainConfig(**SMALL, out=str(tmp_path / "two"), steps=3, eval_every=0, scope="layer:1", grad_accum=2))
+    one = [json.loads(x) for x in (tmp_path / "one" / "trajectory.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "trajectory.jsonl").read_text().splitlines()]
+    assert [x["seeds"] for x in one] == [x["seeds"] for x in two]
+    for a, b in zip(one, two):  # CE means over 2x2 equal halves equal the mean over 4
+        assert a["grads"][0] == pytest.approx(b["grads"][0], rel=1e-3, abs=1e-3)
+
+
+def test_multiple_directions_are_logged(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=2, eval_every=0, scope="layer:1", q=3))
+    entry = json.loads((tmp_path / "trajectory.jsonl").read_text().splitlines()[0])
+    assert len(entry["seeds"]) == 3 and len(set(entry["seeds"])) == 3
+
+
+def test_non_finite_guard_stops_with_remedy(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-model")
+    import shutil
+
+    from conftest import STORIES as stories
+
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(stories / name, tmp_path / "nan-model" / name)
+    config = TrainConfig(**{**SMALL, "model": str(tmp_path / "nan-model")}, out=str(tmp_path / "run"), steps=20,
+                         eval_every=0, scope="layer:1", max_nonfinite=3)
+    with pytest.raises(DlzoError, match="3 non-finite losses in a row at step 2.*float16"):
+        train(config)
+
+
+def test_adamw_baseline_changes_only_the_scope(tmp_path):
+    results = train(TrainConfig(**SMALL, out=str(tmp_path), steps=3, eval_every=0, scope="layer:3", optimizer="adamw"))
+    final = load_file(tmp_path / "final.safetensors")
+    assert all(".layers.3." in n for n in final) and results["optimizer"] == "adamw"
+
+
+def test_batch_order_is_a_function_of_the_step():
+    assert batch_indices(7, 64, 4, 0) == batch_indices(7, 64, 4, 0)
+    epoch = [i for step in range(16) for i in batch_indices(step, 64, 4, 0)]
+    assert sorted(epoch) == list(range(64))
+
+
+def test_bad_scope_flag_is_one_line_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(tmp_path, 1, scope="layer:x")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("dlzo: error: --scope") and "Traceback" not in run.stderr

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dlzo.zo import ZOOptimizer, direction_seed
+
+
+def quadratic(params, target):
+    return sum(((p - t) ** 2).sum() for p, t in zip(params, target))
+
+
+def make(dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 5, dtype=dtype))
+    bias = nn.Parameter(torch.randn(5, dtype=dtype))
+    opt = ZOOptimizer([("layer.weight", weight), ("layer.bias", bias)], **kwargs)
+    return opt, weight, bias
+
+
+def test_spsa_step_matches_brute_force():
+    opt, weight, bias = make(lr=0.1, eps=1e-2, seed=3)
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    result = opt.step(lambda: quadratic([weight, bias], target))
+    seed = direction_seed(3, 0, 0)
+    zw, zb = opt.sample(seed, 0, w0), opt.sample(seed, 1, b0)
+    plus = quadratic([w0 + 1e-2 * zw, b0 + 1e-2 * zb], target)
+    minus = quadratic([w0 - 1e-2 * zw, b0 - 1e-2 * zb], target)
+    g = float(plus - minus) / 2e-2
+    assert result.projected_grads[0] == pytest.approx(g, rel=1e-4)
+    torch.testing.assert_close(weight.detach(), w0 - 0.1 * result.projected_grads[0] * zw)
+    torch.testing.assert_close(bias.detach(), b0 - 0.1 * result.projected_grads[0] * zb)
+
+
+def test_many_directions_estimate_the_true_gradient():
+    opt, weight, bias = make(lr=0.0, eps=1e-3, q=400)
+    target = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    result = opt.step(lambda: quadratic([weight, bias], target))
+    estimate = torch.zeros_like(weight)
+    for seed, g in zip(result.seeds, result.projected_grads):
+        estimate += g * opt.sample(seed, 0, weight) / len(result.seeds)
+    true = 2 * weight.detach()
+    cosine = float((estimate * true).sum() / (estimate.norm() * true.norm()))
+    assert cosine > 0.7
+
+
+def test_noise_is_regenerated_from_seed_not_global_rng():
+    opt, weight, _ = make()
+    torch.manual_seed(1)
+    first = opt.sample(123, 0, weight)
+    torch.manual_seed(999)
+    torch.randn(100)
+    assert torch.equal(first, opt.sample(123, 0, weight))
+    assert not torch.equal(first, opt.sample(124, 0, weight))
+    assert direction_seed(0, 5, 0) != direction_seed(0, 5, 1) != direction_seed(1, 5, 0)
+
+
+def test_rademacher_directions_are_plus_minus_one():
+    opt, weight, _ = make(distribution="rademacher")
+    z = opt.sample(7, 0, weight)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_copy_restore_is_exact_in_bfloat16_where_arithmetic_drifts():
+    exact, weight, bias = make(dtype=torch.bfloat16, lr=0.0, eps=1e-3, exact_restore=True)
+    before = weight.detach().clone()
+    for _ in range(10):
+        exact.step(lambda: weight.float().sum())
+    assert torch.equal(weight.detach(), before)
+    drifting, weight2, _ = make(dtype=torch.bfloat16, lr=0.0, eps=1e-3, exact_restore=False)
+    for _ in range(10):
+        drifting.step(lambda: weight2.float().sum())
+    assert not torch.equal(weight2.detach(), before)  # why small scopes restore by copy
+
+
+def test_functional_step_equals_in_place_step():
+    a, wa, ba = make(lr=0.05, eps=1e-2, q=2, seed=5)
+    b, wb, bb = make(lr=0.05, eps=1e-2, q=2, seed=5)
+    target = [torch.zeros_like(wa), torch.ones_like(ba)]
+    for _ in range(3):
+        a.step(lambda: quadratic([wa, ba], target))
+        b.step_functional(lambda plus, minus: (
+            quadratic([plus["layer.weight"], plus["layer.bias"]], target),
+            quadratic([minus["layer.weight"], minus["layer.bias"]], target)))
+    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_skips_the_update():
+    opt, weight, _ = make(lr=1.0)
+    before = weight.detach().clone()
+    result = opt.step(lambda: torch.tensor(math.nan))
+    assert result.skipped and torch.equal(weight.detach(), before)
+    assert opt.step_count == 1
+
+
+def test_weight_decay_skips_bias_and_norm():
+    opt, weight, bias = make(lr=0.1, weight_decay=0.5)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    opt.apply_update([11], [0.0])
+    torch.testing.assert_close(weight.detach(), w0 * (1 - 0.05))
+    assert torch.equal(bias.detach(), b0)
