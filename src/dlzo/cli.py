@@ -127,6 +127,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote a merged Hugging Face folder to {export(args.run, args.to, args.checkpoint)}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dlzo.bench import BenchConfig, bench
+    from dlzo.config import from_namespace
+
+    bench(from_namespace(BenchConfig, args))
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="hub id, local Hugging Face folder, .gguf file (or folder holding one), or a short "
@@ -181,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--base", default=None, help="base model (default: the run's)")
     replay.add_argument("--to", default=None, help="also write the rebuilt tensors to this .safetensors file")
     replay.set_defaults(handler=cmd_replay)
+
+    from dlzo.bench import BenchConfig
+
+    benchmark = commands.add_parser("bench", help="step-time and memory of full MeZO vs dominant-layer ZO")
+    add_arguments(benchmark, BenchConfig)
+    benchmark.set_defaults(handler=cmd_bench)
 
     exporter = commands.add_parser("export", help="write a merged Hugging Face folder from a run")
     exporter.add_argument("--run", required=True, help="run folder")
