@@ -59,7 +59,7 @@ def propagation(model: nn.Module, batch: EncodedBatch, eps: float = 1e-3, seed: 
     (0 where j < l: a perturbation cannot reach earlier layers)."""
     blocks = decoder_layers(model)
     chosen = range(len(blocks)) if layers is None else layers
-    mask = batch.attention_mask.bool()
+    mask = (batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)).bool()
 
     def outputs() -> list[torch.Tensor]:
         captured = []

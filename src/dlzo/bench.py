@@ -30,7 +30,7 @@ from dlzo.checkpoint import atomic_write_text
 from dlzo.config import option
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
-from dlzo.scoring import EncodedBatch, batch_loss, encode
+from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout
 from dlzo.zo import ZOOptimizer
 
 SHAPES = {
@@ -84,11 +84,12 @@ def synthetic_batches(batch: int, seq: int, vocab: int, seed: int = 0) -> tuple[
     labels = torch.randint(0, 2, (batch,), generator=generator)
     examples = torch.arange(batch).repeat_interleave(2)
     slots = torch.arange(2).repeat(batch)
-    packed = EncodedBatch(prompts, torch.ones_like(prompts), torch.arange(batch).repeat_interleave(2),
+    positions = torch.arange(seq).expand(batch, -1)
+    packed = EncodedBatch(prompts, torch.ones_like(prompts), positions, torch.arange(batch).repeat_interleave(2),
                           torch.full((2 * batch,), seq - 1), candidates.repeat(batch), torch.arange(2 * batch),
                           examples, slots, labels, batch, 2)
     rows = torch.cat([prompts.repeat_interleave(2, 0), candidates.repeat(batch)[:, None]], 1)
-    separate = EncodedBatch(rows, torch.ones_like(rows), torch.arange(2 * batch), torch.full((2 * batch,), seq - 1),
+    separate = EncodedBatch(rows, torch.ones_like(rows), torch.arange(seq + 1).expand(2 * batch, -1), torch.arange(2 * batch), torch.full((2 * batch,), seq - 1),
                             candidates.repeat(batch), torch.arange(2 * batch), examples, slots, labels, batch, 2)
     return packed, separate
 
@@ -235,7 +236,8 @@ def bench(config: BenchConfig) -> dict:
         if tokenizer is None:
             raise DlzoError("--task needs --model (a tokenizer) for real inputs")
         examples = load_task(config.task, config.data_dir).splits(seed=0).train[: config.batch]
-        packed, separate = encode(tokenizer, examples), encode(tokenizer, examples, pack_single_token=False)
+        packed = encode(tokenizer, examples, layout=fast_layout(model, tokenizer))
+        separate = encode(tokenizer, examples, pack_single_token=False)  # MeZO: padded, one row per candidate
         inputs = f"{config.task} train examples 0..{config.batch - 1}"
     else:
         packed, separate = synthetic_batches(config.batch, config.seq, model.config.vocab_size)
@@ -263,8 +265,8 @@ def bench(config: BenchConfig) -> dict:
     report = {
         "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "batch": config.batch, "inputs": inputs,
-        "rows_packed": int(packed.input_ids.shape[0]), "rows_per_candidate": int(separate.input_ids.shape[0]),
-        "seq_len": int(packed.input_ids.shape[1]), "layer": config.layer,
+        "fast_tokens": int(packed.input_ids.numel()), "upstream_tokens": int(separate.input_ids.numel()),
+        "fast_shape": list(packed.input_ids.shape), "upstream_shape": list(separate.input_ids.shape), "layer": config.layer,
         "parameters": sum(p.numel() for p in model.parameters()),
         "layer_parameters": sum(p.numel() for _, p in layer_parameters(model, config.layer)),
         "variants": results, "ratios": ratios,

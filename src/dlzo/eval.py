@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlzo.scoring import candidate_scores, encode, per_example_losses, token_logprobs
+from dlzo.scoring import candidate_scores, encode, fast_layout, per_example_losses, token_logprobs
 from dlzo.tasks import Example, Task, best_over_answers, exact_match, f1_score
 
 DEMO_SEPARATOR = "\n\n"
@@ -49,9 +49,10 @@ def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
              max_length: int = 2048, quiet: bool = True) -> float:
     """Mean per-example training loss over the examples (the trainer keeps the checkpoint minimising it)."""
     device = next(model.parameters()).device
+    layout = fast_layout(model, tokenizer)
     total = 0.0
     for chunk in _batches(examples, batch_size, "dev loss", quiet):
-        batch = encode(tokenizer, chunk, max_length=max_length, generation=generation).to(device)
+        batch = encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
         total += float(per_example_losses(batch, token_logprobs(model, batch)).sum())
     return total / len(examples)
 
@@ -63,9 +64,10 @@ def evaluate(model: nn.Module, tokenizer, task: Task, examples: list[Example], b
     if task.generation:
         return _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet)
     device = next(model.parameters()).device
+    layout = fast_layout(model, tokenizer)
     correct = 0
     for chunk in _batches(examples, batch_size, f"eval {task.name}", quiet):
-        batch = encode(tokenizer, chunk, max_length=max_length, demonstrations=demos).to(device)
+        batch = encode(tokenizer, chunk, max_length=max_length, demonstrations=demos, layout=layout).to(device)
         predictions = candidate_scores(batch, token_logprobs(model, batch)).argmax(-1).tolist()
         correct += sum(p in (e.correct or [e.label]) for p, e in zip(predictions, chunk))
     return EvalResult(task.name, "accuracy", correct / len(examples), len(examples))

@@ -32,7 +32,7 @@ from dlzo.eval import dev_loss, evaluate
 from dlzo.fastpath import BranchedForward
 from dlzo.models import load_model, load_tokenizer
 from dlzo.scope import SCOPE_HELP, Scope, add_lora, parse_scope, select
-from dlzo.scoring import EncodedBatch, batch_loss, encode, loss_from_logprobs, token_logprobs
+from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout, loss_from_logprobs, token_logprobs
 from dlzo.tasks import Example, load_task, task_splits
 from dlzo.zo import StepResult, ZOOptimizer
 
@@ -149,7 +149,8 @@ def choose_dominant_layer(model, tokenizer, train: list[Example], eps: float, qu
         return result.dominant_layer, (f"probe: first layer with massive activations "
                                        f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
     device = device or next(model.parameters()).device
-    batches = [encode(tokenizer, train[i * 16 : (i + 1) * 16]).to(device) for i in range(2)]
+    layout = fast_layout(model, tokenizer)
+    batches = [encode(tokenizer, train[i * 16 : (i + 1) * 16], layout=layout).to(device) for i in range(2)]
     sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=2)
     best = max(sensitivity, key=lambda s: s.mean)
     return best.layer, ("probe found no massive activations; fell back to the most perturbation-sensitive layer "
@@ -309,6 +310,7 @@ def train(config: TrainConfig) -> dict:
             raise DlzoError("--resume is supported for ZO runs only (AdamW state is not checkpointed)")
         adam = torch.optim.AdamW(list(tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
 
+    layout = fast_layout(model, tokenizer, config.fast_path)
     rank, world = dist.rank(), dist.world_size()
     nonfinite_in_a_row = 0
     started = time.time()
@@ -320,7 +322,7 @@ def train(config: TrainConfig) -> dict:
         shard = examples[rank::world] if world > 1 else examples
         local_micro = max(len(shard) // config.grad_accum, 1)
         batches = [encode(tokenizer, shard[i : i + local_micro], pack_single_token=config.fast_path,
-                          max_length=config.max_length, generation=task.generation).to(device)
+                          max_length=config.max_length, generation=task.generation, layout=layout).to(device)
                    for i in range(0, len(shard), local_micro)]
         if zo is not None:
             result = zo_step(zo, runner, batches)
