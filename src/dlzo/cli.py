@@ -127,6 +127,34 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote a merged Hugging Face folder to {export(args.run, args.to, args.checkpoint)}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from dlzo.analysis import SweepConfig, sweep
+    from dlzo.config import from_namespace
+
+    sweep(from_namespace(SweepConfig, args))
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from dlzo.analysis import SensitivityConfig, sensitivity
+    from dlzo.config import from_namespace
+
+    sensitivity(from_namespace(SensitivityConfig, args))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dlzo.analysis import report
+
+    report(args.folders, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dlzo.config import from_namespace
+    from dlzo.demo import DemoConfig, run_demo
+
+    run_demo(from_namespace(DemoConfig, args))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from dlzo.bench import BenchConfig, bench
     from dlzo.config import from_namespace
@@ -189,7 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--to", default=None, help="also write the rebuilt tensors to this .safetensors file")
     replay.set_defaults(handler=cmd_replay)
 
+    from dlzo.analysis import SensitivityConfig, SweepConfig
     from dlzo.bench import BenchConfig
+    from dlzo.demo import DemoConfig
+
+    for name, config_class, handler, text in (
+        ("sweep", SweepConfig, cmd_sweep, "ZO-tune each layer alone plus full MeZO / ZO-LoRA; table, chart, verdict"),
+        ("sensitivity", SensitivityConfig, cmd_sensitivity, "per-layer ZO signal and perturbation propagation"),
+        ("demo", DemoConfig, cmd_demo, "the main job on the sample assets (what `make demo` runs)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        add_arguments(sub, config_class)
+        sub.set_defaults(handler=handler)
+    reporter = commands.add_parser("report", help="Markdown report with tables and pictures from output folders")
+    reporter.add_argument("folders", nargs="+", help="probe / sensitivity / sweep / run folders")
+    reporter.add_argument("--out", default="report.md", help="the Markdown file to write")
+    reporter.set_defaults(handler=cmd_report)
 
     benchmark = commands.add_parser("bench", help="step-time and memory of full MeZO vs dominant-layer ZO")
     add_arguments(benchmark, BenchConfig)

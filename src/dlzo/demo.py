@@ -1,0 +1,111 @@
+"""`dlzo demo` (what `make demo` runs): the paper's pipeline on the sample assets in a few minutes.
+
+probe -> perturbation sensitivity -> zero-shot -> dominant-layer ZO vs full MeZO on SST-2 -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlzo.config import option
+from dlzo.errors import DlzoError
+
+
+@dataclass
+class DemoConfig:
+    shared: str = option("../shared", "folder of the sample assets (models/, data/)")
+    out: str = option("demo_out", "output folder; the report is OUT/report.md")
+    model: str = option("smollm2-135m", "model; falls back to stories260k when SmolLM2 is not in --shared")
+    steps: int = option(40, "training steps of each run (the same for both)")
+    lr: float = option(2e-5, "ZO learning rate (tuned for SmolLM2-135M in float32, see docs/results)")
+    eps: float = option(1e-3, "ZO epsilon")
+    num_dev: int = option(100, "dev examples")
+    num_test: int = option(200, "test examples")
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from dlzo import probe as probe_module
+    from dlzo.analysis import SensitivityConfig, report, sensitivity
+    from dlzo.checkpoint import atomic_write_text
+    from dlzo.eval import evaluate
+    from dlzo.models import SHORT_NAMES, load_model, load_tokenizer
+    from dlzo.tasks import load_task, task_splits
+    from dlzo.train import TrainConfig, train
+
+    shared = Path(config.shared)
+    data_dir = shared / "data"
+    if not (data_dir / "glue" / "SST-2").exists():
+        raise DlzoError(f"--shared {shared}: no data/glue/SST-2 there (the sample assets belong beside the checkout)")
+    os.environ.setdefault("DLZO_SHARED", str(shared.resolve()))
+    model_name = config.model
+    if model_name.lower() in SHORT_NAMES and not (shared / SHORT_NAMES[model_name.lower()]).exists():
+        print(f"{model_name} is not in {shared}; running the demo on stories260k instead")
+        model_name = "stories260k"
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    print(f"== 1/5 probe: which layer carries the first massive activations? ({model_name})")
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    task = load_task("sst2", data_dir)
+    splits = task_splits(task, 0, 1000, config.num_dev, config.num_test)
+    texts = [e.prompt + e.continuations[e.label] for e in splits.train[:64]]
+    result = probe_module.find_dominant_layer(model, tokenizer, texts)
+    print(probe_module.format_table(result))
+    (out / "probe").mkdir(exist_ok=True)
+    atomic_write_text(out / "probe" / "probe.json", json.dumps(result.to_json(), indent=2) + "\n")
+    probe_module.plot(result, out / "probe" / "probe.png")
+
+    print("== 2/5 zero-shot SST-2")
+    zero_shot = evaluate(model, tokenizer, task, splits.test, 16)
+    (out / "zeroshot").mkdir(exist_ok=True)
+    atomic_write_text(out / "zeroshot" / "eval.json", json.dumps({**zero_shot.to_json(), "icl": 0}, indent=2) + "\n")
+    print(f"zero-shot accuracy {zero_shot.value:.4f} on {zero_shot.num_examples} examples")
+    del model
+
+    print("== 3/5 perturbation sensitivity per layer (inference only)")
+    sensitivity(SensitivityConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(out / "sensitivity"),
+                                  seeds=2, batches=1, eps=config.eps))
+
+    runs = {}
+    for label, scope in (("dominant", "dominant"), ("full", "full")):
+        print(f"== {4 if label == 'dominant' else 5}/5 train: {label} ZO on SST-2, {config.steps} steps")
+        run_dir = out / "runs" / label
+        train_config = TrainConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(run_dir),
+                                   scope=scope, steps=config.steps, lr=config.lr, eps=config.eps,
+                                   num_dev=config.num_dev, num_test=config.num_test,
+                                   eval_every=max(config.steps // 2, 1))
+        if (run_dir / "results.json").exists():
+            runs[label] = json.loads((run_dir / "results.json").read_text())
+            continue
+        if (run_dir / "run.json").exists():
+            train_config.resume = str(run_dir)
+        runs[label] = train(train_config)
+
+    report(
+        [str(out / "probe"), str(out / "sensitivity"), str(out / "zeroshot"), str(out / "runs")],
+        str(out / "report.md"),
+    )
+    dominant, full = runs["dominant"], runs["full"]
+    speedup = full["seconds_per_step"] / dominant["seconds_per_step"]
+    headline = {
+        "model": model_name, "dominant_layer": result.dominant_layer, "trained_layer": dominant["layer"],
+        "zero_shot_accuracy": zero_shot.value, "dominant_accuracy": dominant["test_value"],
+        "full_mezo_accuracy": full["test_value"], "dominant_seconds_per_step": dominant["seconds_per_step"],
+        "full_seconds_per_step": full["seconds_per_step"], "step_speedup": speedup,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    atomic_write_text(out / "headline.json", json.dumps(headline, indent=2) + "\n")
+    print("\n== headline")
+    print(f"model {model_name}: probe's dominant layer {result.dominant_layer}; tuned layer {dominant['layer']}")
+    print(f"SST-2 test accuracy ({config.num_test} examples): zero-shot {zero_shot.value:.3f}, "
+          f"dominant-layer ZO {dominant['test_value']:.3f}, full MeZO {full['test_value']:.3f} "
+          f"after {config.steps} steps each")
+    print(f"step time: dominant-layer {dominant['seconds_per_step']:.2f}s vs full MeZO {full['seconds_per_step']:.2f}s "
+          f"({speedup:.1f}x faster)")
+    print(f"report: {out / 'report.md'}  (pictures in {out / 'report_files'})")
+    return headline
