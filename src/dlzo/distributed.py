@@ -6,10 +6,14 @@ process every helper is a no-op, so the trainer has one code path.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
 
 import torch
 import torch.distributed as torch_dist
+
+from dlzo.errors import DlzoError
 
 BYTES_EXCHANGED = {"per_step": 0}
 
@@ -25,7 +29,24 @@ def init_if_launched(device: str = "auto") -> None:
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DLZO_DIST_TIMEOUT", "600")))
+    torch_dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+
+
+def _collective(function):
+    """Turn a dead peer into one clear error instead of a backend traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as err:
+            raise DlzoError(
+                f"rank {rank()} lost contact with the other ranks during {function.__name__} (did a rank die?): "
+                f"{str(err).strip().splitlines()[0]}. Checkpoints written so far are intact; continue with --resume "
+                f"(any world size)") from None
+
+    return wrapper
 
 
 def active() -> bool:
@@ -44,11 +65,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+@_collective
 def barrier() -> None:
     if active():
         torch_dist.barrier()
 
 
+@_collective
 def mean_pair_across_ranks(pair: tuple[float, float]) -> tuple[float, float]:
     """All-reduce the (L+, L-) pair: the only traffic of a data-parallel ZO step."""
     if not active():
@@ -60,6 +83,7 @@ def mean_pair_across_ranks(pair: tuple[float, float]) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
+@_collective
 def mean_across_ranks(value: float) -> float:
     if not active():
         return value
@@ -68,6 +92,30 @@ def mean_across_ranks(value: float) -> float:
     return float(tensor[0]) / world_size()
 
 
+@_collective
+def sum_across_ranks(values: list[float]) -> list[float]:
+    if not active():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@_collective
+def gather_directions(q: int, directions: list[int], grads: list[float], plus: list[float],
+                      minus: list[float]) -> tuple[list[float], list[float], list[float]]:
+    """Perturbation parallel: every rank evaluated some of the q directions; all ranks get all of them,
+    in direction order (3 floats per direction on the wire)."""
+    table = torch.zeros(3, q, dtype=torch.float64)
+    for d, g, p, m in zip(directions, grads, plus, minus):
+        table[:, d] = torch.tensor([g, p, m], dtype=torch.float64)
+    if active():
+        torch_dist.all_reduce(table)
+        BYTES_EXCHANGED["per_step"] = table.numel() * table.element_size()
+    return table[0].tolist(), table[1].tolist(), table[2].tolist()
+
+
+@_collective
 def average_gradients(params: list[torch.Tensor]) -> None:
     """First-order baseline only: average real gradients across ranks."""
     if not active():

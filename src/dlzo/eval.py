@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dlzo import distributed as dist
 from dlzo.scoring import candidate_scores, encode, fast_layout, per_example_losses, token_logprobs
 from dlzo.tasks import Example, Task, best_over_answers, exact_match, f1_score
 
@@ -51,10 +52,15 @@ def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     total = 0.0
-    for chunk in _batches(examples, batch_size, "dev loss", quiet):
+    for chunk in _batches(_shard(examples), batch_size, "dev loss", quiet):
         batch = encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
         total += float(per_example_losses(batch, token_logprobs(model, batch)).sum())
-    return total / len(examples)
+    return dist.sum_across_ranks([total])[0] / len(examples)
+
+
+def _shard(examples: list) -> list:
+    """This rank's share of an evaluation set (all of it in a single process)."""
+    return examples[dist.rank() :: dist.world_size()]
 
 
 @torch.no_grad()
@@ -66,17 +72,18 @@ def evaluate(model: nn.Module, tokenizer, task: Task, examples: list[Example], b
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     correct = 0
-    for chunk in _batches(examples, batch_size, f"eval {task.name}", quiet):
+    for chunk in _batches(_shard(examples), batch_size, f"eval {task.name}", quiet):
         batch = encode(tokenizer, chunk, max_length=max_length, demonstrations=demos, layout=layout).to(device)
         predictions = candidate_scores(batch, token_logprobs(model, batch)).argmax(-1).tolist()
         correct += sum(p in (e.correct or [e.label]) for p, e in zip(predictions, chunk))
+    correct = dist.sum_across_ranks([float(correct)])[0]
     return EvalResult(task.name, "accuracy", correct / len(examples), len(examples))
 
 
 def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet) -> EvalResult:
     device = next(model.parameters()).device
     f1_total = em_total = 0.0
-    for chunk in _batches(examples, batch_size, f"generate {task.name}", quiet):
+    for chunk in _batches(_shard(examples), batch_size, f"generate {task.name}", quiet):
         prompts = [demos + e.prompt for e in chunk]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
         output = model.generate(**inputs, max_new_tokens=50, do_sample=False, use_cache=True,
@@ -85,4 +92,5 @@ def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, ma
             text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
             f1_total += best_over_answers(f1_score, text, example.answers)
             em_total += best_over_answers(exact_match, text, example.answers)
+    f1_total, em_total = dist.sum_across_ranks([f1_total, em_total])
     return EvalResult(task.name, "f1", f1_total / len(examples), len(examples), exact_match=em_total / len(examples))

@@ -165,16 +165,19 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> nn.Module:
-    """Load a causal LM from a hub id, a local folder, a .gguf file or a short name, in eval mode."""
+    """Load a causal LM from a hub id, a local folder, a .gguf file or a short name, in eval mode.
+    `device_map="auto"` spreads it over the visible GPUs with accelerate (forward-only use)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name_or_path)
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
     try:
+        extra = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(
-            _loadable_location(source), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            _loadable_location(source), dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except DlzoError:
         raise
@@ -182,7 +185,7 @@ def load_model(
         raise _hub_error(source, err) from None
     model.config.use_cache = False
     model.dlzo_source = source.display_name
-    return model.to(target_device).eval()
+    return (model if device_map else model.to(target_device)).eval()
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

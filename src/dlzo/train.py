@@ -53,6 +53,8 @@ class TrainConfig:
     lr: float = option(1e-6, "learning rate, constant (MeZO's schedule)")
     eps: float = option(1e-3, "ZO perturbation scale epsilon")
     q: int = option(1, "ZO directions per step (the projected gradients are averaged)")
+    parallel: str = option("data", "with several ranks: data (shard the batch) or perturbation (split the q directions)")
+    device_map: str = option("", "'auto' spreads one model over this machine's GPUs (forward only, all ZO needs)")
     weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
     distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
     seed: int = option(0, "run seed: ZO directions and data order")
@@ -85,6 +87,8 @@ class TrainConfig:
             raise DlzoError("--batch-size must be a multiple of --grad-accum")
         if self.eps <= 0:
             raise DlzoError("--eps must be positive")
+        if self.parallel not in ("data", "perturbation"):
+            raise DlzoError(f"--parallel {self.parallel!r} is not data or perturbation")
 
 
 # --------------------------------------------------------------------------------------------- data order
@@ -104,25 +108,38 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> l
 class StepRunner:
     """Evaluates the training loss of a step's micro-batches, plain or through the fast path."""
 
-    def __init__(self, model: nn.Module, scope: Scope, fast_path: bool):
-        self.model, self.fast = model, fast_path
+    def __init__(self, model: nn.Module, scope: Scope, fast_path: bool, average_across_ranks: bool = True):
+        self.model, self.fast, self.average = model, fast_path, average_across_ranks
         self.branched = BranchedForward(model, scope.names) if fast_path and scope.layers else None
 
     def loss(self, batches: list[EncodedBatch]) -> float:
         losses = [float(batch_loss(self.model, b, full_logits=not self.fast)) for b in batches]
-        return dist.mean_across_ranks(sum(losses) / len(losses))
+        local = sum(losses) / len(losses)
+        return dist.mean_across_ranks(local) if self.average else local
 
     def loss_pair(self, batches: list[EncodedBatch], plus, minus) -> tuple[float, float]:
         pairs = [self.branched.loss_pair(b, plus, minus) for b in batches]
         local = (sum(float(p) for p, _ in pairs) / len(pairs), sum(float(m) for _, m in pairs) / len(pairs))
-        return dist.mean_pair_across_ranks(local)
+        return dist.mean_pair_across_ranks(local) if self.average else local
 
 
-def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch]) -> StepResult:
-    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z."""
+def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch],
+            directions: list[int] | None = None) -> StepResult:
+    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z.
+
+    With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
+    direction's (g, L+, L-) and apply the same updates in direction order."""
+    update = directions is None
     if runner.branched is not None:
-        return optimizer.step_functional(lambda plus, minus: runner.loss_pair(batches, plus, minus))
-    return optimizer.step(lambda: runner.loss(batches))
+        result = optimizer.step_functional(lambda plus, minus: runner.loss_pair(batches, plus, minus),
+                                           directions, update)
+    else:
+        result = optimizer.step(lambda: runner.loss(batches), directions, update)
+    if update:
+        return result
+    grads, plus, minus = dist.gather_directions(optimizer.q, directions, result.projected_grads,
+                                                result.loss_plus, result.loss_minus)
+    return optimizer.finish(StepResult(optimizer.seeds_for_step(optimizer.step_count), grads, plus, minus))
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -169,7 +186,7 @@ class Prepared:
 def prepare_model(config: TrainConfig, train_examples: list[Example], layer_choice: dict | None = None) -> Prepared:
     """Load the model and resolve the scope; a resumed run reuses its recorded dominant layer."""
     model = load_model(config.model, dtype=config.dtype, device=config.device,
-                       trust_remote_code=config.trust_remote_code)
+                       trust_remote_code=config.trust_remote_code, device_map=config.device_map or None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     spec = parse_scope(config.scope)
     layers = spec.layers
@@ -273,7 +290,7 @@ def train(config: TrainConfig) -> dict:
         "config": asdict(config), "layer_choice": prepared.layer_choice, "scope": scope.description,
         "tuned_names": scope.names, "tuned_parameters": scope.tuned, "total_parameters": scope.total,
         "perturbation": perturbation, "versions": library_versions(), "device": str(device),
-        "world_size": dist.world_size(), "splits": {"train": len(splits.train), "dev": len(splits.dev),
+        "world_size": dist.world_size(), "parallel": config.parallel, "splits": {"train": len(splits.train), "dev": len(splits.dev),
                                                     "test": len(splits.test), "notes": splits.notes},
     }
     if is_main:
@@ -304,7 +321,9 @@ def train(config: TrainConfig) -> dict:
                          weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
                          exact_restore=exact)
         zo.step_count = start_step
-        runner = StepRunner(model, scope, config.fast_path)
+        split_directions = config.parallel == "perturbation" and dist.world_size() > 1
+        runner = StepRunner(model, scope, config.fast_path, average_across_ranks=not split_directions)
+        my_directions = [d for d in range(config.q) if d % dist.world_size() == dist.rank()] if split_directions else None
     else:
         if config.resume and start_step:
             raise DlzoError("--resume is supported for ZO runs only (AdamW state is not checkpointed)")
@@ -319,13 +338,13 @@ def train(config: TrainConfig) -> dict:
     for step in bar:
         indices = batch_indices(step, len(splits.train), config.batch_size, config.seed)
         examples = [splits.train[i] for i in indices]
-        shard = examples[rank::world] if world > 1 else examples
+        shard = examples[rank::world] if world > 1 and config.parallel == "data" else examples
         local_micro = max(len(shard) // config.grad_accum, 1)
         batches = [encode(tokenizer, shard[i : i + local_micro], pack_single_token=config.fast_path,
                           max_length=config.max_length, generation=task.generation, layout=layout).to(device)
                    for i in range(0, len(shard), local_micro)]
         if zo is not None:
-            result = zo_step(zo, runner, batches)
+            result = zo_step(zo, runner, batches, my_directions)
             loss, skipped = result.loss, result.skipped
             if is_main:
                 _append_jsonl(out / "trajectory.jsonl", {"step": step, "seeds": [str(s) for s in result.seeds],

@@ -121,8 +121,12 @@ class ZOOptimizer:
         return [direction_seed(self.seed, step, d) for d in range(self.q)]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None = None) -> StepResult:
-        """Evaluate the closure at θ±εz for each direction (in place) and update θ."""
+    def step(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None = None,
+             update: bool = True) -> StepResult:
+        """Evaluate the closure at θ±εz for each direction (in place) and update θ.
+
+        `directions` evaluates only some of the q directions and `update=False` leaves θ and the step count
+        alone: perturbation-parallel training evaluates its share, gathers all (seed, g), then calls finish()."""
         seeds = self.seeds_for_step(self.step_count)
         chosen = range(self.q) if directions is None else directions
         plus, minus, grads = [], [], []
@@ -148,14 +152,17 @@ class ZOOptimizer:
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
-        return self._finish([seeds[d] for d in chosen], grads, plus, minus)
+        result = StepResult([seeds[d] for d in chosen], grads, plus, minus)
+        return self.finish(result) if update else result
 
     @torch.no_grad()
     def step_functional(
-        self, pair_loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[float, float]]
+        self, pair_loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[float, float]],
+        directions: list[int] | None = None, update: bool = True,
     ) -> StepResult:
         """Evaluate pair_loss(θ+εz, θ-εz) for each direction without touching θ, then update θ."""
-        seeds = self.seeds_for_step(self.step_count)
+        all_seeds = self.seeds_for_step(self.step_count)
+        seeds = all_seeds if directions is None else [all_seeds[d] for d in directions]
         plus, minus, grads = [], [], []
         for seed in seeds:
             zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
@@ -165,14 +172,15 @@ class ZOOptimizer:
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
-        return self._finish(seeds, grads, plus, minus)
-
-    def _finish(self, seeds, grads, plus, minus) -> StepResult:
         result = StepResult(seeds, grads, plus, minus)
-        if not all(math.isfinite(v) for v in plus + minus):
+        return self.finish(result) if update else result
+
+    def finish(self, result: StepResult) -> StepResult:
+        """Apply the update of an evaluated step (all its directions, in order) and advance the step count."""
+        if not all(math.isfinite(v) for v in result.loss_plus + result.loss_minus + result.projected_grads):
             result.skipped = True  # a non-finite loss must never reach the weights
         else:
-            self.apply_update(seeds, grads)
+            self.apply_update(result.seeds, result.projected_grads)
         self.step_count += 1
         return result
 

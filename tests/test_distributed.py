@@ -1,0 +1,86 @@
+"""torch.distributed on CPU: 2 gloo processes launched by torchrun, compared with one process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA, STORIES
+from dlzo.train import TrainConfig, train
+
+# Float32 losses of differently packed batches differ by ~1e-7; the update scales that by lr/2eps, so
+# the tolerance is met with lr 1e-4 (the rate SmolLM2 needs too); see docs/distributed.md.
+BASE = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
+            lr=1e-4, eps=1e-3, quiet=True, eval_batch_size=16, scope="layer:1")
+
+
+def torchrun(out, extra: dict, wait: bool = True):
+    values = {**BASE, **extra, "out": str(out)}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dlzo",
+            "train"]
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLZO_DIST_TIMEOUT": "60"}
+    if not wait:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def assert_same_tensors(a_dir, b_dir, tolerance):
+    a, b = load_file(a_dir / "final.safetensors"), load_file(b_dir / "final.safetensors")
+    assert set(a) == set(b)
+    worst = max(float((a[n] - b[n]).abs().max()) for n in a)
+    base = load_file(STORIES / "model.safetensors")
+    moved = max(float((a[n] - base[n]).abs().max()) for n in a)
+    assert worst <= tolerance, worst
+    assert moved > 50 * tolerance  # training moved the weights far more than the ranks disagree
+    return moved
+
+
+def test_data_parallel_two_ranks_equal_one_process(tmp_path):
+    settings = dict(steps=4, batch_size=16, eval_every=0)
+    train(TrainConfig(**BASE, **settings, out=str(tmp_path / "single")))
+    torchrun(tmp_path / "ddp", settings)
+    assert_same_tensors(tmp_path / "single", tmp_path / "ddp", 1e-6)
+    assert not (tmp_path / "ddp" / "rank1").exists()
+    run = (tmp_path / "ddp" / "run.json").read_text()
+    assert '"world_size": 2' in run
+
+
+def test_perturbation_parallel_q2_equals_one_process(tmp_path):
+    settings = dict(steps=3, batch_size=8, eval_every=0, q=2)
+    train(TrainConfig(**BASE, **settings, out=str(tmp_path / "single")))
+    torchrun(tmp_path / "pp", {**settings, "parallel": "perturbation"})
+    assert_same_tensors(tmp_path / "single", tmp_path / "pp", 1e-6)
+
+
+def test_killed_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "killed"
+    process = torchrun(out, dict(steps=400, batch_size=8, eval_every=2), wait=False)
+    deadline = time.time() + 240
+    victim = None
+    while time.time() < deadline and victim is None:
+        if (out / "last.safetensors").exists():
+            for child in psutil.Process(process.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == "1":
+                        victim = child
+                except psutil.Error:
+                    continue
+        time.sleep(0.2)
+    assert victim is not None, "the job never wrote a checkpoint"
+    os.kill(victim.pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode != 0
+    assert "lost contact with the other ranks" in output or "exitcode  : -9" in output or "Signal 9" in output
+    last = load_file(out / "last.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values())
+    assert not (out / "final.safetensors").exists()
