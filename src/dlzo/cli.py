@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune a scope of the model with ZO (or AdamW) on a task")
     add_arguments(train, TrainConfig)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, config_class=TrainConfig)
 
     evaluation = commands.add_parser("eval", help="zero-shot, in-context, or trained-run evaluation on a task")
     evaluation.add_argument("--model", default="", help="model to evaluate (with --run: the base model, "
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text)
         add_arguments(sub, config_class)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, config_class=config_class)
     reporter = commands.add_parser("report", help="Markdown report with tables and pictures from output folders")
     reporter.add_argument("folders", nargs="+", help="probe / sensitivity / sweep / run folders")
     reporter.add_argument("--out", default="report.md", help="the Markdown file to write")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     benchmark = commands.add_parser("bench", help="step-time and memory of full MeZO vs dominant-layer ZO")
     add_arguments(benchmark, BenchConfig)
-    benchmark.set_defaults(handler=cmd_bench)
+    benchmark.set_defaults(handler=cmd_bench, config_class=BenchConfig)
 
     exporter = commands.add_parser("export", help="write a merged Hugging Face folder from a run")
     exporter.add_argument("--run", required=True, help="run folder")
@@ -246,9 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse flags; a --config recipe supplies defaults that explicit flags override."""
+    from dlzo.config import load_recipe
+
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        recipe = load_recipe(args.config, args.config_class)
+        subparser = parser._subparsers._group_actions[0].choices[args.command]
+        subparser.set_defaults(**recipe)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except DlzoError as err:
+        print(f"dlzo: error: {err}", file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the terminal for our tables; real errors still raise

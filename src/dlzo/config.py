@@ -29,7 +29,8 @@ def _base_type(annotation: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per field of the dataclass `cls`."""
+    """Add one --flag per field of the dataclass `cls`, and --config for a TOML recipe of them."""
+    parser.add_argument("--config", default=None, help="TOML recipe with any of these options; flags override it")
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("help"):
             continue
@@ -42,6 +43,33 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})",
                                 **extra)
+
+
+def load_recipe(path: str, cls: type) -> dict[str, Any]:
+    """Read a TOML recipe whose keys are field names of `cls`; errors name the file and the key."""
+    from dlzo.errors import DlzoError
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as err:
+        raise DlzoError(f"--config {path}: cannot read ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise DlzoError(f"--config {path}: not valid TOML ({err})") from None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise DlzoError(f"--config {path}: unknown key '{key}' (known: {', '.join(sorted(fields))})")
+        kind = _base_type(fields[key].type)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(values[key], kind):
+            raise DlzoError(f"--config {path}: key '{key}' should be {kind.__name__}, got {value!r}")
+    return values
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace, **overrides: Any) -> T:

@@ -1,0 +1,40 @@
+import pytest
+
+from dlzo.cli import main
+from dlzo.config import load_recipe
+from dlzo.errors import DlzoError
+from dlzo.train import TrainConfig
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/*.toml")))
+def test_every_recipe_parses_into_train_config(path):
+    values = load_recipe(path, TrainConfig)
+    config = TrainConfig(**values)
+    config.validate()
+    assert config.eps > 0 and config.steps > 0
+
+
+def test_recipe_with_unknown_key_is_one_line_error(tmp_path, capsys):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('model = "x"\nlearning_rate = 1e-6\n')
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dlzo: error: --config {recipe}: unknown key 'learning_rate'") and err.count("\n") == 1
+
+
+def test_flags_override_recipe(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "m"\nsteps = 7\nlr = 0.5\n')
+    seen = {}
+    monkeypatch.setattr("dlzo.train.train", lambda config: seen.setdefault("config", config))
+    main(["train", "--config", str(recipe), "--lr", "0.25"])
+    assert seen["config"].steps == 7 and seen["config"].lr == 0.25 and seen["config"].model == "m"
+
+
+def test_wrong_type_in_recipe():
+    with pytest.raises(DlzoError, match="key 'steps' should be int"):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+            handle.write('steps = "many"\n')
+        load_recipe(handle.name, TrainConfig)
