@@ -103,3 +103,20 @@ def test_cli_writes_json_and_png(stories_path, tmp_path, capsys):
     assert {"rule", "model", "dtype", "num_tokens", "layers"} <= set(data)
     assert set(data["layers"][0]) >= {"index", "max_abs", "median_abs", "ratio", "top"}
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2",
+                                  "gpt_neox", "falcon"])
+def test_probe_cli_on_a_local_folder_of_each_architecture(arch, tmp_path):
+    import shutil
+
+    from conftest import STORIES
+    from dlzo.cli import main
+
+    folder = tmp_path / arch
+    tiny_model(arch, layers=3).save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(STORIES / name, folder / name)
+    assert main(["probe", "--model", str(folder), "--out", str(tmp_path / "out"), "--max-tokens", "64"]) == 0
+    data = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert len(data["layers"]) == 3 and data["dominant_layer"] is None

@@ -146,3 +146,55 @@ def test_bad_scope_flag_is_one_line_exit_2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(tmp_path, 1, scope="layer:x")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("dlzo: error: --scope") and "Traceback" not in run.stderr
+
+
+def test_export_writes_a_folder_plain_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dlzo.train import export
+
+    train(TrainConfig(**SMALL, out=str(tmp_path / "run"), steps=3, eval_every=0, scope="layer:2"))
+    export(tmp_path / "run", tmp_path / "merged", "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tuned = load_file(tmp_path / "run" / "final.safetensors")
+    params = dict(merged.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in tuned.items())
+    base = load_file(STORIES / "model.safetensors")
+    assert torch.equal(params["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_lora_export_merges_adapters_on_grouped_query_qwen3(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from dlzo.train import export
+
+    folder = tmp_path / "qwen3"
+    tiny_model("qwen3").save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(STORIES / name, folder / name)
+    train(TrainConfig(**{**SMALL, "model": str(folder), "lr": 1e-1}, out=str(tmp_path / "run"), steps=3,
+                      eval_every=0, scope="dominant-lora"))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert all("lora_" in n and f".layers.{run['layer_choice']['layer']}." in n for n in run["tuned_names"])
+    export(tmp_path / "run", tmp_path / "merged", "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.randint(3, 500, (1, 6))
+    assert not torch.allclose(merged(ids).logits, tiny_model("qwen3")(ids).logits)  # the adapters changed it
+
+
+@pytest.mark.parametrize("params,expect,reject", [("mlp", "mlp.", "self_attn"), ("attn", "self_attn", "mlp."),
+                                                  (r"q_proj", "q_proj", "k_proj")])
+def test_params_narrow_the_tuned_tensors(tmp_path, params, expect, reject):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="layer:2", params=params))
+    names = json.loads((tmp_path / "run.json").read_text())["tuned_names"]
+    assert names and all(expect in n and reject not in n for n in names)
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa"])
+def test_every_shared_task_trains_a_step(task, tmp_path):
+    results = train(TrainConfig(**{**SMALL, "task": task, "num_train": 8, "num_dev": 4, "num_test": 4},
+                                out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
+    assert results["test_metric"] == "accuracy" and results["num_test"] == 4

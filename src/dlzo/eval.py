@@ -10,7 +10,14 @@ from torch import nn
 from tqdm import tqdm
 
 from dlzo import distributed as dist
-from dlzo.scoring import candidate_scores, encode, fast_layout, per_example_losses, token_logprobs
+from dlzo.scoring import (
+    candidate_scores,
+    context_limit,
+    encode,
+    fast_layout,
+    per_example_losses,
+    token_logprobs,
+)
 from dlzo.tasks import Example, Task, best_over_answers, exact_match, f1_score
 
 DEMO_SEPARATOR = "\n\n"
@@ -67,7 +74,9 @@ def _shard(examples: list) -> list:
 def evaluate(model: nn.Module, tokenizer, task: Task, examples: list[Example], batch_size: int = 16,
              demos: str = "", max_length: int = 2048, quiet: bool = False) -> EvalResult:
     model.eval()
+    max_length = context_limit(model, max_length)
     if task.generation:
+        tokenizer.truncation_side = "left"
         return _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet)
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
@@ -85,7 +94,9 @@ def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, ma
     f1_total = em_total = 0.0
     for chunk in _batches(_shard(examples), batch_size, f"generate {task.name}", quiet):
         prompts = [demos + e.prompt for e in chunk]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        # Keep the end of the prompt (the question) and leave room for the answer.
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                           max_length=max(max_length - 50, 8)).to(device)
         output = model.generate(**inputs, max_new_tokens=50, do_sample=False, use_cache=True,
                                 pad_token_id=tokenizer.pad_token_id)
         for example, row in zip(chunk, output[:, inputs["input_ids"].shape[1] :]):

@@ -14,8 +14,9 @@ from dlzo.models import decoder_layers, decoder_layers_with_path, num_parameters
 SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora  (dominant: the probe's layer, "
               "or the most perturbation-sensitive layer when the probe finds none)")
 
-_ATTENTION = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|dense\b|c_proj)")
-_MLP = re.compile(r"(mlp|feed_forward|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc)")
+# Module-path segments, so that e.g. post_attention_layernorm is neither attention nor MLP.
+_ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)\.")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|fc1|fc2)\.")
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _param_filter(spec: str):
     if spec == "mlp":
         return lambda name: bool(_MLP.search(name))
     if spec == "attn":
-        return lambda name: bool(_ATTENTION.search(name)) and not _MLP.search(name)
+        return lambda name: bool(_ATTENTION.search(name))
     try:
         pattern = re.compile(spec)
     except re.error as err:

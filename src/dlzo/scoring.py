@@ -66,6 +66,13 @@ class EncodedBatch:
         )
 
 
+def context_limit(model: nn.Module, requested: int) -> int:
+    """The longest sequence the model can take: its position table bounds absolute-position models."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(requested, table) if table else requested
+
+
 def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
 

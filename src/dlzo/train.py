@@ -32,7 +32,15 @@ from dlzo.eval import dev_loss, evaluate
 from dlzo.fastpath import BranchedForward
 from dlzo.models import load_model, load_tokenizer
 from dlzo.scope import SCOPE_HELP, Scope, add_lora, parse_scope, select
-from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout, loss_from_logprobs, token_logprobs
+from dlzo.scoring import (
+    EncodedBatch,
+    batch_loss,
+    context_limit,
+    encode,
+    fast_layout,
+    loss_from_logprobs,
+    token_logprobs,
+)
 from dlzo.tasks import Example, load_task, task_splits
 from dlzo.zo import StepResult, ZOOptimizer
 
@@ -298,7 +306,7 @@ def train(config: TrainConfig) -> dict:
 
     def evaluate_dev() -> float:
         return dev_loss(model, tokenizer, splits.dev or splits.train[:100], config.eval_batch_size,
-                        task.generation, config.max_length)
+                        task.generation, context_limit(model, config.max_length))
 
     def save(name: str, step: int, best: float) -> None:
         if is_main:
@@ -330,6 +338,7 @@ def train(config: TrainConfig) -> dict:
         adam = torch.optim.AdamW(list(tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
 
     layout = fast_layout(model, tokenizer, config.fast_path)
+    max_length = context_limit(model, config.max_length)
     rank, world = dist.rank(), dist.world_size()
     nonfinite_in_a_row = 0
     started = time.time()
@@ -341,7 +350,7 @@ def train(config: TrainConfig) -> dict:
         shard = examples[rank::world] if world > 1 and config.parallel == "data" else examples
         local_micro = max(len(shard) // config.grad_accum, 1)
         batches = [encode(tokenizer, shard[i : i + local_micro], pack_single_token=config.fast_path,
-                          max_length=config.max_length, generation=task.generation, layout=layout).to(device)
+                          max_length=max_length, generation=task.generation, layout=layout).to(device)
                    for i in range(0, len(shard), local_micro)]
         if zo is not None:
             result = zo_step(zo, runner, batches, my_directions)
@@ -378,7 +387,8 @@ def train(config: TrainConfig) -> dict:
 
     # Test the checkpoint with the lowest dev loss, as the paper does.
     load_into(model, load_tensors(out / "best.safetensors"))
-    test = evaluate(model, tokenizer, task, splits.test, config.eval_batch_size, max_length=config.max_length,
+    test = evaluate(model, tokenizer, task, splits.test, config.eval_batch_size,
+                    max_length=context_limit(model, config.max_length),
                     quiet=config.quiet or not is_main) if splits.test else None
     results = {"task": task.name, "scope": scope.description, "optimizer": config.optimizer,
                "layer": prepared.layer_choice.get("layer") if prepared.layer_choice else

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from conftest import DATA, STORIES
+from dlzo.cli import main
+from dlzo.eval import demonstrations, evaluate
+from dlzo.models import load_model, load_tokenizer
+from dlzo.tasks import load_task
+
+
+def test_eval_cli_zero_shot_and_in_context(tmp_path, capsys):
+    assert main(["eval", "--task", "sst2", "--model", str(STORIES), "--data-dir", str(DATA), "--num-test", "24",
+                 "--out", str(tmp_path / "zs")]) == 0
+    assert main(["eval", "--task", "sst2", "--model", str(STORIES), "--data-dir", str(DATA), "--num-test", "24",
+                 "--icl", "2", "--out", str(tmp_path / "icl")]) == 0
+    zero, icl = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("zs", "icl"))
+    assert zero["metric"] == "accuracy" and zero["num_examples"] == 24 and icl["icl"] == 2
+    assert "sst2 accuracy" in capsys.readouterr().out
+
+
+def test_demonstrations_are_solved_training_examples():
+    train = load_task("sst2", DATA).splits(num_train=10, num_dev=0, num_test=1).train
+    demos = demonstrations(train, 3, seed=0)
+    assert demos.count("\n\n") == 3 and demos.count(" It was ") == 3
+
+
+def test_squad_generation_metrics(tmp_path):
+    folder = tmp_path / "squad"
+    folder.mkdir()
+    qas = [{"id": str(i), "question": "Who is she?", "answers": [{"text": "Lily", "answer_start": 0}]} for i in range(3)]
+    data = {"data": [{"title": "Story", "paragraphs": [{"context": "Lily was a little girl.", "qas": qas}]}]}
+    (folder / "dev-v1.1.json").write_text(json.dumps(data))
+    task = load_task("squad", tmp_path)
+    model, tokenizer = load_model(str(STORIES)), load_tokenizer(str(STORIES))
+    result = evaluate(model, tokenizer, task, task.read_split("valid"), batch_size=2, quiet=True)
+    assert result.metric == "f1" and 0 <= result.exact_match <= result.value <= 1
+    assert result.num_examples == 3
+
+
+@pytest.mark.parametrize("task", ["copa", "wic"])
+def test_eval_accuracy_is_a_fraction(task):
+    t = load_task(task, DATA)
+    model, tokenizer = load_model(str(STORIES)), load_tokenizer(str(STORIES))
+    result = evaluate(model, tokenizer, t, t.splits(num_test=20).test, quiet=True)
+    assert result.num_examples == 20 and result.value * 20 == round(result.value * 20)
