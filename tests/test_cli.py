@@ -7,10 +7,14 @@ from dlzo.train import TrainConfig
 
 
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/*.toml")))
-def test_every_recipe_parses_into_train_config(path):
-    values = load_recipe(path, TrainConfig)
-    config = TrainConfig(**values)
-    config.validate()
+def test_every_recipe_parses_into_its_config(path):
+    from dlzo.analysis import SweepConfig
+
+    if "sweep-" in path:
+        config = SweepConfig(**load_recipe(path, SweepConfig))
+    else:
+        config = TrainConfig(**load_recipe(path, TrainConfig))
+        config.validate()
     assert config.eps > 0 and config.steps > 0
 
 

@@ -1,5 +1,6 @@
 """torch.distributed on CPU: 2 gloo processes launched by torchrun, compared with one process."""
 
+import json
 import os
 import signal
 import subprocess
@@ -51,8 +52,9 @@ def test_data_parallel_two_ranks_equal_one_process(tmp_path):
     torchrun(tmp_path / "ddp", settings)
     assert_same_tensors(tmp_path / "single", tmp_path / "ddp", 1e-6)
     assert not (tmp_path / "ddp" / "rank1").exists()
-    run = (tmp_path / "ddp" / "run.json").read_text()
-    assert '"world_size": 2' in run
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["bytes_exchanged_per_step"] == 16  # one all-reduce of the (L+, L-) pair in float64
 
 
 def test_perturbation_parallel_q2_equals_one_process(tmp_path):
@@ -64,7 +66,7 @@ def test_perturbation_parallel_q2_equals_one_process(tmp_path):
 
 def test_killed_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "killed"
-    process = torchrun(out, dict(steps=400, batch_size=8, eval_every=2), wait=False)
+    process = torchrun(out, dict(steps=60, batch_size=8, eval_every=2), wait=False)
     deadline = time.time() + 240
     victim = None
     while time.time() < deadline and victim is None:
@@ -84,3 +86,6 @@ def test_killed_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path):
     last = load_file(out / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in last.values())
     assert not (out / "final.safetensors").exists()
+    # --resume works with another world size: finish the 2-rank run in one process.
+    resumed = train(TrainConfig(**BASE, steps=60, batch_size=8, eval_every=2, out=str(out), resume=str(out)))
+    assert (out / "final.safetensors").exists() and resumed["steps"] == 60

@@ -15,7 +15,8 @@ import torch.distributed as torch_dist
 
 from dlzo.errors import DlzoError
 
-BYTES_EXCHANGED = {"per_step": 0}
+# Bytes all-reduced by the training steps themselves (evaluation traffic is not counted).
+STEP_TRAFFIC = {"bytes": 0}
 
 
 def launched() -> bool:
@@ -78,7 +79,7 @@ def mean_pair_across_ranks(pair: tuple[float, float]) -> tuple[float, float]:
         return pair
     values = torch.tensor(pair, dtype=torch.float64)
     torch_dist.all_reduce(values)
-    BYTES_EXCHANGED["per_step"] = values.numel() * values.element_size()
+    STEP_TRAFFIC["bytes"] += values.numel() * values.element_size()
     values /= world_size()
     return float(values[0]), float(values[1])
 
@@ -89,6 +90,7 @@ def mean_across_ranks(value: float) -> float:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     torch_dist.all_reduce(tensor)
+    STEP_TRAFFIC["bytes"] += tensor.numel() * tensor.element_size()
     return float(tensor[0]) / world_size()
 
 
@@ -111,7 +113,7 @@ def gather_directions(q: int, directions: list[int], grads: list[float], plus: l
         table[:, d] = torch.tensor([g, p, m], dtype=torch.float64)
     if active():
         torch_dist.all_reduce(table)
-        BYTES_EXCHANGED["per_step"] = table.numel() * table.element_size()
+        STEP_TRAFFIC["bytes"] += table.numel() * table.element_size()
     return table[0].tolist(), table[1].tolist(), table[2].tolist()
 
 

@@ -341,6 +341,7 @@ def train(config: TrainConfig) -> dict:
     max_length = context_limit(model, config.max_length)
     rank, world = dist.rank(), dist.world_size()
     nonfinite_in_a_row = 0
+    dist.STEP_TRAFFIC["bytes"] = 0
     started = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=config.quiet or not is_main,
                desc=f"{config.optimizer} {scope.description}", dynamic_ncols=True)
@@ -396,7 +397,8 @@ def train(config: TrainConfig) -> dict:
                "steps": config.steps, "dev_loss_start": dev_start, "dev_loss_best": best_dev,
                "test_metric": test.metric if test else None, "test_value": test.value if test else None,
                "num_test": len(splits.test), "train_seconds": round(train_seconds, 2),
-               "seconds_per_step": round(train_seconds / max(config.steps - start_step, 1), 4)}
+               "seconds_per_step": round(train_seconds / max(config.steps - start_step, 1), 4),
+               "world_size": dist.world_size(), "bytes_exchanged_per_step": dist.STEP_TRAFFIC["bytes"] / max(config.steps - start_step, 1)}
     if is_main:
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         if test:
