@@ -198,3 +198,14 @@ def test_every_shared_task_trains_a_step(task, tmp_path):
     results = train(TrainConfig(**{**SMALL, "task": task, "num_train": 8, "num_dev": 4, "num_test": 4},
                                 out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
     assert results["test_metric"] == "accuracy" and results["num_test"] == 4
+
+
+def test_resume_before_the_first_checkpoint_starts_clean(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=3, eval_every=0, scope="layer:1"))
+    for name in ("last.safetensors", "final.safetensors", "results.json"):
+        (tmp_path / name).unlink()  # as if killed after 3 logged steps, before any save
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=3, eval_every=0, scope="layer:1", resume=str(tmp_path)))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "trajectory.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    dev_at_zero = [x for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"step": 0, "dev_loss"' in x]
+    assert len(dev_at_zero) == 1

@@ -21,7 +21,8 @@ class DemoConfig:
     out: str = option("demo_out", "output folder; the report is OUT/report.md")
     model: str = option("smollm2-135m", "model; falls back to stories260k when SmolLM2 is not in --shared")
     steps: int = option(40, "training steps of each run (the same for both)")
-    lr: float = option(2e-5, "ZO learning rate (tuned for SmolLM2-135M in float32, see docs/results)")
+    lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
+    full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
     eps: float = option(1e-3, "ZO epsilon")
     num_dev: int = option(100, "dev examples")
     num_test: int = option(200, "test examples")
@@ -72,11 +73,11 @@ def run_demo(config: DemoConfig) -> dict:
                                   seeds=2, batches=1, eps=config.eps))
 
     runs = {}
-    for label, scope in (("dominant", "dominant"), ("full", "full")):
+    for label, scope, lr in (("dominant", "dominant", config.lr), ("full", "full", config.full_lr)):
         print(f"== {4 if label == 'dominant' else 5}/5 train: {label} ZO on SST-2, {config.steps} steps")
         run_dir = out / "runs" / label
         train_config = TrainConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(run_dir),
-                                   scope=scope, steps=config.steps, lr=config.lr, eps=config.eps,
+                                   scope=scope, steps=config.steps, lr=lr, eps=config.eps,
                                    num_dev=config.num_dev, num_test=config.num_test,
                                    eval_every=max(config.steps // 2, 1))
         if (run_dir / "results.json").exists():

@@ -282,16 +282,18 @@ def train(config: TrainConfig) -> dict:
     perturbation = "functional" if functional else ("copy" if exact else "arithmetic")
     tensors = tuned_tensors(model, scope)
     start_step, best_dev = 0, math.inf
-    if previous is not None and (out / "last.safetensors").exists():
-        from safetensors import safe_open
+    if previous is not None:
+        if (out / "last.safetensors").exists():
+            from safetensors import safe_open
 
-        load_into(model, load_tensors(out / "last.safetensors"))
-        with safe_open(str(out / "last.safetensors"), "pt") as handle:
-            meta = handle.metadata()
-        start_step, best_dev = int(meta["step"]), float(meta["best_dev_loss"])
-        if is_main:
+            load_into(model, load_tensors(out / "last.safetensors"))
+            with safe_open(str(out / "last.safetensors"), "pt") as handle:
+                meta = handle.metadata()
+            start_step, best_dev = int(meta["step"]), float(meta["best_dev_loss"])
+        if is_main:  # drop what the interrupted run logged after its last checkpoint
             _truncate_jsonl(out / "trajectory.jsonl", lambda r: r["step"] < start_step)
-            _truncate_jsonl(out / "metrics.jsonl", lambda r: r["step"] < start_step or (r["step"] == start_step and "dev_loss" in r))
+            _truncate_jsonl(out / "metrics.jsonl", lambda r: 0 < start_step and (
+                r["step"] < start_step or (r["step"] == start_step and "dev_loss" in r)))
             print(f"resuming {out} at step {start_step}")
 
     record = {
