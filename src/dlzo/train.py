@@ -418,7 +418,7 @@ def _adamw_step(model, adam, batches, params) -> tuple[float, bool]:
         for batch in batches:
             loss = loss_from_logprobs(batch, token_logprobs(model, batch)) / len(batches)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
     if not math.isfinite(total):
         return total, True
     dist.average_gradients(params)
