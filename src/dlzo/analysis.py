@@ -152,7 +152,7 @@ def sweep(config: SweepConfig) -> dict:
     import json
     from pathlib import Path
 
-    from dlzo.checkpoint import atomic_write_text
+    from dlzo.checkpoint import atomic_write_json
     from dlzo.models import load_model, load_tokenizer
     from dlzo.probe import find_dominant_layer
     from dlzo.tasks import load_task, task_splits
@@ -169,7 +169,7 @@ def sweep(config: SweepConfig) -> dict:
         model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
         texts = [e.prompt + e.continuations[e.label] for e in splits.train[:64]]
         probe = find_dominant_layer(model, tokenizer, texts).to_json()
-        atomic_write_text(probe_file, json.dumps(probe, indent=2) + "\n")
+        atomic_write_json(probe_file, probe)
         del model
     probe_layer = probe["dominant_layer"]
     runs = _sweep_runs(config, len(probe["layers"]), probe_layer)
@@ -195,9 +195,9 @@ def sweep(config: SweepConfig) -> dict:
                         "seconds_per_step": results["seconds_per_step"]})
         summary = {"model": config.model, "task": config.task, "probe_layer": probe_layer, "config": asdict(config),
                    "runs": entries}
-        atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")  # saved as each run finishes
+        atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
     summary["verdict"] = sweep_verdict(summary)
-    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "sweep.json", summary)
     plot_sweep(summary, out / "sweep.png")
     print(format_sweep(summary))
     print(summary["verdict"])
@@ -284,10 +284,9 @@ class SensitivityConfig:
 
 def sensitivity(config: SensitivityConfig) -> dict:
     """Inference only: per-layer |L(θ+εz_l) - L(θ-εz_l)|/2ε, and how a layer's perturbation propagates."""
-    import json
     from pathlib import Path
 
-    from dlzo.checkpoint import atomic_write_text
+    from dlzo.checkpoint import atomic_write_json
     from dlzo.models import load_model, load_tokenizer
     from dlzo.scoring import encode, fast_layout
     from dlzo.tasks import load_task
@@ -309,7 +308,7 @@ def sensitivity(config: SensitivityConfig) -> dict:
             "propagation": matrix}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sensitivity.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_json(out / "sensitivity.json", data)
     plot_sensitivity(data, out / "sensitivity.png", out / "propagation.png")
     for s in per_layer:
         print(f"layer {s.layer:>3}: |L+ - L-|/2eps mean {s.mean:9.4g}  std {s.std:9.4g}")

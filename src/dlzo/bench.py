@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import statistics
 import threading
 import time
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from dlzo.analysis import layer_parameters
-from dlzo.checkpoint import atomic_write_text
+from dlzo.checkpoint import atomic_write_json
 from dlzo.config import option
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
@@ -275,7 +274,7 @@ def bench(config: BenchConfig) -> dict:
     }
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "bench.json", report)
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if v is not None))
     print(f"wrote {out / 'bench.json'}")
     return report

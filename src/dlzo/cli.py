@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,12 +17,6 @@ def _read_text_file(path: str) -> str:
     if not text.strip():
         raise DlzoError(f"--text {path}: the file is empty")
     return text
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from dlzo.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -46,9 +39,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     )
     print(probe.format_table(result))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "probe.json", result.to_json())
-    probe.plot(result, out / "probe.png")
+    probe.save_outputs(result, out)
     print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
 
 
@@ -86,14 +77,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     demos = demonstrations(splits.train, args.icl, args.data_seed)
     result = evaluate(model, tokenizer, task, splits.test, args.batch_size, demos=demos)
     data = {**result.to_json(), "icl": args.icl, "model": args.model, "run": args.run}
+    from dlzo.checkpoint import atomic_write_json
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "eval.json", data)
+    atomic_write_json(out / "eval.json", data)
     print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
           f"({args.icl}-shot); wrote {out / 'eval.json'}")
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    import torch
+
     from dlzo.checkpoint import load_tensors, save_tensors
     from dlzo.train import replay
 
@@ -106,19 +100,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
     final = run / "final.safetensors"
     if final.exists():
         trained = load_tensors(final)
-        same = all(torch_equal(rebuilt[n], trained[n]) for n in trained)
+        same = all(torch.equal(rebuilt[n].cpu(), trained[n]) for n in trained)
         worst = max(float((rebuilt[n].float() - trained[n].float()).abs().max()) for n in trained)
         print(f"replayed {len(rebuilt)} tensors; bit-identical to final.safetensors: {same} (max |diff| {worst:.3g})")
         if not same:
             raise DlzoError("replay differs from the trained weights (different device type or library versions?)")
     else:
         print(f"replayed {len(rebuilt)} tensors (no final.safetensors to compare with)")
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a.cpu(), b.cpu()))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> dict:
     from dlzo import probe as probe_module
     from dlzo.analysis import SensitivityConfig, report, sensitivity
-    from dlzo.checkpoint import atomic_write_text
+    from dlzo.checkpoint import atomic_write_json
     from dlzo.eval import evaluate
     from dlzo.models import SHORT_NAMES, load_model, load_tokenizer
     from dlzo.tasks import load_task, task_splits
@@ -57,14 +57,11 @@ def run_demo(config: DemoConfig) -> dict:
     texts = [e.prompt + e.continuations[e.label] for e in splits.train[:64]]
     result = probe_module.find_dominant_layer(model, tokenizer, texts)
     print(probe_module.format_table(result))
-    (out / "probe").mkdir(exist_ok=True)
-    atomic_write_text(out / "probe" / "probe.json", json.dumps(result.to_json(), indent=2) + "\n")
-    probe_module.plot(result, out / "probe" / "probe.png")
+    probe_module.save_outputs(result, out / "probe")
 
     print("== 2/5 zero-shot SST-2")
     zero_shot = evaluate(model, tokenizer, task, splits.test, 16)
-    (out / "zeroshot").mkdir(exist_ok=True)
-    atomic_write_text(out / "zeroshot" / "eval.json", json.dumps({**zero_shot.to_json(), "icl": 0}, indent=2) + "\n")
+    atomic_write_json(out / "zeroshot" / "eval.json", {**zero_shot.to_json(), "icl": 0})
     print(f"zero-shot accuracy {zero_shot.value:.4f} on {zero_shot.num_examples} examples")
     del model
 
@@ -100,7 +97,7 @@ def run_demo(config: DemoConfig) -> dict:
         "full_seconds_per_step": full["seconds_per_step"], "step_speedup": speedup,
         "wall_seconds": round(time.time() - started, 1),
     }
-    atomic_write_text(out / "headline.json", json.dumps(headline, indent=2) + "\n")
+    atomic_write_json(out / "headline.json", headline)
     print("\n== headline")
     print(f"model {model_name}: probe's dominant layer {result.dominant_layer}; tuned layer {dominant['layer']}")
     print(f"SST-2 test accuracy ({config.num_test} examples): zero-shot {zero_shot.value:.3f}, "

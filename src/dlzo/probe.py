@@ -233,6 +233,16 @@ def format_table(result: ProbeResult) -> str:
     return "\n".join(lines)
 
 
+def save_outputs(result: ProbeResult, folder: str | Path) -> None:
+    """Write FOLDER/probe.json and FOLDER/probe.png."""
+    from dlzo.checkpoint import atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "probe.json", result.to_json())
+    plot(result, folder / "probe.png")
+
+
 def plot(result: ProbeResult, path: str | Path) -> None:
     """Log-scale max and median |h| per layer, with the thresholds and the chosen layer marked."""
     import matplotlib

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dlzo import distributed as dist
-from dlzo.checkpoint import atomic_write_text, load_tensors, save_tensors
+from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from dlzo.config import option
 from dlzo.errors import DlzoError
 from dlzo.eval import dev_loss, evaluate
@@ -241,7 +241,7 @@ def _truncate_jsonl(path: Path, keep) -> None:
 def train(config: TrainConfig) -> dict:
     """Run (or resume) a training job and return its results."""
     if config.resume:
-        if config.out not in ("runs/train", config.resume) and Path(config.out) != Path(config.resume):
+        if config.out != TrainConfig.out and Path(config.out) != Path(config.resume):
             raise DlzoError(f"--resume {config.resume} and --out {config.out} name different folders")
         config.out = config.resume
     config.validate()
@@ -304,7 +304,7 @@ def train(config: TrainConfig) -> dict:
                                                     "test": len(splits.test), "notes": splits.notes},
     }
     if is_main:
-        atomic_write_text(run_file, json.dumps(record, indent=2) + "\n")
+        atomic_write_json(run_file, record)
 
     def evaluate_dev() -> float:
         return dev_loss(model, tokenizer, splits.dev or splits.train[:100], config.eval_batch_size,
@@ -402,7 +402,7 @@ def train(config: TrainConfig) -> dict:
                "seconds_per_step": round(train_seconds / max(config.steps - start_step, 1), 4),
                "world_size": dist.world_size(), "bytes_exchanged_per_step": dist.STEP_TRAFFIC["bytes"] / max(config.steps - start_step, 1)}
     if is_main:
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_json(out / "results.json", results)
         if test:
             print(f"test {test.metric} {test.value:.4f} on {test.num_examples} examples; dev loss {dev_start:.4f} -> "
                   f"best {best_dev:.4f}; results in {out / 'results.json'}")
