@@ -63,6 +63,17 @@ def test_classification_loss_is_cross_entropy_over_mean_logprobs(stories, storie
     torch.testing.assert_close(batch_loss(stories, batch), expected)
 
 
+def test_packed_rows_are_no_wider_than_the_longest_sequence(stories_tokenizer):
+    chosen = examples("copa", 5) + examples("sst2", 4)
+    padded = encode(stories_tokenizer, chosen, pack_single_token=False, layout="padded")
+    packed = encode(stories_tokenizer, chosen, pack_single_token=False, layout="packed")
+    assert packed.input_ids.shape[1] == padded.input_ids.shape[1]  # padded width = longest sequence
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+    # every sequence's tokens land where the packing says they do
+    for row, position, target in zip(packed.token_row, packed.token_position, packed.token_target):
+        assert packed.input_ids[row, position + 1] == target
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"])
 def test_packed_layout_equals_padded_or_is_refused(arch, stories_tokenizer):
     from dlzo.scoring import supports_packing
