@@ -14,6 +14,7 @@ from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.models import decoder_layers
 from dlzo.scoring import EncodedBatch, hidden_states
+from dlzo.tasks import DATA_DIR_HELP
 from dlzo.zo import ZOOptimizer
 
 
@@ -100,7 +101,7 @@ def propagation(model: nn.Module, batch: EncodedBatch, eps: float = 1e-3, seed: 
 class SweepConfig:
     model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
     task: str = option("sst2", "task name")
-    data_dir: str = option("../shared/data", "folder of official task files")
+    data_dir: str = option("../shared/data", DATA_DIR_HELP)
     out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
     layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
     references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model)")
@@ -273,7 +274,7 @@ def plot_sweep(summary: dict, path) -> None:
 class SensitivityConfig:
     model: str = option("", "model (hub id, folder, .gguf, short name)")
     task: str = option("sst2", "task whose training batches are used")
-    data_dir: str = option("../shared/data", "folder of official task files")
+    data_dir: str = option("../shared/data", DATA_DIR_HELP)
     out: str = option("out/sensitivity", "folder for sensitivity.json, sensitivity.png, propagation.png")
     seeds: int = option(3, "directions per layer")
     batches: int = option(2, "training batches per direction")

@@ -30,6 +30,7 @@ from dlzo.config import option
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout
+from dlzo.tasks import DATA_DIR_HELP
 from dlzo.zo import ZOOptimizer
 
 SHAPES = {
@@ -51,7 +52,7 @@ class BenchConfig:
     model: str = option("", "local model / .gguf / short name; empty: a random-init model of --shape")
     shape: str = option("125m", "random-init shape: " + ", ".join(SHAPES))
     task: str = option("", "use this task's real (padded) training inputs instead of synthetic ones")
-    data_dir: str = option("../shared/data", "folder of official task files")
+    data_dir: str = option("../shared/data", DATA_DIR_HELP)
     batch: int = option(16, "examples per step")
     seq: int = option(64, "prompt tokens of the synthetic inputs")
     layer: int = option(1, "the tuned layer of the one-layer variants")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from dlzo.errors import DlzoError
+from dlzo.tasks import DATA_DIR_HELP
 
 
 def _read_text_file(path: str) -> str:
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", default="out/probe", help="output folder for probe.json and probe.png")
     probe.add_argument("--text", help="calibration text file (default: built-in English prose)")
     probe.add_argument("--task", help="calibrate on a task's training prompts instead (e.g. sst2)")
-    probe.add_argument("--data-dir", default="../shared/data", help="folder of official task files")
+    probe.add_argument("--data-dir", default="../shared/data", help=DATA_DIR_HELP)
     probe.add_argument("--max-tokens", type=int, default=512, help="calibration tokens in total")
     probe.add_argument("--abs-threshold", type=float, default=100.0, help="max |h| must exceed this")
     probe.add_argument("--rel-threshold", type=float, default=1000.0, help="max |h| / median |h| must reach this")
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     evaluation.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     evaluation.add_argument("--task", required=True, help="task name, e.g. sst2")
-    evaluation.add_argument("--data-dir", default="../shared/data", help="folder of official task files")
+    evaluation.add_argument("--data-dir", default="../shared/data", help=DATA_DIR_HELP)
     evaluation.add_argument("--run", default="", help="evaluate the tuned tensors of this training run")
     evaluation.add_argument("--checkpoint", default="best", help="best, last or final (with --run)")
     evaluation.add_argument("--icl", type=int, default=0, help="in-context demonstrations drawn from train")

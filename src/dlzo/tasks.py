@@ -82,8 +82,28 @@ def _require(path: Path, files: dict[str, Path], split: str) -> Path:
 # ----------------------------------------------------------------------------------------------- tasks
 
 
+HUB_PREFIX = "hf"
+DATA_DIR_HELP = ("folder of official task files (glue/SST-2/*.tsv, superglue/<Task>/*.jsonl, squad/, drop/), or 'hf' "
+                 "to load each task's Hugging Face dataset (online; 'hf:PATH[:CONFIG]' for a mirror)")
+HUB_SPLITS = {"train": "train", "valid": "validation"}
+
+
+def parse_hub_source(data_dir: str | Path) -> tuple[str | None, str | None] | None:
+    """`hf` -> (None, None): each task's default dataset; `hf:PATH` or `hf:PATH:CONFIG` -> an override;
+    anything else is a folder of official files -> None."""
+    text = str(data_dir)
+    if text != HUB_PREFIX and not text.startswith(HUB_PREFIX + ":"):
+        return None
+    path, _, config = text[len(HUB_PREFIX) + 1 :].partition(":")
+    return path or None, config or None
+
+
 class Task:
-    """A benchmark task. Subclasses give the file layout, how to read a row, and the template."""
+    """A benchmark task. Subclasses give the file layout, how to read a row, and the template.
+
+    Rows come from the official files under `data_dir`, or, with `data_dir="hf"`, from the Hugging Face
+    dataset named in `hub` (whose rows `hub_row` turns into the official row layout, so one `build` and one
+    template serve both sources)."""
 
     name: str = ""
     metric: str = "accuracy"
@@ -92,23 +112,75 @@ class Task:
     folder: str = ""
     splits_files: dict[str, str] = {"train": "train.jsonl", "valid": "val.jsonl"}
     required: tuple[str, ...] = ()
+    hub: tuple[str, str | None] = ("", None)  # Hugging Face dataset and config holding the same data
+    hub_labels: dict[str, object] = {}  # the hub's ClassLabel name -> the official file's label value
 
     def __init__(self, data_dir: str | Path):
+        self.hub_source = parse_hub_source(data_dir)
         self.data_dir = Path(data_dir)
 
     def files(self) -> dict[str, Path]:
         return {split: self.data_dir / self.folder / name for split, name in self.splits_files.items()}
 
     def has_split(self, split: str) -> bool:
+        if self.hub_source is not None:
+            return split in HUB_SPLITS
         return self.files().get(split, Path("/nonexistent")).exists()
 
     def read_split(self, split: str) -> list[Example]:
+        if self.hub_source is not None:
+            return self.read_hub(split)
+        return self.read_files(split)
+
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         rows = _read_jsonl(path, self.required)
         return [self.build(row, path, number) for number, row in enumerate(rows, start=1)]
 
     def build(self, row: dict, path: Path, number: int) -> Example:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ Hugging Face hub
+
+    def hub_name(self) -> str:
+        path, config = self.hub_source or (None, None)
+        # A mirror of the same multi-config dataset keeps the task's config unless one is given.
+        path, config = path or self.hub[0], config or self.hub[1]
+        return f"{path}:{config}" if config else path
+
+    def read_hub(self, split: str) -> list[Example]:
+        try:
+            import datasets
+        except ImportError:
+            raise DlzoError(f"--data-dir {HUB_PREFIX} needs the datasets package: pip install 'dlzo[hub]'") from None
+        path, _, config = self.hub_name().partition(":")
+        where = f"{HUB_PREFIX}:{self.hub_name()}[{HUB_SPLITS[split]}]"
+        try:
+            dataset = datasets.load_dataset(path, config or None, split=HUB_SPLITS[split])
+        except Exception as err:  # offline, unknown name or config: all user-facing, all one line
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DlzoError(f"could not load {where} with datasets.load_dataset: {reason}") from None
+        label_names = getattr(dataset.features.get("label"), "names", None)
+        examples = []
+        for number, row in enumerate(dataset, start=1):
+            if label_names is not None and row.get("label", -1) >= 0:
+                name = label_names[row["label"]]
+                row = {**row, "label": _label(where, number, name, self.hub_labels) if self.hub_labels else name}
+            empty = next((key for key, value in row.items() if value is None), None)
+            if empty is not None:
+                raise DlzoError(f"{where}:{number}: field '{empty}' is empty")
+            try:
+                examples.extend(self.from_hub(row, where, number))
+            except KeyError as err:
+                raise DlzoError(f"{where}:{number}: missing field {err}") from None
+        return examples
+
+    def from_hub(self, row: dict, where: str, number: int) -> list[Example]:
+        return [self.build(self.hub_row(row), where, number)]
+
+    def hub_row(self, row: dict) -> dict:
+        """A hub row in the official row layout (most tasks: already the same)."""
+        return row
 
     def prompt_text(self, example: Example) -> str:
         return example.prompt + example.continuations[example.label]
@@ -148,8 +220,9 @@ def _sample(items: list, seed: int, num: int) -> list:
 class SST2(Task):
     name, folder = "sst2", "glue/SST-2"
     splits_files = {"train": "train.tsv", "valid": "dev.tsv"}
+    hub, hub_labels = ("nyu-mll/glue", "sst2"), {"negative": 0, "positive": 1}
 
-    def read_split(self, split: str) -> list[Example]:
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         examples = []
         with open(path, encoding="utf-8", newline="") as handle:
@@ -170,6 +243,7 @@ class SST2(Task):
 
 class RTE(Task):
     name, folder, required = "rte", "superglue/RTE", ("premise", "hypothesis", "label")
+    hub, hub_labels = ("aps/super_glue", "rte"), {"entailment": "entailment", "not_entailment": "not_entailment"}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {"entailment": 0, "not_entailment": 1})
@@ -179,6 +253,8 @@ class RTE(Task):
 
 class CB(Task):
     name, folder, required, default_num_dev = "cb", "superglue/CB", ("premise", "hypothesis", "label"), 100
+    hub = ("aps/super_glue", "cb")
+    hub_labels = {"entailment": "entailment", "contradiction": "contradiction", "neutral": "neutral"}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {"entailment": 0, "contradiction": 1, "neutral": 2})
@@ -188,6 +264,7 @@ class CB(Task):
 
 class BoolQ(Task):
     name, folder, required = "boolq", "superglue/BoolQ", ("passage", "question", "label")
+    hub, hub_labels = ("aps/super_glue", "boolq"), {"False": False, "True": True}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {True: 0, False: 1})
@@ -198,6 +275,11 @@ class BoolQ(Task):
 
 class WSC(Task):
     name, folder, required = "wsc", "superglue/WSC", ("text", "target", "label")
+    hub, hub_labels = ("aps/super_glue", "wsc.fixed"), {"False": False, "True": True}
+
+    def hub_row(self, row):
+        target = {"span1_text": row["span1_text"], "span2_text": row["span2_text"]}
+        return {"text": row["text"], "target": target, "label": row["label"]}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {False: 0, True: 1})
@@ -211,6 +293,7 @@ class WSC(Task):
 
 class WiC(Task):
     name, folder, required = "wic", "superglue/WiC", ("word", "sentence1", "sentence2", "label")
+    hub, hub_labels = ("aps/super_glue", "wic"), {"False": False, "True": True}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {False: 0, True: 1})
@@ -223,8 +306,12 @@ class MultiRC(Task):
     """One example per answer option (MeZO's accuracy is per option)."""
 
     name, folder, required = "multirc", "superglue/MultiRC", ("passage",)
+    hub, hub_labels = ("aps/super_glue", "multirc"), {"False": 0, "True": 1}
 
-    def read_split(self, split: str) -> list[Example]:
+    def from_hub(self, row, where, number):
+        return [_multirc_example(row["paragraph"], row["question"], row["answer"], row["label"])]
+
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         examples = []
         for number, row in enumerate(_read_jsonl(path, self.required), start=1):
@@ -236,14 +323,19 @@ class MultiRC(Task):
                     if "text" not in answer or "label" not in answer:
                         raise DlzoError(f"{path}:{number}: an answer is missing 'text' or 'label'")
                     label = _label(path, number, answer["label"], {0: 0, 1: 1})
-                    prompt = (f"{passage['text']}\nQuestion: {question['question']}\nI found this answer "
-                              f"\"{answer['text']}\". Is that correct? Yes or No?\n")
-                    examples.append(Example(prompt, ["No", "Yes"], label))
+                    examples.append(_multirc_example(passage["text"], question["question"], answer["text"], label))
         return examples
+
+
+def _multirc_example(paragraph: str, question: str, answer: str, label: int) -> Example:
+    prompt = (f"{paragraph}\nQuestion: {question}\nI found this answer \"{answer}\". Is that correct? "
+              f"Yes or No?\n")
+    return Example(prompt, ["No", "Yes"], label)
 
 
 class COPA(Task):
     name, folder, required, default_num_dev = "copa", "superglue/COPA", ("premise", "choice1", "choice2", "question", "label"), 100
+    hub, hub_labels = ("aps/super_glue", "copa"), {"choice1": 0, "choice2": 1}
 
     def build(self, row, path, number):
         label = _label(path, number, row["label"], {0: 0, 1: 1})
@@ -266,8 +358,13 @@ class ReCoRD(Task):
     """Classification over the passage's entities, each substituted into the query."""
 
     name, folder, required = "record", "superglue/ReCoRD", ("passage", "qas")
+    hub = ("aps/super_glue", "record")
 
-    def read_split(self, split: str) -> list[Example]:
+    def from_hub(self, row, where, number):
+        example = _record_example(row["passage"], row["entities"], row["query"], set(row["answers"]))
+        return [example] if example else []
+
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         examples = []
         for number, row in enumerate(_read_jsonl(path, self.required), start=1):
@@ -275,25 +372,39 @@ class ReCoRD(Task):
             if not isinstance(passage, dict) or "text" not in passage or "entities" not in passage:
                 raise DlzoError(f"{path}:{number}: field 'passage' needs 'text' and 'entities'")
             text = passage["text"]
-            entities = list(dict.fromkeys(text[e["start"] : e["end"] + 1] for e in passage["entities"]))
-            context = text.replace("@highlight\n", "- ").strip() + "\n- "
+            entities = [text[e["start"] : e["end"] + 1] for e in passage["entities"]]
             for qa in row["qas"]:
                 if "query" not in qa:
                     raise DlzoError(f"{path}:{number}: a qas entry is missing 'query'")
-                gold = {a["text"] for a in qa.get("answers", [])}
-                correct = [i for i, e in enumerate(entities) if e in gold]
-                if not correct:
-                    continue  # an unanswerable query: MeZO skips these too
-                options = [qa["query"].replace("@placeholder", e) for e in entities]
-                examples.append(Example(context, options, correct[0], answers=sorted(gold), correct=correct))
+                example = _record_example(text, entities, qa["query"], {a["text"] for a in qa.get("answers", [])})
+                if example:
+                    examples.append(example)
         return examples
+
+
+def _record_example(text: str, entities: list[str], query: str, gold: set[str]) -> Example | None:
+    """None for an unanswerable query (MeZO skips these too)."""
+    entities = list(dict.fromkeys(entities))
+    correct = [i for i, e in enumerate(entities) if e in gold]
+    if not correct:
+        return None
+    context = text.replace("@highlight\n", "- ").strip() + "\n- "
+    options = [query.replace("@placeholder", e) for e in entities]
+    return Example(context, options, correct[0], answers=sorted(gold), correct=correct)
 
 
 class SQuAD(Task):
     name, folder, metric, generation = "squad", "squad", "f1", True
     splits_files = {"train": "train-v1.1.json", "valid": "dev-v1.1.json"}
+    hub = ("rajpurkar/squad", None)
 
-    def read_split(self, split: str) -> list[Example]:
+    def from_hub(self, row, where, number):
+        answers = list(row["answers"]["text"])
+        if not answers:
+            raise DlzoError(f"{where}:{number}: question {row.get('id', '?')} has no answers")
+        return [_squad_example(row["title"], row["context"], row["question"], answers)]
+
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         data = _read_json(path)
         if not isinstance(data, dict) or "data" not in data:
@@ -305,17 +416,27 @@ class SQuAD(Task):
                     answers = [a["text"] for a in qa.get("answers", [])]
                     if not answers:
                         raise DlzoError(f"{path}: question {qa.get('id', '?')} in article {article_number} has no answers")
-                    prompt = (f"Title: {article.get('title', '')}\nContext: {paragraph['context']}\n"
-                              f"Question: {qa['question']}\nAnswer:")
-                    examples.append(Example(prompt, [" " + answers[0]], 0, answers=answers))
+                    examples.append(_squad_example(article.get("title", ""), paragraph["context"], qa["question"],
+                                                   answers))
         return examples
+
+
+def _squad_example(title: str, context: str, question: str, answers: list[str]) -> Example:
+    prompt = f"Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:"
+    return Example(prompt, [" " + answers[0]], 0, answers=answers)
 
 
 class DROP(Task):
     name, folder, metric, generation = "drop", "drop", "f1", True
     splits_files = {"train": "drop_dataset_train.json", "valid": "drop_dataset_dev.json"}
+    hub = ("ucinlp/drop", None)
 
-    def read_split(self, split: str) -> list[Example]:
+    def from_hub(self, row, where, number):
+        # The hub keeps the main answer only, as a list of spans (a number or a date is one span).
+        answer = ", ".join(row["answers_spans"]["spans"])
+        return [_drop_example(row["passage"], row["question"], [answer])] if answer else []
+
+    def read_files(self, split: str) -> list[Example]:
         path = _require(self.data_dir / self.folder, self.files(), split)
         data = _read_json(path)
         if not isinstance(data, dict):
@@ -329,9 +450,13 @@ class DROP(Task):
                 answers = [a for a in dict.fromkeys(answers) if a]
                 if not answers:
                     continue
-                prompt = f"Passage: {item['passage']}\nQuestion: {qa['question']}\nAnswer:"
-                examples.append(Example(prompt, [" " + answers[0]], 0, answers=answers))
+                examples.append(_drop_example(item["passage"], qa["question"], answers))
         return examples
+
+
+def _drop_example(passage: str, question: str, answers: list[str]) -> Example:
+    prompt = f"Passage: {passage}\nQuestion: {question}\nAnswer:"
+    return Example(prompt, [" " + answers[0]], 0, answers=answers)
 
 
 def _drop_answer(answer: dict) -> str:

@@ -41,7 +41,7 @@ from dlzo.scoring import (
     loss_from_logprobs,
     token_logprobs,
 )
-from dlzo.tasks import Example, load_task, task_splits
+from dlzo.tasks import DATA_DIR_HELP, Example, load_task, task_splits
 from dlzo.zo import StepResult, ZOOptimizer
 
 
@@ -49,7 +49,7 @@ from dlzo.zo import StepResult, ZOOptimizer
 class TrainConfig:
     model: str = option("", "hub id, local folder, .gguf file, or short name (smollm2-135m, stories260k)")
     task: str = option("sst2", "task name: sst2 rte cb boolq wsc wic multirc copa record squad drop")
-    data_dir: str = option("../shared/data", "folder of official task files (glue/SST-2, superglue/<Task>, ...)")
+    data_dir: str = option("../shared/data", DATA_DIR_HELP)
     out: str = option("runs/train", "run folder for checkpoints, logs and results")
     resume: str = option("", "continue the interrupted run in this folder (same arguments, --out included)")
     scope: str = option("dominant", SCOPE_HELP)
