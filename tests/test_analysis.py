@@ -83,14 +83,3 @@ def test_sensitivity_command_and_report(tmp_path):
         if line.startswith("!["):
             target = tmp_path / line.split("(")[1].rstrip(")")
             assert target.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_demo_runs_end_to_end_on_stories(tmp_path, monkeypatch):
-    from conftest import SHARED
-    from dlzo.demo import DemoConfig, run_demo
-
-    monkeypatch.setenv("DLZO_CACHE", str(tmp_path / "cache"))
-    headline = run_demo(DemoConfig(shared=str(SHARED), out=str(tmp_path / "demo"), model="stories260k", steps=2,
-                                   num_dev=8, num_test=8, lr=1e-3, full_lr=1e-4))
-    assert (tmp_path / "demo" / "report.md").exists()
-    assert headline["step_speedup"] > 0 and 0 <= headline["dominant_accuracy"] <= 1

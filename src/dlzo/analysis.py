@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlzo.config import option
+from dlzo.config import option, same_as
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.models import decoder_layers
 from dlzo.scoring import EncodedBatch, hidden_states
-from dlzo.tasks import DATA_DIR_HELP
+from dlzo.train import TrainConfig
 from dlzo.zo import ZOOptimizer
 
 
@@ -29,6 +29,11 @@ class LayerSensitivity:
 def layer_parameters(model: nn.Module, layer: int) -> list[tuple[str, nn.Parameter]]:
     block_params = {id(p) for p in decoder_layers(model)[layer].parameters()}
     return [(n, p) for n, p in model.named_parameters() if id(p) in block_params]
+
+
+# The quick measurement behind --scope dominant's fallback (the demo shows the same one, so that its
+# picture and the trained layer agree): 2 directions x the first 2 training batches of 16.
+QUICK_SENSITIVITY = {"seeds": 2, "batches": 2, "batch_size": 16}
 
 
 @torch.no_grad()
@@ -100,24 +105,24 @@ def propagation(model: nn.Module, batch: EncodedBatch, eps: float = 1e-3, seed: 
 @dataclass
 class SweepConfig:
     model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
-    task: str = option("sst2", "task name")
-    data_dir: str = option("../shared/data", DATA_DIR_HELP)
+    task: str = same_as(TrainConfig, "task")
+    data_dir: str = same_as(TrainConfig, "data_dir")
     out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
     layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
     references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model)")
     steps: int = option(200, "steps of every run")
-    batch_size: int = option(16, "examples per step")
+    batch_size: int = same_as(TrainConfig, "batch_size")
     lr: float = option(1e-5, "learning rate of the one-layer runs")
     full_lr: float = option(-1.0, "learning rate of full MeZO (-1: same as --lr)")
     lora_lr: float = option(-1.0, "learning rate of ZO-LoRA (-1: same as --lr)")
     adamw_lr: float = option(1e-5, "learning rate of the first-order reference")
-    eps: float = option(1e-3, "ZO epsilon")
+    eps: float = same_as(TrainConfig, "eps")
     seed: int = option(0, "run seed, the same for every run")
-    num_train: int = option(1000, "training examples")
-    num_dev: int = option(-1, "dev examples (-1: MeZO default)")
-    num_test: int = option(1000, "test examples")
-    eval_every: int = option(50, "dev-loss evaluation interval")
-    dtype: str = option("auto", "model dtype")
+    num_train: int = same_as(TrainConfig, "num_train")
+    num_dev: int = same_as(TrainConfig, "num_dev")
+    num_test: int = same_as(TrainConfig, "num_test")
+    eval_every: int = same_as(TrainConfig, "eval_every", default=50)
+    dtype: str = same_as(TrainConfig, "dtype")
     quiet: bool = option(True, "no per-step progress bars")
 
 
@@ -157,7 +162,7 @@ def sweep(config: SweepConfig) -> dict:
     from dlzo.models import load_model, load_tokenizer
     from dlzo.probe import find_dominant_layer
     from dlzo.tasks import load_task, task_splits
-    from dlzo.train import TrainConfig, train
+    from dlzo.train import train
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,13 +279,13 @@ def plot_sweep(summary: dict, path) -> None:
 class SensitivityConfig:
     model: str = option("", "model (hub id, folder, .gguf, short name)")
     task: str = option("sst2", "task whose training batches are used")
-    data_dir: str = option("../shared/data", DATA_DIR_HELP)
+    data_dir: str = same_as(TrainConfig, "data_dir")
     out: str = option("out/sensitivity", "folder for sensitivity.json, sensitivity.png, propagation.png")
     seeds: int = option(3, "directions per layer")
     batches: int = option(2, "training batches per direction")
-    batch_size: int = option(16, "examples per batch")
-    eps: float = option(1e-3, "perturbation scale")
-    dtype: str = option("auto", "model dtype")
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    eps: float = same_as(TrainConfig, "eps")
+    dtype: str = same_as(TrainConfig, "dtype")
 
 
 def sensitivity(config: SensitivityConfig) -> dict:

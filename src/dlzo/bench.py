@@ -26,11 +26,11 @@ from torch import nn
 
 from dlzo.analysis import layer_parameters
 from dlzo.checkpoint import atomic_write_json
-from dlzo.config import option
+from dlzo.config import option, same_as
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout
-from dlzo.tasks import DATA_DIR_HELP
+from dlzo.train import TrainConfig
 from dlzo.zo import ZOOptimizer
 
 SHAPES = {
@@ -52,13 +52,13 @@ class BenchConfig:
     model: str = option("", "local model / .gguf / short name; empty: a random-init model of --shape")
     shape: str = option("125m", "random-init shape: " + ", ".join(SHAPES))
     task: str = option("", "use this task's real (padded) training inputs instead of synthetic ones")
-    data_dir: str = option("../shared/data", DATA_DIR_HELP)
+    data_dir: str = same_as(TrainConfig, "data_dir")
     batch: int = option(16, "examples per step")
     seq: int = option(64, "prompt tokens of the synthetic inputs")
     layer: int = option(1, "the tuned layer of the one-layer variants")
     repeats: int = option(3, "timed steps per variant after one warm-up (the median is reported)")
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
-    device: str = option("auto", "auto, cpu, cuda")
+    dtype: str = same_as(TrainConfig, "dtype")
+    device: str = same_as(TrainConfig, "device")
     out: str = option("out/bench", "folder for bench.json")
     variants: str = option("upstream_full,full,layer_plain,layer_fast,lora,floor,inference", "variants to run")
 

@@ -18,6 +18,15 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def same_as(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field with the help text (and, unless given, the default) of `cls`'s field `name`, so that an
+    option shared by several commands is described in one place."""
+    source = cls.__dataclass_fields__[name]
+    if default is dataclasses.MISSING:
+        default = source.default if source.default is not dataclasses.MISSING else source.default_factory()
+    return option(default, source.metadata["help"], **{k: v for k, v in source.metadata.items() if k != "help"})
+
+
 def _base_type(annotation: Any) -> Any:
     if isinstance(annotation, str):
         annotation = eval(annotation, {"typing": typing})  # noqa: S307 - our own annotations only

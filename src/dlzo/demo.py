@@ -11,8 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlzo.config import option
+from dlzo.config import option, same_as
 from dlzo.errors import DlzoError
+from dlzo.train import TrainConfig
 
 
 @dataclass
@@ -23,19 +24,19 @@ class DemoConfig:
     steps: int = option(40, "training steps of each run (the same for both)")
     lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
     full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
-    eps: float = option(1e-3, "ZO epsilon")
-    num_dev: int = option(100, "dev examples")
-    num_test: int = option(200, "test examples")
+    eps: float = same_as(TrainConfig, "eps")
+    num_dev: int = same_as(TrainConfig, "num_dev", default=100)
+    num_test: int = same_as(TrainConfig, "num_test", default=200)
 
 
 def run_demo(config: DemoConfig) -> dict:
     from dlzo import probe as probe_module
-    from dlzo.analysis import SensitivityConfig, report, sensitivity
+    from dlzo.analysis import QUICK_SENSITIVITY, SensitivityConfig, report, sensitivity
     from dlzo.checkpoint import atomic_write_json
     from dlzo.eval import evaluate
     from dlzo.models import SHORT_NAMES, load_model, load_tokenizer
     from dlzo.tasks import load_task, task_splits
-    from dlzo.train import TrainConfig, train
+    from dlzo.train import train
 
     shared = Path(config.shared)
     data_dir = shared / "data"
@@ -67,7 +68,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     print("== 3/5 perturbation sensitivity per layer (inference only)")
     sensitivity(SensitivityConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(out / "sensitivity"),
-                                  seeds=2, batches=1, eps=config.eps))
+                                  eps=config.eps, **QUICK_SENSITIVITY))
 
     runs = {}
     for label, scope, lr in (("dominant", "dominant", config.lr), ("full", "full", config.full_lr)):

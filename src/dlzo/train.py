@@ -164,7 +164,7 @@ def library_versions() -> dict:
 def choose_dominant_layer(model, tokenizer, train: list[Example], eps: float, quiet: bool = False,
                           device=None) -> tuple[int, str]:
     """The probe's layer; when the probe finds no outlier layer, the most perturbation-sensitive layer."""
-    from dlzo.analysis import layer_sensitivity
+    from dlzo.analysis import QUICK_SENSITIVITY, layer_sensitivity
     from dlzo.probe import find_dominant_layer
 
     texts = [e.prompt + e.continuations[e.label] for e in train[:64]]
@@ -175,8 +175,10 @@ def choose_dominant_layer(model, tokenizer, train: list[Example], eps: float, qu
                                        f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
     device = device or next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
-    batches = [encode(tokenizer, train[i * 16 : (i + 1) * 16], layout=layout).to(device) for i in range(2)]
-    sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=2)
+    size = QUICK_SENSITIVITY["batch_size"]
+    batches = [encode(tokenizer, train[i * size : (i + 1) * size], layout=layout).to(device)
+               for i in range(QUICK_SENSITIVITY["batches"])]
+    sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=QUICK_SENSITIVITY["seeds"])
     best = max(sensitivity, key=lambda s: s.mean)
     return best.layer, ("probe found no massive activations; fell back to the most perturbation-sensitive layer "
                         f"(mean |L+ - L-|/2eps = {best.mean:.3g}, layers: "

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from conftest import DATA, STORIES
+from dlzo.bench import BenchConfig, bench, synthetic_batches
+from dlzo.errors import DlzoError
+
+VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "lora", "floor", "inference"]
+
+
+@pytest.mark.parametrize("task", ["", "sst2"])
+def test_bench_writes_every_variant_and_ratios_from_the_same_run(tmp_path, task):
+    report = bench(BenchConfig(model=str(STORIES), task=task, data_dir=str(DATA), batch=4, seq=16, layer=1,
+                               repeats=1, out=str(tmp_path)))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratios"] == pytest.approx(report["ratios"])
+    variants = saved["variants"]
+    assert list(variants) == VARIANTS
+    for result in variants.values():
+        assert result["step_s"] > 0 and result["peak_mem_bytes"] > 0 and result["forward_s"] > 0
+    assert variants["inference"]["update_s"] == 0 and variants["floor"]["update_s"] == 0
+    ratios = saved["ratios"]
+    assert ratios["dominant_vs_upstream_full"] == pytest.approx(
+        variants["upstream_full"]["step_s"] / variants["layer_fast"]["step_s"])
+    assert ratios["dominant_vs_floor"] == pytest.approx(variants["layer_fast"]["step_s"] / variants["floor"]["step_s"])
+    assert ratios["peak_mem_vs_inference"] == pytest.approx(
+        variants["layer_fast"]["peak_mem_bytes"] / variants["inference"]["peak_mem_bytes"])
+    # the noise of a one-layer step covers that layer only; full MeZO perturbs all 260k weights
+    assert saved["layer_parameters"] < saved["parameters"] / 4
+    # the fast path's packed input is never larger than upstream's one padded row per candidate
+    assert saved["fast_tokens"] <= saved["upstream_tokens"]
+
+
+def test_synthetic_batches_pack_two_candidates_per_row():
+    packed, separate = synthetic_batches(batch=3, seq=10, vocab=100)
+    assert tuple(packed.input_ids.shape) == (3, 10) and tuple(separate.input_ids.shape) == (6, 11)
+    assert packed.token_row.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_unknown_variant_is_an_error(tmp_path):
+    with pytest.raises(DlzoError, match="unknown bench variant 'fastest'"):
+        bench(BenchConfig(model=str(STORIES), variants="fastest", repeats=1, batch=2, seq=8, out=str(tmp_path)))
