@@ -60,3 +60,24 @@ def test_fast_path_leaves_model_untouched(stories_tokenizer):
 def test_fast_path_rejects_tensors_outside_layers():
     with pytest.raises(ValueError, match="inside decoder layers"):
         BranchedForward(tiny_model("llama"), ["model.embed_tokens.weight"])
+
+
+def test_fast_path_under_accelerate_device_hooks(stories_tokenizer):
+    """--device-map auto installs accelerate hooks (an instance-level forward) on every layer; the fast path
+    must run through them, give the plain path's losses, and leave the hooks in place."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    examples = load_task("copa", DATA).splits(num_train=4, num_dev=0, num_test=1).train
+    batch = encode(stories_tokenizer, examples)
+    named = layer_parameters(model, 1)
+    zs = [torch.randn_like(p) for _, p in named]
+    plus = {n: p.detach() + 1e-2 * z for (n, p), z in zip(named, zs)}
+    minus = {n: p.detach() - 1e-2 * z for (n, p), z in zip(named, zs)}
+    expected = BranchedForward(model, [n for n, _ in named]).loss_pair(batch, plus, minus)
+    for layer in model.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    hooked = {id(layer): layer.__dict__["forward"] for layer in model.model.layers}
+    got = BranchedForward(model, [n for n, _ in named]).loss_pair(batch, plus, minus)
+    assert [float(x) for x in got] == pytest.approx([float(x) for x in expected], abs=1e-6)
+    assert {id(layer): layer.__dict__["forward"] for layer in model.model.layers} == hooked
