@@ -338,9 +338,15 @@ def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
     fig.savefig(bars_path, dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(torch.tensor(data["propagation"]).clamp_min(1e-12).log10().numpy(), cmap="viridis",
-                      aspect="auto", origin="lower")
-    fig.colorbar(image, label="log10 ||h_j(θ+εz_l) - h_j(θ)|| / ||h_j(θ)||")
+    matrix = torch.tensor(data["propagation"], dtype=torch.float64)
+    # Layers before the perturbed one are exactly unchanged: grey them out rather than let log10(0) set the
+    # colour scale and flatten the differences that matter.
+    reached = matrix > 0
+    logs = torch.where(reached, matrix.clamp_min(1e-300).log10(), torch.tensor(float("nan")))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(logs.numpy(), cmap=cmap, aspect="auto", origin="lower")
+    fig.colorbar(image, label="log10 ||h_j(θ+εz_l) - h_j(θ)|| / ||h_j(θ)||  (grey: not reached)")
     ax.set_xlabel("layer j whose output is measured")
     ax.set_ylabel("perturbed layer l")
     ax.set_title("Propagation of a one-layer perturbation")
