@@ -13,6 +13,7 @@ import re
 import string
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,23 +141,32 @@ class Task:
     def build(self, row: dict, path: Path, number: int) -> Example:
         raise NotImplementedError
 
+    def passages(self, split: str, keys: tuple[str, ...]) -> Iterator[tuple[Path, int, dict, dict]]:
+        """(path, line number, row, passage) of a JSONL split whose rows nest a 'passage' object with `keys`."""
+        path = _require(self.data_dir / self.folder, self.files(), split)
+        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
+            passage = row["passage"]
+            if not isinstance(passage, dict) or not all(key in passage for key in keys):
+                raise DlzoError(f"{path}:{number}: field 'passage' needs " + " and ".join(f"'{k}'" for k in keys))
+            yield path, number, row, passage
+
     # ------------------------------------------------------------------------------ Hugging Face hub
 
-    def hub_name(self) -> str:
+    def hub_dataset(self) -> tuple[str, str | None]:
+        """(dataset path, config) to load: the task's own, or the --data-dir override."""
         path, config = self.hub_source or (None, None)
         # A mirror of the same multi-config dataset keeps the task's config unless one is given.
-        path, config = path or self.hub[0], config or self.hub[1]
-        return f"{path}:{config}" if config else path
+        return path or self.hub[0], config or self.hub[1]
 
     def read_hub(self, split: str) -> list[Example]:
         try:
             import datasets
         except ImportError:
             raise DlzoError(f"--data-dir {HUB_PREFIX} needs the datasets package: pip install 'dlzo[hub]'") from None
-        path, _, config = self.hub_name().partition(":")
-        where = f"{HUB_PREFIX}:{self.hub_name()}[{HUB_SPLITS[split]}]"
+        path, config = self.hub_dataset()
+        where = f"{HUB_PREFIX}:{path}{':' + config if config else ''}[{HUB_SPLITS[split]}]"
         try:
-            dataset = datasets.load_dataset(path, config or None, split=HUB_SPLITS[split])
+            dataset = datasets.load_dataset(path, config, split=HUB_SPLITS[split])
         except Exception as err:  # offline, unknown name or config: all user-facing, all one line
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DlzoError(f"could not load {where} with datasets.load_dataset: {reason}") from None
@@ -312,12 +322,8 @@ class MultiRC(Task):
         return [_multirc_example(row["paragraph"], row["question"], row["answer"], row["label"])]
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
         examples = []
-        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
-            passage = row["passage"]
-            if not isinstance(passage, dict) or "text" not in passage or "questions" not in passage:
-                raise DlzoError(f"{path}:{number}: field 'passage' needs 'text' and 'questions'")
+        for path, number, _, passage in self.passages(split, ("text", "questions")):
             for question in passage["questions"]:
                 for answer in question.get("answers", []):
                     if "text" not in answer or "label" not in answer:
@@ -365,12 +371,8 @@ class ReCoRD(Task):
         return [example] if example else []
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
         examples = []
-        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
-            passage = row["passage"]
-            if not isinstance(passage, dict) or "text" not in passage or "entities" not in passage:
-                raise DlzoError(f"{path}:{number}: field 'passage' needs 'text' and 'entities'")
+        for path, number, row, passage in self.passages(split, ("text", "entities")):
             text = passage["text"]
             entities = [text[e["start"] : e["end"] + 1] for e in passage["entities"]]
             for qa in row["qas"]:
