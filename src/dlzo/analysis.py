@@ -36,6 +36,17 @@ def layer_parameters(model: nn.Module, layer: int) -> list[tuple[str, nn.Paramet
 QUICK_SENSITIVITY = {"seeds": 2, "batches": 2, "batch_size": 16}
 
 
+def leading_batches(model: nn.Module, tokenizer, examples: list, batch_size: int, count: int,
+                    device=None) -> list[EncodedBatch]:
+    """The first `count` batches of `examples`, encoded as the trainer's fast path encodes them."""
+    from dlzo.scoring import encode, fast_layout
+
+    device = device or next(model.parameters()).device
+    layout = fast_layout(model, tokenizer)
+    return [encode(tokenizer, examples[i * batch_size : (i + 1) * batch_size], layout=layout).to(device)
+            for i in range(count)]
+
+
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float = 1e-3, seeds: int = 3,
                       layers: list[int] | None = None, progress=None) -> list[LayerSensitivity]:
@@ -294,15 +305,13 @@ def sensitivity(config: SensitivityConfig) -> dict:
 
     from dlzo.checkpoint import atomic_write_json
     from dlzo.models import load_model, load_tokenizer
-    from dlzo.scoring import encode, fast_layout
+    from dlzo.scoring import encode
     from dlzo.tasks import load_task
 
     model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
     train_examples = load_task(config.task, config.data_dir).splits(seed=0).train
     device = next(model.parameters()).device
-    layout = fast_layout(model, tokenizer)
-    batches = [encode(tokenizer, train_examples[i * config.batch_size : (i + 1) * config.batch_size],
-                      layout=layout).to(device) for i in range(config.batches)]
+    batches = leading_batches(model, tokenizer, train_examples, config.batch_size, config.batches, device)
     num_layers = len(decoder_layers(model))
     with tqdm(total=num_layers, desc="sensitivity") as bar:
         per_layer = layer_sensitivity(model, batches, config.eps, config.seeds, progress=bar)

@@ -164,7 +164,7 @@ def library_versions() -> dict:
 def choose_dominant_layer(model, tokenizer, train: list[Example], eps: float, quiet: bool = False,
                           device=None) -> tuple[int, str]:
     """The probe's layer; when the probe finds no outlier layer, the most perturbation-sensitive layer."""
-    from dlzo.analysis import QUICK_SENSITIVITY, layer_sensitivity
+    from dlzo.analysis import QUICK_SENSITIVITY, layer_sensitivity, leading_batches
     from dlzo.probe import find_dominant_layer
 
     texts = [e.prompt + e.continuations[e.label] for e in train[:64]]
@@ -173,11 +173,8 @@ def choose_dominant_layer(model, tokenizer, train: list[Example], eps: float, qu
         s = result.layers[result.dominant_layer]
         return result.dominant_layer, (f"probe: first layer with massive activations "
                                        f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
-    device = device or next(model.parameters()).device
-    layout = fast_layout(model, tokenizer)
-    size = QUICK_SENSITIVITY["batch_size"]
-    batches = [encode(tokenizer, train[i * size : (i + 1) * size], layout=layout).to(device)
-               for i in range(QUICK_SENSITIVITY["batches"])]
+    batches = leading_batches(model, tokenizer, train, QUICK_SENSITIVITY["batch_size"], QUICK_SENSITIVITY["batches"],
+                              device)
     sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=QUICK_SENSITIVITY["seeds"])
     best = max(sensitivity, key=lambda s: s.mean)
     return best.layer, ("probe found no massive activations; fell back to the most perturbation-sensitive layer "
