@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 from conftest import DATA, STORIES
-from dlzo.bench import BenchConfig, bench, synthetic_batches
+from dlzo.bench import BenchConfig, TimedOptimizer, bench, synthetic_batches
 from dlzo.errors import DlzoError
 
 VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "lora", "floor", "inference"]
@@ -41,3 +42,15 @@ def test_synthetic_batches_pack_two_candidates_per_row():
 def test_unknown_variant_is_an_error(tmp_path):
     with pytest.raises(DlzoError, match="unknown bench variant 'fastest'"):
         bench(BenchConfig(model=str(STORIES), variants="fastest", repeats=1, batch=2, seq=8, out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("upstream, passes", [(True, 4), (False, 3)])
+def test_upstream_variant_keeps_mezo_four_noise_passes(upstream, passes):
+    """The upstream baseline must cost what MeZO's code costs, even though our full MeZO fuses a pass away."""
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = TimedOptimizer([("w", weight)], lr=0.1, eps=1e-2, exact_restore=False, upstream=upstream)
+    sampled = []
+    original = optimizer.sample
+    optimizer.sample = lambda *args: sampled.append(args[:2]) or original(*args)
+    optimizer.step(lambda: (weight ** 2).sum())
+    assert len(sampled) == passes and optimizer.update_s > 0

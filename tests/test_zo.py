@@ -102,3 +102,34 @@ def test_weight_decay_skips_bias_and_norm():
     opt.apply_update([11], [0.0])
     torch.testing.assert_close(weight.detach(), w0 * (1 - 0.05))
     assert torch.equal(bias.detach(), b0)
+
+
+def test_full_scope_restore_and_update_share_one_noise_pass():
+    """MeZO's in-place round trip restores with +εz and then regenerates z for the update; we use one z
+    for both, so a step samples z three times per tensor and the weights are bit-identical to MeZO's."""
+    fused, weight, bias = make(lr=0.1, eps=1e-2, seed=3, weight_decay=0.5, exact_restore=False)
+    mezo, weight_ref, bias_ref = make(lr=0.1, eps=1e-2, seed=3, weight_decay=0.5, exact_restore=False)
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    sampled = []
+    original_sample = fused.sample
+    fused.sample = lambda *args: sampled.append(args[:2]) or original_sample(*args)
+    for step in range(3):
+        fused.step(lambda: quadratic([weight, bias], target))
+        seed = direction_seed(3, step, 0)
+        mezo._add_noise(seed, 1e-2)
+        plus = float(quadratic([weight_ref, bias_ref], target))
+        mezo._add_noise(seed, -2e-2)
+        minus = float(quadratic([weight_ref, bias_ref], target))
+        mezo._add_noise(seed, 1e-2)
+        mezo.apply_update([seed], [(plus - minus) / 2e-2])
+    assert torch.equal(weight.detach(), weight_ref.detach()) and torch.equal(bias.detach(), bias_ref.detach())
+    assert len(sampled) == 3 * 3 * 2  # steps x noise passes x tensors
+    assert fused.step_count == 3
+
+
+def test_full_scope_non_finite_loss_restores_without_update():
+    opt, weight, _ = make(lr=1.0, exact_restore=False)
+    before = weight.detach().clone()
+    result = opt.step(lambda: torch.tensor(math.inf))
+    assert result.skipped and opt.step_count == 1
+    torch.testing.assert_close(weight.detach(), before)  # the +ε/-2ε/+ε round trip, up to float rounding

@@ -3,7 +3,8 @@
 Variants, all on the same inputs in the same process:
   upstream_full  MeZO's large_models step: one sequence per candidate, logits over the whole vocabulary
                  everywhere, four z passes over all weights (+ε, -2ε, +ε, update)
-  full           our full MeZO: packed candidates and answer-only logits, same four z passes
+  full           our full MeZO: packed candidates and answer-only logits, three z passes (the
+                 restore and the update share one z)
   layer_plain    one layer, in-place perturbation restored by copy, MeZO-style forwards (no fast path)
   layer_fast     one layer, fast path: shared prefix, both branches in one forward, answer-only logits
   lora           ZO-LoRA (r=8 on q/v of every layer) through the fast path
@@ -131,15 +132,26 @@ class PeakMemory:
 
 
 class TimedOptimizer(ZOOptimizer):
-    """ZOOptimizer that records how long the noise passes and the update take."""
+    """ZOOptimizer that records how long the update takes (for the full scope: the restore and the update,
+    which share one noise pass). `upstream=True` restores and updates with two passes, as MeZO's code does."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, upstream: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.update_s = 0.0
+        self.upstream = upstream
 
     def apply_update(self, seeds, grads, zs=None):
         start = time.perf_counter()
         super().apply_update(seeds, grads, zs)
+        self.update_s += time.perf_counter() - start
+
+    def _restore_and_update(self, seed, grad):
+        if self.upstream:
+            self._add_noise(seed, self.eps)
+            self.apply_update([seed], [grad])
+            return
+        start = time.perf_counter()
+        super()._restore_and_update(seed, grad)
         self.update_s += time.perf_counter() - start
 
 
@@ -166,7 +178,7 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
     lora_model = None
     if name in ("upstream_full", "full"):
         named = [(n, p) for n, p in model.named_parameters()]
-        optimizer = TimedOptimizer(named, lr=1e-7, eps=1e-3, exact_restore=False)
+        optimizer = TimedOptimizer(named, lr=1e-7, eps=1e-3, exact_restore=False, upstream=name == "upstream_full")
         batch, full_logits = (separate, True) if name == "upstream_full" else (packed, False)
         step = lambda: optimizer.step(timed(lambda: batch_loss(model, batch, full_logits=full_logits)))  # noqa: E731
     elif name == "layer_plain":

@@ -104,16 +104,31 @@ class ZOOptimizer:
     def apply_update(self, seeds: list[int], grads: list[float], zs: list[list[torch.Tensor]] | None = None) -> None:
         """θ <- θ - lr·(mean_d g_d·z_d + wd·θ). Replay calls this with the logged seeds and grads, so
         training and replay run the same arithmetic and give bit-identical weights."""
-        count = len(seeds)
         for index, (name, param) in enumerate(self.named):
-            direction = None
-            for d, (seed, grad) in enumerate(zip(seeds, grads)):
-                z = zs[d][index] if zs is not None else self.sample(seed, index, param)
-                term = z.mul_(grad / count) if zs is None else z * (grad / count)
-                direction = term if direction is None else direction.add_(term)
-            if self.weight_decay and not no_decay(name):
-                direction.add_(param.data, alpha=self.weight_decay)
-            param.data.sub_(direction, alpha=self.lr)
+            if zs is not None:
+                noise = [zs[d][index] for d in range(len(seeds))]
+            else:  # sampled one at a time: a full-model step never holds more than one z per tensor
+                noise = (self.sample(seed, index, param) for seed in seeds)
+            self._update_tensor(name, param, noise, grads, owned=zs is None)
+
+    def _update_tensor(self, name: str, param: torch.Tensor, noise: Iterable[torch.Tensor], grads: list[float],
+                       owned: bool) -> None:
+        count = len(grads)
+        direction = None
+        for z, grad in zip(noise, grads):
+            term = z.mul_(grad / count) if owned else z * (grad / count)
+            direction = term if direction is None else direction.add_(term)
+        if self.weight_decay and not no_decay(name):
+            direction.add_(param.data, alpha=self.weight_decay)
+        param.data.sub_(direction, alpha=self.lr)
+
+    def _restore_and_update(self, seed: int, grad: float) -> None:
+        """The last +εz of MeZO's round trip and the update, from one z per tensor: the same arithmetic
+        as restoring and then calling apply_update, with one noise pass over the weights instead of two."""
+        for index, (name, param) in enumerate(self.named):
+            z = self.sample(seed, index, param)
+            param.data.add_(z, alpha=self.eps)
+            self._update_tensor(name, param, [z], [grad], owned=True)
 
     # -------------------------------------------------------------------------------- steps
 
@@ -148,6 +163,12 @@ class ZOOptimizer:
                 loss_plus = float(closure())
                 self._add_noise(seed, -2 * self.eps)
                 loss_minus = float(closure())
+                grad = (loss_plus - loss_minus) / (2 * self.eps)
+                if update and self.q == 1 and math.isfinite(grad):
+                    self._restore_and_update(seed, grad)
+                    result = StepResult([seed], [grad], [loss_plus], [loss_minus])
+                    self.step_count += 1
+                    return result
                 self._add_noise(seed, self.eps)
             plus.append(loss_plus)
             minus.append(loss_minus)
