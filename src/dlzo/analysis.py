@@ -53,6 +53,9 @@ def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float 
     """Inference only: for each layer, perturb it alone along `seeds` directions on each batch."""
     chosen = range(len(decoder_layers(model))) if layers is None else layers
     results = []
+    # the unperturbed layers below layer l give the same hidden states for every l, seed and branch:
+    # computing them once per batch makes the measurement about a third cheaper on a 30-layer model
+    prefix_caches = [{} for _ in batches]
     for layer in chosen:
         named = layer_parameters(model, layer)
         runner = BranchedForward(model, [n for n, _ in named])
@@ -62,8 +65,8 @@ def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float 
             zs = [probe.sample(seed, i, p) for i, (_, p) in enumerate(named)]
             plus = {n: p.detach() + eps * z for (n, p), z in zip(named, zs)}
             minus = {n: p.detach() - eps * z for (n, p), z in zip(named, zs)}
-            for batch in batches:
-                loss_plus, loss_minus = runner.loss_pair(batch, plus, minus)
+            for batch, cache in zip(batches, prefix_caches):
+                loss_plus, loss_minus = runner.loss_pair(batch, plus, minus, prefix_cache=cache)
                 values.append(abs(float(loss_plus - loss_minus)) / (2 * eps))
         results.append(LayerSensitivity(layer, statistics.fmean(values),
                                         statistics.pstdev(values) if len(values) > 1 else 0.0, values))

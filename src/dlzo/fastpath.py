@@ -76,16 +76,21 @@ class BranchedForward:
         self.first_tuned = min(self.local_names)
 
     @contextlib.contextmanager
-    def _patched(self, rows: int, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor]):
+    def _patched(self, rows: int, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
+                 prefix_cache: dict | None):
         half = rows // 2
         originals = {}
         had_own_forward = {}  # accelerate's device-map hooks install an instance-level forward
 
-        def shared_prefix(layer):
+        def shared_prefix(layer, index):
             def forward(*args, **kwargs):
-                args1, _ = _split(args, rows, half)
-                kwargs1, _ = _split(kwargs, rows, half)
-                out = originals[id(layer)](*args1, **kwargs1)
+                out = prefix_cache.get(index) if prefix_cache is not None else None
+                if out is None:
+                    args1, _ = _split(args, rows, half)
+                    kwargs1, _ = _split(kwargs, rows, half)
+                    out = originals[id(layer)](*args1, **kwargs1)
+                    if prefix_cache is not None:
+                        prefix_cache[index] = out
                 return _join(out, out)
             return forward
 
@@ -107,7 +112,7 @@ class BranchedForward:
                 originals[id(layer)] = layer.forward
                 had_own_forward[id(layer)] = "forward" in layer.__dict__
                 tuned = self.local_names.get(index)
-                layer.forward = branched(layer, tuned) if tuned else shared_prefix(layer)
+                layer.forward = branched(layer, tuned) if tuned else shared_prefix(layer, index)
         try:
             yield
         finally:
@@ -118,10 +123,12 @@ class BranchedForward:
                     del layer.forward  # the class's forward shows again
 
     @torch.no_grad()
-    def loss_pair(self, batch: EncodedBatch, plus: dict[str, torch.Tensor],
-                  minus: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_pair(self, batch: EncodedBatch, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
+                  prefix_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefix_cache`: a dict kept by the caller for one batch and unchanged weights below the tuned
+        layers; a prefix layer's output is computed once and reused by later calls on that batch."""
         doubled = batch.doubled()
-        with self._patched(doubled.input_ids.shape[0], plus, minus):
+        with self._patched(doubled.input_ids.shape[0], plus, minus, prefix_cache):
             logprobs = token_logprobs(self.model, doubled)
         tokens = batch.token_row.shape[0]
         return (loss_from_logprobs(batch, logprobs[:tokens]), loss_from_logprobs(batch, logprobs[tokens:]))
