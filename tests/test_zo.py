@@ -133,3 +133,24 @@ def test_full_scope_non_finite_loss_restores_without_update():
     result = opt.step(lambda: torch.tensor(math.inf))
     assert result.skipped and opt.step_count == 1
     torch.testing.assert_close(weight.detach(), before)  # the +ε/-2ε/+ε round trip, up to float rounding
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_one_direction_update_reuses_its_z(functional):
+    """A small-scope step draws z once per tensor; the update gives the same weights as drawing it again."""
+    reused, weight, bias = make(lr=0.1, eps=1e-2, seed=4, weight_decay=0.5)
+    redrawn, weight_ref, bias_ref = make(lr=0.1, eps=1e-2, seed=4, weight_decay=0.5)
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    sampled = []
+    original_sample = reused.sample
+    reused.sample = lambda *args: sampled.append(args[:2]) or original_sample(*args)
+    for _ in range(2):
+        if functional:
+            result = reused.step_functional(lambda plus, minus: (
+                quadratic([plus["layer.weight"], plus["layer.bias"]], target),
+                quadratic([minus["layer.weight"], minus["layer.bias"]], target)))
+        else:
+            result = reused.step(lambda: quadratic([weight, bias], target))
+        redrawn.apply_update(result.seeds, result.projected_grads)
+    assert torch.equal(weight.detach(), weight_ref.detach()) and torch.equal(bias.detach(), bias_ref.detach())
+    assert len(sampled) == 2 * 2  # steps x tensors: no second draw for the update

@@ -146,6 +146,7 @@ class ZOOptimizer:
         chosen = range(self.q) if directions is None else directions
         plus, minus, grads = [], [], []
         backup = [p.detach().clone() for _, p in self.named] if self.exact_restore else None
+        kept = None  # one direction's z, reused by the update
         for d in chosen:
             seed = seeds[d]
             if backup is not None:
@@ -158,6 +159,7 @@ class ZOOptimizer:
                 loss_minus = float(closure())
                 for (_, p), saved in zip(self.named, backup):
                     p.data.copy_(saved)
+                kept = zs if self.q == 1 else None
             else:
                 self._add_noise(seed, self.eps)
                 loss_plus = float(closure())
@@ -174,7 +176,9 @@ class ZOOptimizer:
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
         result = StepResult([seeds[d] for d in chosen], grads, plus, minus)
-        return self.finish(result) if update else result
+        if not update:
+            return result
+        return self.finish(result, zs=[kept] if kept is not None else None)
 
     @torch.no_grad()
     def step_functional(
@@ -194,14 +198,18 @@ class ZOOptimizer:
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
         result = StepResult(seeds, grads, plus, minus)
-        return self.finish(result) if update else result
+        if not update:
+            return result
+        return self.finish(result, zs=[zs] if len(seeds) == 1 else None)
 
-    def finish(self, result: StepResult) -> StepResult:
-        """Apply the update of an evaluated step (all its directions, in order) and advance the step count."""
+    def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None) -> StepResult:
+        """Apply the update of an evaluated step (all its directions, in order) and advance the step count.
+        `zs`: the step's z, when the caller still holds them (one direction), so the update need not
+        draw them again; the weights are the same either way."""
         if not all(math.isfinite(v) for v in result.loss_plus + result.loss_minus + result.projected_grads):
             result.skipped = True  # a non-finite loss must never reach the weights
         else:
-            self.apply_update(result.seeds, result.projected_grads)
+            self.apply_update(result.seeds, result.projected_grads, zs)
         self.step_count += 1
         return result
 
