@@ -259,6 +259,7 @@ def plot_sweep(summary: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = [e for e in summary["runs"] if e["layer"] is not None]
     refs = [e for e in summary["runs"] if e["layer"] is None]
@@ -273,6 +274,7 @@ def plot_sweep(summary: dict, path) -> None:
             value = (ref["dev_loss_start"] - ref["dev_loss_end"]) if key == "drop" else ref[key]
             color, style = styles.get(ref["name"], ("gray", "--"))
             ax.axhline(value, color=color, ls=style, label=f"{ref['name']} ({value:.3f})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_xlabel("tuned layer (green: the probe's layer)")
         ax.set_ylabel(label)
         if key == "test_metric" and layers:
