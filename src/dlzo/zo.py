@@ -7,7 +7,8 @@ from the global RNG, so any process can rebuild it: resume, replay and data para
 
 Two ways to evaluate the perturbed losses:
 - `step(closure)`: in place. The closure computes the loss at the model's current weights. Small scopes
-  restore θ by copying a saved copy (exact); the full scope uses MeZO's +ε/-2ε/+ε arithmetic (no copy).
+  restore θ by copying a saved copy (exact); the full scope uses MeZO's +ε/-2ε/+ε arithmetic (no copy),
+  whose last +εz draws the z that the update then uses (three noise passes per step, not four).
 - `step_functional(pair_loss)`: pair_loss(plus, minus) gets the perturbed tensors and returns (L+, L-),
   e.g. from one batched forward (dlzo.fastpath); the model's weights are never perturbed in place.
 """
