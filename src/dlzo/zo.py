@@ -148,6 +148,7 @@ class ZOOptimizer:
         plus, minus, grads = [], [], []
         backup = [p.detach().clone() for _, p in self.named] if self.exact_restore else None
         kept = None  # one direction's z, reused by the update
+        restore_seed = None  # the full scope's last +εz, left to finish() to share a z with the update
         for d in chosen:
             seed = seeds[d]
             if backup is not None:
@@ -166,20 +167,17 @@ class ZOOptimizer:
                 loss_plus = float(closure())
                 self._add_noise(seed, -2 * self.eps)
                 loss_minus = float(closure())
-                grad = (loss_plus - loss_minus) / (2 * self.eps)
-                if update and self.q == 1 and math.isfinite(grad):
-                    self._restore_and_update(seed, grad)
-                    result = StepResult([seed], [grad], [loss_plus], [loss_minus])
-                    self.step_count += 1
-                    return result
-                self._add_noise(seed, self.eps)
+                if update and self.q == 1:
+                    restore_seed = seed
+                else:
+                    self._add_noise(seed, self.eps)
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
         result = StepResult([seeds[d] for d in chosen], grads, plus, minus)
         if not update:
             return result
-        return self.finish(result, zs=[kept] if kept is not None else None)
+        return self.finish(result, zs=[kept] if kept is not None else None, restore_seed=restore_seed)
 
     @torch.no_grad()
     def step_functional(
@@ -203,12 +201,18 @@ class ZOOptimizer:
             return result
         return self.finish(result, zs=[zs] if len(seeds) == 1 else None)
 
-    def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None) -> StepResult:
+    def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None,
+               restore_seed: int | None = None) -> StepResult:
         """Apply the update of an evaluated step (all its directions, in order) and advance the step count.
         `zs`: the step's z, when the caller still holds them (one direction), so the update need not
-        draw them again; the weights are the same either way."""
+        draw them again; the weights are the same either way. `restore_seed`: the in-place round trip of
+        that one direction still owes its last +εz, added here from the z the update uses."""
         if not all(math.isfinite(v) for v in result.loss_plus + result.loss_minus + result.projected_grads):
             result.skipped = True  # a non-finite loss must never reach the weights
+            if restore_seed is not None:
+                self._add_noise(restore_seed, self.eps)
+        elif restore_seed is not None:
+            self._restore_and_update(restore_seed, result.projected_grads[0])
         else:
             self.apply_update(result.seeds, result.projected_grads, zs)
         self.step_count += 1
