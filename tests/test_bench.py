@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import DATA, STORIES
-from dlzo.bench import BenchConfig, TimedOptimizer, bench, synthetic_batches
+from dlzo.bench import TimedOptimizer, bench, synthetic_batches
 from dlzo.errors import DlzoError
+from dlzo.options import BenchConfig
 
 VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "lora", "floor", "inference"]
 

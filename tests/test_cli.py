@@ -3,12 +3,12 @@ import pytest
 from dlzo.cli import main
 from dlzo.config import load_recipe
 from dlzo.errors import DlzoError
-from dlzo.train import TrainConfig
+from dlzo.options import TrainConfig
 
 
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/*.toml")))
 def test_every_recipe_parses_into_its_config(path):
-    from dlzo.analysis import SweepConfig
+    from dlzo.options import SweepConfig
 
     if "sweep-" in path:
         config = SweepConfig(**load_recipe(path, SweepConfig))
@@ -30,7 +30,7 @@ def test_flags_override_recipe(tmp_path, monkeypatch):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "m"\nsteps = 7\nlr = 0.5\n')
     seen = {}
-    monkeypatch.setattr("dlzo.train.train", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("dlzo.cli.train", lambda config: seen.setdefault("config", config))
     main(["train", "--config", str(recipe), "--lr", "0.25"])
     assert seen["config"].steps == 7 and seen["config"].lr == 0.25 and seen["config"].model == "m"
 

@@ -1,9 +1,8 @@
 import argparse
 from dataclasses import dataclass
 
-from dlzo.analysis import SweepConfig
 from dlzo.config import add_arguments, option, same_as
-from dlzo.train import TrainConfig
+from dlzo.options import SweepConfig, TrainConfig
 
 
 def test_same_as_shares_help_and_default_unless_overridden():

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import DATA, tiny_model
-from dlzo.analysis import layer_parameters
 from dlzo.fastpath import BranchedForward
+from dlzo.layers import layer_parameters
 from dlzo.scoring import batch_loss, encode
 from dlzo.tasks import Example, load_task
 

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from dlzo.errors import DlzoError
 from dlzo.models import decoder_layers, load_model
-from dlzo.probe import _StreamingStats, find_dominant_layer
+from dlzo.probe import (
+    LayerStats,
+    _StreamingStats,
+    find_dominant_layer,
+    format_table,
+    onset_decision,
+    onset_layer,
+    plot,
+)
 
 ARCHS = ["llama", "qwen3", "opt", "gpt2"]
 
@@ -120,3 +129,120 @@ def test_probe_cli_on_a_local_folder_of_each_architecture(arch, tmp_path):
     assert main(["probe", "--model", str(folder), "--out", str(tmp_path / "out"), "--max-tokens", "64"]) == 0
     data = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert len(data["layers"]) == 3 and data["dominant_layer"] is None
+
+
+# --- the onset rule on planted max|h| curves -------------------------------------------------------------
+
+# SmolLM2-135M per-layer max|h| (layers 0..29) as given in the task brief.
+SMOLLM2_CURVE = [38.9, 290.4, 849.4, 845.6, 840.6, 833.4, 826.1, 813.9, 700.5, 387.4, 154.5, 24926, 24917, 24904,
+                 24891, 24874, 24859, 24844, 24835, 24827, 24827, 24836, 24829, 24832, 24795, 24797, 24790, 24538,
+                 10231, 4427]
+# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32, default calibration text), measured: see docs/rules.md.
+QWEN_CURVE = [2.53, 4.89, 5.99, 6.72, 6.79, 74.79, 74.62, 74.30, 74.55, 73.99, 73.88, 72.47, 70.89, 69.59, 68.33,
+              66.10, 65.01, 64.37, 63.53, 59.40, 57.87, 77.08, 89.82, 101.42]
+QWEN_EMBEDDING = 0.0869
+
+
+def curve(values: list[float]) -> list[LayerStats]:
+    return [LayerStats(i, float(v), 1.0, float(v)) for i, v in enumerate(values)]
+
+
+def emb(value: float) -> LayerStats:
+    return LayerStats(-1, value, 1.0, value)
+
+
+def test_onset_picks_layer_11_on_smollm2_not_the_earlier_7x_jump():
+    layer, reason = onset_decision(curve(SMOLLM2_CURVE))
+    assert layer == 11
+    assert "-> 24,926 (161x) at layer 11, held for 3 layers" in reason
+    # A tiny embedding output makes layer 0 a 778x jump, but another >= 4x rise follows it: still 11.
+    assert onset_layer(curve(SMOLLM2_CURVE), embedding=emb(0.05)) == 11
+
+
+def test_onset_is_scale_free():
+    assert onset_layer(curve([v * 1e-3 for v in SMOLLM2_CURVE])) == 11
+    assert onset_layer(curve([v * 1e3 for v in QWEN_CURVE])) == 5
+
+
+def test_onset_picks_layer_5_on_qwen():
+    assert onset_layer(curve(QWEN_CURVE)) == 5
+    # Layer 0 is a 29x jump over the embedding output, but it is an intermediate step (75 >= 4 x 2.53 follows).
+    layer, reason = onset_decision(curve(QWEN_CURVE), embedding=emb(QWEN_EMBEDDING))
+    assert layer == 5
+    assert "(11x) at layer 5" in reason and "29.1x at layer 0" in reason
+    assert onset_layer(curve(QWEN_CURVE), min_jump=12.0) is None
+
+
+def test_flat_curve_has_no_onset():
+    flat = [8.0, 9.5, 10.1, 11.0, 12.2, 12.9, 13.0, 12.4, 11.8, 12.5]
+    layer, reason = onset_decision(curve(flat), embedding=emb(3.0))
+    assert layer is None
+    assert "below min_jump 4x" in reason
+
+
+def test_transient_spike_is_not_picked():
+    values = [10.0] * 12
+    values[4] = 1000.0  # 100x for one layer, then back
+    assert onset_layer(curve(values)) is None
+    values[8:] = [200.0] * 4  # a 20x jump that is held from layer 8 on (layer 11 is the final layer)
+    layer, reason = onset_decision(curve(values))
+    assert layer == 8
+    assert "100x at layer 4, is rejected: not held" in reason
+    # A two-layer plateau passes with persistence 2 but not 3.
+    values = [10.0] * 10
+    values[3:5] = [500.0, 500.0]
+    assert onset_layer(curve(values), persistence=3) is None
+    assert onset_layer(curve(values), persistence=2) == 3
+
+
+def test_jump_at_the_last_layer_only_is_not_picked():
+    assert onset_layer(curve([5.0] * 9 + [5000.0])) is None
+    # A smaller held jump earlier wins over the final layer's 125x.
+    assert onset_layer(curve([1.0, 1.0, 1.0, 8.0, 8.0, 8.0, 8.0, 8.0, 1000.0])) == 3
+    # The layer before the final one has no second non-final layer to hold it.
+    assert onset_layer(curve([5.0] * 8 + [5000.0, 5000.0])) is None
+
+
+def test_onset_ties_go_to_the_earliest_layer():
+    values = [1.0, 1.0, 10.0, 10.0, 10.0, 1.0, 1.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert onset_layer(curve(values)) == 2
+
+
+def test_onset_rejects_bad_parameters():
+    with pytest.raises(DlzoError):
+        onset_layer(curve(SMOLLM2_CURVE), min_jump=0.5)
+    with pytest.raises(DlzoError):
+        find_dominant_layer(None, None, rule="median")
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_onset_rule_finds_the_planted_layer_of_a_random_llama(layer, stories_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    assert find_dominant_layer(model, stories_tokenizer, max_tokens=64, rule="onset").dominant_layer is None
+    plant_outlier(model, layer)  # carried forward by the residual stream: max|h| ~1e4 from `layer` on
+    result = find_dominant_layer(model, stories_tokenizer, max_tokens=64, rule="onset")
+    assert result.dominant_layer == layer
+    assert result.picks == {"sun": layer, "onset": layer}
+    assert result.rule["name"] == "onset" and result.rule["persistence"] == 3
+    assert f"at layer {layer}, held for" in result.reason
+    data = result.to_json()
+    assert {"dominant_layer", "rule", "model", "dtype", "num_tokens", "layers", "embedding", "closest_layer",
+            "reason", "picks"} <= set(data)
+    assert {"abs_threshold", "rel_threshold", "definition", "min_jump"} <= set(data["rule"])
+    assert f"dominant layer: {layer} (onset rule" in format_table(result)
+    plot(result, tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_onset_ignores_an_outlier_planted_in_the_final_layer(stories_tokenizer):
+    model = tiny_model("llama", layers=4)
+    plant_outlier(model, 3)
+    result = find_dominant_layer(model, stories_tokenizer, max_tokens=32, rule="onset")
+    assert result.dominant_layer is None and result.picks["sun"] == 3
+    default = find_dominant_layer(model, stories_tokenizer, max_tokens=32)
+    assert default.dominant_layer == 3 and default.rule["name"] == "sun" and default.picks["onset"] is None

@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.train import TrainConfig, batch_indices, replay, train
+from dlzo.options import TrainConfig
+from dlzo.replay import replay
+from dlzo.step import batch_indices
+from dlzo.train import train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
              batch_size=4, lr=1e-3, eps=1e-3, quiet=True, eval_batch_size=16)
@@ -151,7 +154,7 @@ def test_bad_scope_flag_is_one_line_exit_2(tmp_path):
 def test_export_writes_a_folder_plain_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dlzo.train import export
+    from dlzo.export import export
 
     train(TrainConfig(**SMALL, out=str(tmp_path / "run"), steps=3, eval_every=0, scope="layer:2"))
     export(tmp_path / "run", tmp_path / "merged", "final")
@@ -168,7 +171,7 @@ def test_lora_export_merges_adapters_on_grouped_query_qwen3(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from dlzo.train import export
+    from dlzo.export import export
 
     folder = tmp_path / "qwen3"
     tiny_model("qwen3").save_pretrained(folder)

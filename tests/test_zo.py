@@ -116,11 +116,11 @@ def test_full_scope_restore_and_update_share_one_noise_pass():
     for step in range(3):
         fused.step(lambda: quadratic([weight, bias], target))
         seed = direction_seed(3, step, 0)
-        mezo._add_noise(seed, 1e-2)
+        mezo.add_noise(seed, 1e-2)
         plus = float(quadratic([weight_ref, bias_ref], target))
-        mezo._add_noise(seed, -2e-2)
+        mezo.add_noise(seed, -2e-2)
         minus = float(quadratic([weight_ref, bias_ref], target))
-        mezo._add_noise(seed, 1e-2)
+        mezo.add_noise(seed, 1e-2)
         mezo.apply_update([seed], [(plus - minus) / 2e-2])
     assert torch.equal(weight.detach(), weight_ref.detach()) and torch.equal(bias.detach(), bias_ref.detach())
     assert len(sampled) == 3 * 3 * 2  # steps x noise passes x tensors

@@ -1,1 +1,33 @@
-__version__ = '0.1.0'
+"""dlzo: dominant-layer zeroth-order fine-tuning. The five-line API:
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    layer = dlzo.find_dominant_layer(model, tokenizer).dominant_layer
+    trainer = dlzo.ZOTrainer(model=model, args=TrainingArguments(...), zo_args=dlzo.ZOArguments(layer=layer), ...)
+    trainer.train()
+    trainer.save_model()
+
+Names are imported on first use (PEP 562), so `import dlzo` stays cheap for the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "find_dominant_layer": "dlzo.probe",
+    "ZOOptimizer": "dlzo.zo",
+    "ZOTrainer": "dlzo.hf_trainer",
+    "ZOArguments": "dlzo.hf_trainer",
+    "TrainConfig": "dlzo.options",
+    "train": "dlzo.train",
+    "load_tuned": "dlzo.export",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dlzo' has no attribute {name!r}")

@@ -19,19 +19,21 @@ import ctypes
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from dlzo.analysis import layer_parameters
 from dlzo.checkpoint import atomic_write_json
-from dlzo.config import option, same_as
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
+from dlzo.layers import layer_parameters
+from dlzo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from dlzo.options import BenchConfig
+from dlzo.scope import add_lora
 from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout
-from dlzo.train import TrainConfig
+from dlzo.tasks import load_task
 from dlzo.zo import ZOOptimizer
 
 SHAPES = {
@@ -48,25 +50,7 @@ SHAPES = {
 }
 
 
-@dataclass
-class BenchConfig:
-    model: str = option("", "local model / .gguf / short name; empty: a random-init model of --shape")
-    shape: str = option("125m", "random-init shape: " + ", ".join(SHAPES))
-    task: str = option("", "use this task's real (padded) training inputs instead of synthetic ones")
-    data_dir: str = same_as(TrainConfig, "data_dir")
-    batch: int = option(16, "examples per step")
-    seq: int = option(64, "prompt tokens of the synthetic inputs")
-    layer: int = option(1, "the tuned layer of the one-layer variants")
-    repeats: int = option(3, "timed steps per variant after one warm-up (the median is reported)")
-    dtype: str = same_as(TrainConfig, "dtype")
-    device: str = same_as(TrainConfig, "device")
-    out: str = option("out/bench", "folder for bench.json")
-    variants: str = option("upstream_full,full,layer_plain,layer_fast,lora,floor,inference", "variants to run")
-
-
 def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
     if shape not in SHAPES:
         raise DlzoError(f"--shape {shape!r} is not one of {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
@@ -145,13 +129,13 @@ class TimedOptimizer(ZOOptimizer):
         super().apply_update(seeds, grads, zs)
         self.update_s += time.perf_counter() - start
 
-    def _restore_and_update(self, seed, grad):
+    def restore_and_update(self, seed, grad):
         if self.upstream:
-            self._add_noise(seed, self.eps)
+            self.add_noise(seed, self.eps)
             self.apply_update([seed], [grad])
             return
         start = time.perf_counter()
-        super()._restore_and_update(seed, grad)
+        super().restore_and_update(seed, grad)
         self.update_s += time.perf_counter() - start
 
 
@@ -186,8 +170,6 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
         step = lambda: optimizer.step(timed(lambda: batch_loss(model, separate, full_logits=True)))  # noqa: E731
     elif name in ("layer_fast", "lora", "floor"):
         if name == "lora":
-            from dlzo.scope import add_lora
-
             torch.manual_seed(0)
             lora_model = add_lora(model, None)
             named = [(n, p) for n, p in lora_model.named_parameters() if "lora_" in n]
@@ -232,8 +214,6 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
 
 
 def bench(config: BenchConfig) -> dict:
-    from dlzo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.model:
@@ -242,8 +222,6 @@ def bench(config: BenchConfig) -> dict:
     else:
         model, source = random_model(config.shape, dtype, device), f"random-init {config.shape}"
     if config.task:
-        from dlzo.tasks import load_task
-
         tokenizer = load_tokenizer(config.model) if config.model else None
         if tokenizer is None:
             raise DlzoError("--task needs --model (a tokenizer) for real inputs")

@@ -8,6 +8,13 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from dlzo.errors import DlzoError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 T = TypeVar("T")
 
 
@@ -46,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = _base_type(f.type)
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        if kind is bool:
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "positional")}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", help=f.metadata["help"])
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})",
@@ -56,12 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 
 def load_recipe(path: str, cls: type) -> dict[str, Any]:
     """Read a TOML recipe whose keys are field names of `cls`; errors name the file and the key."""
-    from dlzo.errors import DlzoError
-
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     try:
         with open(path, "rb") as handle:
             values = tomllib.load(handle)
@@ -76,7 +79,7 @@ def load_recipe(path: str, cls: type) -> dict[str, Any]:
         kind = _base_type(fields[key].type)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
-        elif not isinstance(values[key], kind):
+        elif not isinstance(values[key], kind) or (kind is not bool and isinstance(value, bool)):
             raise DlzoError(f"--config {path}: key '{key}' should be {kind.__name__}, got {value!r}")
     return values
 

@@ -8,36 +8,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from dlzo.config import option, same_as
+from dlzo import probe as probe_module
+from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
-from dlzo.train import TrainConfig
-
-
-@dataclass
-class DemoConfig:
-    shared: str = option("../shared", "folder of the sample assets (models/, data/)")
-    out: str = option("demo_out", "output folder; the report is OUT/report.md")
-    model: str = option("smollm2-135m", "model; falls back to stories260k when SmolLM2 is not in --shared")
-    steps: int = option(40, "training steps of each run (the same for both)")
-    lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
-    full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
-    eps: float = same_as(TrainConfig, "eps")
-    num_dev: int = same_as(TrainConfig, "num_dev", default=100)
-    num_test: int = same_as(TrainConfig, "num_test", default=200)
+from dlzo.eval import evaluate
+from dlzo.layers import QUICK_SENSITIVITY
+from dlzo.models import SHORT_NAMES, load_model, load_tokenizer
+from dlzo.options import DemoConfig, SensitivityConfig, TrainConfig
+from dlzo.report import report
+from dlzo.sensitivity import sensitivity
+from dlzo.tasks import load_task, task_splits
+from dlzo.train import train
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from dlzo import probe as probe_module
-    from dlzo.analysis import QUICK_SENSITIVITY, SensitivityConfig, report, sensitivity
-    from dlzo.checkpoint import atomic_write_json
-    from dlzo.eval import evaluate
-    from dlzo.models import SHORT_NAMES, load_model, load_tokenizer
-    from dlzo.tasks import load_task, task_splits
-    from dlzo.train import train
-
     shared = Path(config.shared)
     data_dir = shared / "data"
     if not (data_dir / "glue" / "SST-2").exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +11,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dlzo import distributed as dist
+from dlzo.checkpoint import atomic_write_json
+from dlzo.errors import DlzoError
+from dlzo.models import load_model, load_tokenizer
+from dlzo.options import EvalConfig
+from dlzo.run import load_checkpoint_of_run
 from dlzo.scoring import (
     candidate_scores,
     context_limit,
@@ -18,7 +24,7 @@ from dlzo.scoring import (
     per_example_losses,
     token_logprobs,
 )
-from dlzo.tasks import Example, Task, best_over_answers, exact_match, f1_score
+from dlzo.tasks import Example, Task, best_over_answers, exact_match, f1_score, load_task, task_splits
 
 DEMO_SEPARATOR = "\n\n"
 
@@ -105,3 +111,26 @@ def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, ma
             em_total += best_over_answers(exact_match, text, example.answers)
     f1_total, em_total = dist.sum_across_ranks([f1_total, em_total])
     return EvalResult(task.name, "f1", f1_total / len(examples), len(examples), exact_match=em_total / len(examples))
+
+
+def eval_command(config: EvalConfig) -> EvalResult:
+    """`dlzo eval`: zero-shot, in-context (--icl K) or a trained run (--run) on a task's test examples."""
+    task = load_task(config.task, config.data_dir)
+    splits = task_splits(task, config.data_seed, num_test=config.num_test)
+    if config.run:
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        model, tokenizer = prepared.model, prepared.tokenizer
+    else:
+        if not config.model:
+            raise DlzoError("--model is required (or --run to evaluate a trained run)")
+        model = load_model(config.model, dtype=config.dtype, device=config.device,
+                           trust_remote_code=config.trust_remote_code)
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    demos = demonstrations(splits.train, config.icl, config.data_seed)
+    result = evaluate(model, tokenizer, task, splits.test, config.batch_size, demos=demos)
+    out = Path(config.out)
+    atomic_write_json(out / "eval.json", {**result.to_json(), "icl": config.icl, "model": config.model,
+                                          "run": config.run})
+    print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
+          f"({config.icl}-shot); wrote {out / 'eval.json'}")
+    return result

@@ -11,6 +11,10 @@ Two ways to evaluate the perturbed losses:
   whose last +εz draws the z that the update then uses (three noise passes per step, not four).
 - `step_functional(pair_loss)`: pair_loss(plus, minus) gets the perturbed tensors and returns (L+, L-),
   e.g. from one batched forward (dlzo.fastpath); the model's weights are never perturbed in place.
+
+The public contract, which every other module uses (none reaches into private methods): `step`,
+`step_functional`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
+`restore_and_update` and `replay_step` (re-apply a logged step: replay and resume).
 """
 
 from __future__ import annotations
@@ -96,9 +100,17 @@ class ZOOptimizer:
         bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype)
         return bits.mul_(2).sub_(1)
 
-    def _add_noise(self, seed: int, scale: float) -> None:
+    def add_noise(self, seed: int, scale: float) -> None:
+        """θ += scale·z(seed), in place."""
         for index, (_, param) in enumerate(self.named):
             param.data.add_(self.sample(seed, index, param), alpha=scale)
+
+    def perturbed(self, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
+        """(θ+εz, θ-εz, z) of direction `seed`, as new tensors by name; θ itself is left alone."""
+        zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+        plus = {n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}
+        minus = {n: p.detach() - self.eps * z for (n, p), z in zip(self.named, zs)}
+        return plus, minus, zs
 
     # -------------------------------------------------------------------------------- update
 
@@ -123,7 +135,7 @@ class ZOOptimizer:
             direction.add_(param.data, alpha=self.weight_decay)
         param.data.sub_(direction, alpha=self.lr)
 
-    def _restore_and_update(self, seed: int, grad: float) -> None:
+    def restore_and_update(self, seed: int, grad: float) -> None:
         """The last +εz of MeZO's round trip and the update, from one z per tensor: the same arithmetic
         as restoring and then calling apply_update, with one noise pass over the weights instead of two."""
         for index, (name, param) in enumerate(self.named):
@@ -163,14 +175,14 @@ class ZOOptimizer:
                     p.data.copy_(saved)
                 kept = zs if self.q == 1 else None
             else:
-                self._add_noise(seed, self.eps)
+                self.add_noise(seed, self.eps)
                 loss_plus = float(closure())
-                self._add_noise(seed, -2 * self.eps)
+                self.add_noise(seed, -2 * self.eps)
                 loss_minus = float(closure())
                 if update and self.q == 1:
                     restore_seed = seed
                 else:
-                    self._add_noise(seed, self.eps)
+                    self.add_noise(seed, self.eps)
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
@@ -189,9 +201,7 @@ class ZOOptimizer:
         seeds = all_seeds if directions is None else [all_seeds[d] for d in directions]
         plus, minus, grads = [], [], []
         for seed in seeds:
-            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
-            theta_plus = {n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}
-            theta_minus = {n: p.detach() - self.eps * z for (n, p), z in zip(self.named, zs)}
+            theta_plus, theta_minus, zs = self.perturbed(seed)
             loss_plus, loss_minus = (float(v) for v in pair_loss(theta_plus, theta_minus))
             plus.append(loss_plus)
             minus.append(loss_minus)
@@ -210,13 +220,30 @@ class ZOOptimizer:
         if not all(math.isfinite(v) for v in result.loss_plus + result.loss_minus + result.projected_grads):
             result.skipped = True  # a non-finite loss must never reach the weights
             if restore_seed is not None:
-                self._add_noise(restore_seed, self.eps)
+                self.add_noise(restore_seed, self.eps)
         elif restore_seed is not None:
-            self._restore_and_update(restore_seed, result.projected_grads[0])
+            self.restore_and_update(restore_seed, result.projected_grads[0])
         else:
             self.apply_update(result.seeds, result.projected_grads, zs)
         self.step_count += 1
         return result
+
+    @torch.no_grad()
+    def replay_step(self, seeds: list[int], grads: list[float], lr: float, skipped: bool,
+                    round_trip: bool = False) -> None:
+        """Re-apply a logged step from its (seeds, projected grads, lr) alone: replay and resume.
+        `round_trip`: the run perturbed in place with MeZO's +ε, -2ε, +ε arithmetic, whose float rounding
+        the weights carry, so it is repeated here; the fused last +ε and update of `restore_and_update`
+        give the same weights as a separate restore and `apply_update`."""
+        if round_trip:
+            for seed in seeds:
+                self.add_noise(seed, self.eps)
+                self.add_noise(seed, -2 * self.eps)
+                self.add_noise(seed, self.eps)
+        if not skipped:
+            self.lr = lr
+            self.apply_update(seeds, grads)
+        self.step_count += 1
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,

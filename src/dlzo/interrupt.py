@@ -1,0 +1,41 @@
+"""Stopping a run cleanly: SIGTERM and Ctrl-C let the current step finish, then the trainer saves and exits."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from dlzo.errors import DlzoError
+
+
+class Interrupted(DlzoError):
+    """The run stopped on a signal after saving; the CLI exits with 130."""
+
+
+class StopRequests:
+    """Set by SIGTERM or SIGINT; the trainer checks it between steps. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequests]:
+        def request(number, _frame):
+            if self.signal is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt  # asked twice: stop now (the last finished step is in the trajectory)
+            self.signal = signal.Signals(number).name
+
+        try:
+            previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handlers, plain behaviour
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)

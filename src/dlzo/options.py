@@ -1,0 +1,221 @@
+"""Every command's options, in one place: one dataclass per sub-command, built from shared groups.
+
+The CLI generates one flag per field (dlzo.config.add_arguments) and a `--config` TOML recipe may set any of
+them. Groups shared by several commands (loading a model, reading a task) are declared once and inherited,
+so a flag has one name, one default and one help text everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dlzo.config import option, same_as
+from dlzo.errors import DlzoError
+from dlzo.scope import SCOPE_HELP
+from dlzo.tasks import DATA_DIR_HELP
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+
+
+@dataclass
+class ModelOptions:
+    model: str = option("", "hub id, local folder, .gguf file, or short name (smollm2-135m, stories260k)")
+    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = option(False, "allow model code from the hub to run (off by default)")
+
+    def validate_model_options(self) -> None:
+        if self.dtype not in DTYPES:
+            raise DlzoError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        device = self.device.split(":")[0]
+        if device not in ("auto", "cpu", "cuda", "mps", "xpu"):
+            raise DlzoError(f"--device {self.device!r} is not auto, cpu, cuda[:N], mps or xpu")
+
+
+@dataclass
+class TaskOptions:
+    task: str = option("sst2", "task name: sst2 rte cb boolq wsc wic multirc copa record squad drop")
+    data_dir: str = option("../shared/data", DATA_DIR_HELP)
+
+
+@dataclass
+class TrainConfig(ModelOptions, TaskOptions):
+    out: str = option("runs/train", "run folder for checkpoints, logs and results")
+    resume: str = option("", "continue the interrupted run in this folder (same arguments, --out included)")
+    scope: str = option("dominant", SCOPE_HELP)
+    rule: str = option("sun", "how --scope dominant picks its layer: sun (first layer with max|h| > 100 and >= 1000x "
+                              "the median) or onset (the largest persistent jump of max|h|; docs/rules.md); when the "
+                              "rule finds none, the most perturbation-sensitive layer")
+    params: str = option("all", "tensors inside the tuned layers: all, mlp, attn, or a regex over names")
+    optimizer: str = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
+    steps: int = option(1000, "optimisation steps")
+    batch_size: int = option(16, "examples per step (MeZO: 16)")
+    grad_accum: int = option(1, "micro-batches per step; ZO uses one z across them")
+    lr: float = option(1e-6, "learning rate (peak rate with a schedule)")
+    lr_scheduler: str = option("constant", "learning-rate schedule: " + ", ".join(SCHEDULERS)
+                               + " (transformers.get_scheduler)")
+    warmup_steps: int = option(0, "linear warm-up steps of the schedule")
+    eps: float = option(1e-3, "ZO perturbation scale epsilon")
+    q: int = option(1, "ZO directions per step (the projected gradients are averaged)")
+    parallel: str = option("data", "with several ranks: data (shard the batch) or perturbation (split the q directions)")
+    device_map: str = option("", "'auto' spreads one model over this machine's GPUs (forward only, all ZO needs)")
+    weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
+    distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
+    seed: int = option(0, "run seed: ZO directions and data order")
+    data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed)")
+    num_train: int = option(1000, "training examples sampled from the official train split")
+    num_dev: int = option(-1, "dev examples (-1: the task's MeZO default, 500 or 100)")
+    num_test: int = option(1000, "test examples sampled from the official validation split")
+    eval_every: int = option(100, "evaluate dev loss (and save) every N steps; 0: only at the end")
+    eval_batch_size: int = option(32, "batch size for dev loss and test evaluation")
+    fast_path: bool = option(True, "shared prefix, batched ±ε branches, answer-only logits, packed candidates")
+    exact_restore_fraction: float = option(0.1, "restore by copy when the scope is at most this fraction of the model")
+    max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
+    lora_r: int = option(8, "LoRA rank for --scope lora / dominant-lora")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_targets: str = option("", "LoRA target modules, comma-separated (peft's target_modules; default q_proj,v_proj "
+                                   "where the model has them, else peft's default for the architecture)")
+    max_length: int = option(1024, "truncate prompts from the left to this many tokens")
+    report_to: str = option("none", "also log scalars to: none, tensorboard, wandb (metrics.jsonl is always written)")
+    quiet: bool = option(False, "no progress bar")
+
+    def validate(self) -> None:
+        """Checks that need no file: each names its flag (exit 2, before any work)."""
+        if not self.model:
+            raise DlzoError("--model is required")
+        self.validate_model_options()
+        for name in ("steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise DlzoError(f"--{name} must be a positive finite number, not {value}")
+        for name in ("eval_every", "warmup_steps", "weight_decay", "num_train", "num_test"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise DlzoError(f"--{name.replace('_', '-')} must not be negative, not {value}")
+        if self.num_dev < -1:
+            raise DlzoError(f"--num-dev must be -1 (the task's default) or at least 0, not {self.num_dev}")
+        if self.optimizer not in ("zo", "adamw"):
+            raise DlzoError(f"--optimizer {self.optimizer!r} is not zo or adamw")
+        if self.batch_size % self.grad_accum:
+            raise DlzoError("--batch-size must be a multiple of --grad-accum")
+        if self.parallel not in ("data", "perturbation"):
+            raise DlzoError(f"--parallel {self.parallel!r} is not data or perturbation")
+        if self.distribution not in ("gaussian", "rademacher"):
+            raise DlzoError(f"--distribution {self.distribution!r} is not gaussian or rademacher")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise DlzoError(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.rule not in ("sun", "onset"):
+            raise DlzoError(f"--rule {self.rule!r} is not sun or onset")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise DlzoError(f"--report-to {self.report_to!r} is not none, tensorboard or wandb")
+
+
+@dataclass
+class ProbeConfig(ModelOptions, TaskOptions):
+    task: str = option("", "calibrate on a task's training prompts instead of the built-in prose (e.g. sst2)")
+    text: str = option("", "calibration text file (default: built-in English prose)")
+    out: str = option("out/probe", "output folder for probe.json and probe.png")
+    max_tokens: int = option(512, "calibration tokens in total")
+    abs_threshold: float = option(100.0, "max |h| must exceed this")
+    rel_threshold: float = option(1000.0, "max |h| / median |h| must reach this")
+    rule: str = option("sun", "sun (absolute thresholds above) or onset (largest persistent jump of max|h|)")
+    min_jump: float = option(4.0, "onset: smallest jump of max|h| over the previous layer that counts")
+    persistence: int = option(3, "onset: layers the jump must hold for (the final layer never counts)")
+
+
+@dataclass
+class EvalConfig(ModelOptions, TaskOptions):
+    model: str = option("", "model to evaluate (with --run: the base model, default the run's own)")
+    run: str = option("", "evaluate the tuned tensors of this training run")
+    checkpoint: str = option("best", "best, last or final (with --run)")
+    icl: int = option(0, "in-context demonstrations drawn from train")
+    num_test: int = same_as(TrainConfig, "num_test")
+    data_seed: int = same_as(TrainConfig, "data_seed")
+    batch_size: int = option(16, "examples per forward")
+    out: str = option("out/eval", "folder for eval.json")
+
+
+@dataclass
+class ReplayConfig:
+    run: str = option("", "run folder", required=True)
+    base: str = option("", "base model (default: the run's)")
+    to: str = option("", "also write the rebuilt tensors to this .safetensors file")
+
+
+@dataclass
+class ExportConfig:
+    run: str = option("", "run folder", required=True)
+    to: str = option("", "output folder", required=True)
+    checkpoint: str = option("best", "best, last or final")
+
+
+@dataclass
+class ReportConfig:
+    folders: list = option([], "probe / sensitivity / sweep / run folders", positional=True)
+    out: str = option("report.md", "the Markdown file to write")
+
+
+@dataclass
+class SweepConfig(TaskOptions):
+    model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
+    out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
+    layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
+    references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model)")
+    steps: int = option(200, "steps of every run")
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    lr: float = option(1e-5, "learning rate of the one-layer runs")
+    full_lr: float = option(-1.0, "learning rate of full MeZO (-1: same as --lr)")
+    lora_lr: float = option(-1.0, "learning rate of ZO-LoRA (-1: same as --lr)")
+    adamw_lr: float = option(1e-5, "learning rate of the first-order reference")
+    eps: float = same_as(TrainConfig, "eps")
+    seed: int = option(0, "run seed, the same for every run")
+    num_train: int = same_as(TrainConfig, "num_train")
+    num_dev: int = same_as(TrainConfig, "num_dev")
+    num_test: int = same_as(TrainConfig, "num_test")
+    eval_every: int = same_as(TrainConfig, "eval_every", default=50)
+    dtype: str = same_as(TrainConfig, "dtype")
+    quiet: bool = option(True, "no per-step progress bars")
+
+
+@dataclass
+class SensitivityConfig(TaskOptions):
+    model: str = option("", "model (hub id, folder, .gguf, short name)")
+    out: str = option("out/sensitivity", "folder for sensitivity.json, sensitivity.png, propagation.png")
+    seeds: int = option(3, "directions per layer")
+    batches: int = option(2, "training batches per direction")
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    eps: float = same_as(TrainConfig, "eps")
+    dtype: str = same_as(TrainConfig, "dtype")
+
+
+@dataclass
+class DemoConfig:
+    shared: str = option("../shared", "folder of the sample assets (models/, data/)")
+    out: str = option("demo_out", "output folder; the report is OUT/report.md")
+    model: str = option("smollm2-135m", "model; falls back to stories260k when SmolLM2 is not in --shared")
+    steps: int = option(40, "training steps of each run (the same for both)")
+    lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
+    full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
+    eps: float = same_as(TrainConfig, "eps")
+    num_dev: int = same_as(TrainConfig, "num_dev", default=100)
+    num_test: int = same_as(TrainConfig, "num_test", default=200)
+
+
+@dataclass
+class BenchConfig(TaskOptions):
+    model: str = option("", "local model / .gguf / short name; empty: a random-init model of --shape")
+    shape: str = option("125m", "random-init shape: 125m, 350m, llama2-7b, qwen3-8b")
+    task: str = option("", "use this task's real (padded) training inputs instead of synthetic ones")
+    batch: int = option(16, "examples per step")
+    seq: int = option(64, "prompt tokens of the synthetic inputs")
+    layer: int = option(1, "the tuned layer of the one-layer variants")
+    repeats: int = option(3, "timed steps per variant after one warm-up (the median is reported)")
+    dtype: str = same_as(TrainConfig, "dtype")
+    device: str = same_as(TrainConfig, "device")
+    out: str = option("out/bench", "folder for bench.json")
+    variants: str = option("upstream_full,full,layer_plain,layer_fast,lora,floor,inference", "variants to run")

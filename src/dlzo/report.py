@@ -1,0 +1,202 @@
+"""Pictures and the Markdown report: every plot of a sweep, a sensitivity measurement and training runs, and
+`dlzo report`, which gathers the tables and pictures found in output folders into one Markdown file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from dlzo.checkpoint import atomic_write_text
+from dlzo.errors import DlzoError
+from dlzo.options import ReportConfig
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def sweep_verdict(summary: dict) -> str:
+    layers = sorted((e for e in summary["runs"] if e["layer"] is not None), key=lambda e: -e["test_metric"])
+    if not layers:
+        return "no single-layer runs"
+    best, probe_layer = layers[0], summary["probe_layer"]
+    full = next((e for e in summary["runs"] if e["name"] == "full"), None)
+    parts = [f"best single layer: {best['layer']} ({best['metric']} {best['test_metric']:.4f})"]
+    if len(layers) > 1:
+        parts.append(f"margin over runner-up layer {layers[1]['layer']}: {best['test_metric'] - layers[1]['test_metric']:+.4f}")
+    if full:
+        parts.append(f"margin over full MeZO: {best['test_metric'] - full['test_metric']:+.4f}")
+    if probe_layer is None:
+        parts.append("the probe found no massive activations, so there is no rule layer to compare")
+    else:
+        rank = [e["layer"] for e in layers].index(probe_layer) + 1
+        parts.append(f"the probe's layer {probe_layer} {'is' if best['layer'] == probe_layer else 'is not'} the best "
+                     f"(rank {rank} of {len(layers)} by test {best['metric']})")
+    return "; ".join(parts)
+
+
+def format_sweep(summary: dict) -> str:
+    lines = [f"{'run':>8}  {'lr':>8}  {'test':>7}  {'dev start':>9}  {'dev best':>9}  {'drop':>8}  {'s/step':>7}"]
+    for e in summary["runs"]:
+        mark = "  <= probe" if e["layer"] is not None and e["layer"] == summary["probe_layer"] else ""
+        lines.append(f"{e['name']:>8}  {e['lr']:8.1e}  {e['test_metric']:7.4f}  {e['dev_loss_start']:9.4f}  "
+                     f"{e['dev_loss_end']:9.4f}  {e['dev_loss_start'] - e['dev_loss_end']:8.4f}  "
+                     f"{e['seconds_per_step']:7.3f}{mark}")
+    return "\n".join(lines)
+
+
+def plot_sweep(summary: dict, path) -> None:
+    layers = [e for e in summary["runs"] if e["layer"] is not None]
+    refs = [e for e in summary["runs"] if e["layer"] is None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, label in ((axes[0], "test_metric", f"test {layers[0]['metric'] if layers else ''}"),
+                           (axes[1], "drop", "dev-loss drop (start - best)")):
+        values = [(e["dev_loss_start"] - e["dev_loss_end"]) if key == "drop" else e[key] for e in layers]
+        colors = ["tab:green" if e["layer"] == summary["probe_layer"] else "tab:blue" for e in layers]
+        ax.bar([e["layer"] for e in layers], values, color=colors)
+        styles = {"full": ("red", "--"), "lora": ("purple", ":"), "adamw": ("black", "-.")}
+        for ref in refs:
+            value = (ref["dev_loss_start"] - ref["dev_loss_end"]) if key == "drop" else ref[key]
+            color, style = styles.get(ref["name"], ("gray", "--"))
+            ax.axhline(value, color=color, ls=style, label=f"{ref['name']} ({value:.3f})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+        ax.set_xlabel("tuned layer (green: the probe's layer)")
+        ax.set_ylabel(label)
+        if key == "test_metric" and layers:
+            low = min(values + [r[key] for r in refs])
+            ax.set_ylim(max(0.0, low - 0.05), None)
+        if refs:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Per-layer ZO sweep: {summary['model']} on {summary['task']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
+    layers = [d["layer"] for d in data["layers"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(layers, [d["mean"] for d in data["layers"]], yerr=[d["std"] for d in data["layers"]], capsize=2)
+    ax.set_xlabel("perturbed layer")
+    ax.set_ylabel("|L(θ+εz) - L(θ-εz)| / 2ε  (mean ± std)")
+    ax.set_title(f"ZO signal per layer: {data['model']} on {data['task']}")
+    fig.tight_layout()
+    fig.savefig(bars_path, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    matrix = torch.tensor(data["propagation"], dtype=torch.float64)
+    # Layers before the perturbed one are exactly unchanged: grey them out rather than let log10(0) set the
+    # colour scale and flatten the differences that matter.
+    reached = matrix > 0
+    logs = torch.where(reached, matrix.clamp_min(1e-300).log10(), torch.tensor(float("nan")))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(logs.numpy(), cmap=cmap, aspect="auto", origin="lower")
+    fig.colorbar(image, label="log10 ||h_j(θ+εz_l) - h_j(θ)|| / ||h_j(θ)||  (grey: not reached)")
+    ax.set_xlabel("layer j whose output is measured")
+    ax.set_ylabel("perturbed layer l")
+    ax.set_title("Propagation of a one-layer perturbation")
+    fig.tight_layout()
+    fig.savefig(heatmap_path, dpi=110)
+    plt.close(fig)
+
+
+def _find_runs(folder) -> list:
+    return sorted(p.parent for p in folder.rglob("results.json"))
+
+
+def plot_loss_curves(runs: list, path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in line]
+        if points:
+            ax.plot([p["step"] for p in points], [p["dev_loss"] for p in points], "o-", ms=3, label=run.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("dev loss")
+    ax.set_title("Dev loss during training")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(folders: list[str], out: str) -> str:
+    """Markdown with the tables and pictures found in the given output folders."""
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pictures = target.parent / (target.stem + "_files")
+    pictures.mkdir(exist_ok=True)
+
+    def picture(source: Path, caption: str) -> str:
+        copy = pictures / f"{source.parent.name}-{source.name}"
+        shutil.copyfile(source, copy)
+        return f"![{caption}]({os.path.relpath(copy, target.parent)})\n"
+
+    lines = ["# dlzo report", ""]
+    all_runs = []
+    for folder in map(Path, folders):
+        if not folder.exists():
+            raise DlzoError(f"report: folder {folder} does not exist")
+        lines += [f"## {folder}", ""]
+        probe = folder / "probe.json"
+        if probe.exists():
+            data = json.loads(probe.read_text())
+            lines += [f"**Probe** ({data['model']}, {data['num_tokens']} tokens, {data['dtype']}): dominant layer "
+                      f"**{data['dominant_layer'] if data['dominant_layer'] is not None else 'none (no massive activations)'}**",
+                      "", "| layer | max abs | median abs | ratio |", "|---|---|---|---|"]
+            lines += [f"| {s['index']} | {s['max_abs']:.4g} | {s['median_abs']:.4g} | {s['ratio']:.4g} |" for s in data["layers"]]
+            lines.append("")
+            if (folder / "probe.png").exists():
+                lines.append(picture(folder / "probe.png", "probe"))
+        sens = folder / "sensitivity.json"
+        if sens.exists():
+            data = json.loads(sens.read_text())
+            lines += [f"**Perturbation sensitivity** (eps {data['eps']}, {data['seeds']} seeds x {data['batches']} batches): "
+                      f"most sensitive layer **{data['most_sensitive_layer']}**", "",
+                      "| layer | mean abs(L+ - L-)/2eps | std |", "|---|---|---|"]
+            lines += [f"| {d['layer']} | {d['mean']:.4g} | {d['std']:.4g} |" for d in data["layers"]]
+            lines.append("")
+            for name in ("sensitivity.png", "propagation.png"):
+                if (folder / name).exists():
+                    lines.append(picture(folder / name, name[:-4]))
+        sweep_file = folder / "sweep.json"
+        if sweep_file.exists():
+            data = json.loads(sweep_file.read_text())
+            lines += ["**Layer sweep**", "", "```", format_sweep(data), "```", "",
+                      f"Verdict: {data.get('verdict') or sweep_verdict(data)}", ""]
+            if (folder / "sweep.png").exists():
+                lines.append(picture(folder / "sweep.png", "sweep"))
+        runs = _find_runs(folder)
+        if runs:
+            lines += ["**Runs**", "", "| run | scope | optimizer | steps | test | dev loss start -> best | s/step |",
+                      "|---|---|---|---|---|---|---|"]
+            for run in runs:
+                r = json.loads((run / "results.json").read_text())
+                test = f"{r['test_metric']} {r['test_value']:.4f}" if r["test_value"] is not None else "-"
+                lines.append(f"| {run.name} | {r['scope']} | {r['optimizer']} | {r['steps']} | {test} | "
+                             f"{r['dev_loss_start']:.4f} -> {r['dev_loss_best']:.4f} | {r['seconds_per_step']} |")
+            lines.append("")
+            all_runs += runs
+        evals = sorted(folder.rglob("eval.json"))
+        for file in evals:
+            e = json.loads(file.read_text())
+            lines.append(f"- eval {file.parent.name}: {e['task']} {e['metric']} {e['value']:.4f} on "
+                         f"{e['num_examples']} examples ({e.get('icl', 0)}-shot)")
+        if evals:
+            lines.append("")
+    if all_runs:
+        plot_loss_curves(all_runs, pictures / "loss_curves.png")
+        lines += ["## Loss curves", "", f"![loss curves]({os.path.relpath(pictures / 'loss_curves.png', target.parent)})", ""]
+    text = "\n".join(lines)
+    atomic_write_text(target, text)
+    return text
+
+
+def report_command(config: ReportConfig) -> None:
+    report(config.folders, config.out)
+    print(f"wrote {config.out}")

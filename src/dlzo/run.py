@@ -1,0 +1,249 @@
+"""The run folder: everything a training run writes, reads back to resume, and hands to replay, export and eval.
+
+  run.json           full config, chosen layer and why, split sizes, library versions, device
+  metrics.jsonl      one line per logged step and per evaluation
+  trajectory.jsonl   every step's (step, seeds, projected grads, lr, skipped): enough to rebuild the weights
+  last.safetensors   tuned tensors at the latest save (resume point), written atomically
+  best.safetensors   tuned tensors with the lowest dev loss so far
+  final.safetensors  tuned tensors after the last step
+  results.json       dev loss start/best, test metric of the best checkpoint, wall time
+  lock               the process id of the run that holds the folder
+
+Resume is handled here and only here: `resume_point` loads the last checkpoint and re-applies every logged
+step after it (ZOOptimizer.replay_step), so a kill loses at most the step in flight; a torn last line of a
+log (a kill in the middle of a write) is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from dlzo.errors import DlzoError
+from dlzo.options import TrainConfig
+from dlzo.prepare import Prepared, load_into, prepare_model
+from dlzo.zo import ZOOptimizer
+
+# Keys that may differ between an interrupted run and its resumption.
+_FREE_ON_RESUME = ("resume", "quiet", "out", "steps", "report_to")
+
+
+def library_versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL log; a torn last line (a kill in the middle of a write) is dropped."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the write in flight when the process died
+            raise DlzoError(f"{path}:{number}: not valid JSON (the log is damaged before its last line)") from None
+    return records
+
+
+@dataclass
+class ResumePoint:
+    step: int  # the first step still to run
+    best_dev: float
+    replayed: int  # logged steps re-applied after the checkpoint
+
+
+class RunFolder:
+    """One training run's folder. All writes are atomic or append-only, so a crash never loses a finished step."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_file = self.path / "run.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.trajectory = self.path / "trajectory.jsonl"
+        self.results = self.path / "results.json"
+        self.lock_file = self.path / "lock"
+        self._locked = False
+
+    # ------------------------------------------------------------------------------ before any work
+
+    def check(self, config: TrainConfig) -> dict | None:
+        """A new run must not land in an old run's folder; a resumed one must have the same arguments.
+        Returns the interrupted run's record when resuming."""
+        if not config.resume:
+            if self.trajectory.exists():
+                raise DlzoError(f"--out {self.path} already holds a run; pass --resume {self.path} to continue it, "
+                                f"or another --out")
+            return None
+        if not self.run_file.exists():
+            raise DlzoError(f"--resume {self.path}: no run.json there, nothing to resume")
+        previous = json.loads(self.run_file.read_text())
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for key, now in asdict(config).items():
+            # keys added after that run was written hold their default in it
+            was = previous["config"].get(key, defaults.get(key))
+            if key not in _FREE_ON_RESUME and was != now:
+                raise DlzoError(f"--resume {self.path}: --{key.replace('_', '-')} was {was!r} in that run, now {now!r}")
+        return previous
+
+    def lock(self) -> None:
+        """Hold the folder for this process: a second run on it fails at once naming the holder; a lock left
+        by a dead process is taken over."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DlzoError(f"--out {self.path}: cannot create the folder ({err.strerror})") from None
+        for _ in range(2):
+            try:
+                handle = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise DlzoError(f"--out {self.path} is in use by process {holder} (its lock file: {self.lock_file}); "
+                                    f"wait for it or stop it") from None
+                print(f"taking over the stale lock of process {holder} in {self.path} (it is no longer running)")
+                self.lock_file.unlink(missing_ok=True)
+                continue
+            except OSError as err:
+                raise DlzoError(f"--out {self.path}: cannot write there ({err.strerror})") from None
+            with os.fdopen(handle, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._locked = True
+            return
+        raise DlzoError(f"--out {self.path}: could not take the lock {self.lock_file}")
+
+    def unlock(self) -> None:
+        if self._locked and self._holder() == os.getpid():
+            self.lock_file.unlink(missing_ok=True)
+        self._locked = False
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.lock_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------------------ writing
+
+    def write_record(self, record: dict) -> None:
+        atomic_write_json(self.run_file, record)
+
+    def log_metrics(self, record: dict) -> None:
+        _append_jsonl(self.metrics, record)
+
+    def log_step(self, record: dict) -> None:
+        _append_jsonl(self.trajectory, record)
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], step: int, best_dev: float, scope: str,
+             model: str) -> None:
+        save_tensors(self.path / name, tensors, {"step": str(step), "best_dev_loss": repr(best_dev), "scope": scope,
+                                                 "model": model})
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.results, results)
+
+    # ------------------------------------------------------------------------------ resume
+
+    def resume_point(self, model: torch.nn.Module, optimizer: ZOOptimizer | None, round_trip: bool) -> ResumePoint:
+        """Load last.safetensors, then re-apply every step the trajectory logged after it (ZO runs), and drop
+        what the logs hold beyond the point reached. The model's tuned tensors end at the returned step."""
+        step, best_dev = 0, float("inf")
+        last = self.path / "last.safetensors"
+        if last.exists():
+            load_into(model, checked_load(last))
+            meta = checkpoint_metadata(last)
+            step, best_dev = int(meta["step"]), float(meta["best_dev_loss"])
+        replayed = 0
+        if optimizer is not None:
+            optimizer.step_count = step
+            for entry in read_jsonl(self.trajectory):
+                if entry["step"] < step:
+                    continue
+                if entry["step"] != step:
+                    break  # a gap cannot be bridged
+                optimizer.replay_step([int(s) for s in entry["seeds"]], entry["grads"], entry["lr"],
+                                      entry["skipped"], round_trip)
+                step, replayed = step + 1, replayed + 1
+        self._truncate(self.trajectory, lambda r: r["step"] < step)
+        self._truncate(self.metrics, lambda r: r["step"] < step or (r["step"] == step and "dev_loss" in r))
+        return ResumePoint(step, best_dev, replayed)
+
+    def dev_losses(self) -> dict[int, float]:
+        return {r["step"]: r["dev_loss"] for r in read_jsonl(self.metrics) if "dev_loss" in r}
+
+    @staticmethod
+    def _truncate(path: Path, keep) -> None:
+        if path.exists():
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checked_load(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint; a damaged file is one line naming it and what to do."""
+    try:
+        return load_tensors(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DlzoError(f"checkpoint {path} cannot be read ({str(err).strip().splitlines()[0]}); delete it to resume "
+                        f"from the trajectory log alone (dlzo replays every logged step)") from None
+
+
+def checkpoint_metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+# ------------------------------------------------------------------------------ a recorded run's model
+
+
+def build_for_run(run: str | Path, base_model: str | None = None) -> tuple[Prepared, dict]:
+    """The model of a recorded run with its scope resolved (tuned tensors still at their base values),
+    and the run's record: what replay, export and eval start from."""
+    run = Path(run)
+    if not (run / "run.json").exists():
+        raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
+    record = json.loads((run / "run.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in record["config"].items() if k in known}
+    config = TrainConfig(**{**values, "model": base_model or values["model"], "quiet": True})
+    prepared = prepare_model(config, [], record.get("layer_choice"))
+    return prepared, record
+
+
+def load_checkpoint_of_run(run: str | Path, which: str = "best", base_model: str | None = None) -> Prepared:
+    """The run's model with the tuned tensors of its `which` checkpoint (best, last or final) loaded."""
+    checkpoint = Path(run) / f"{which}.safetensors"
+    if not checkpoint.exists():
+        raise DlzoError(f"--run {run}: {checkpoint.name} not found")
+    prepared, _ = build_for_run(run, base_model)
+    load_into(prepared.model, checked_load(checkpoint))
+    return prepared
+
+

@@ -1,0 +1,41 @@
+"""`dlzo sensitivity`: per-layer ZO signal |L(θ+εz_l) - L(θ-εz_l)|/2ε and how a layer's perturbation
+propagates, measured by inference only on a task's first training batches (dlzo.layers does the measuring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dlzo.checkpoint import atomic_write_json
+from dlzo.layers import layer_sensitivity, leading_batches, propagation
+from dlzo.models import decoder_layers, load_model, load_tokenizer
+from dlzo.options import SensitivityConfig
+from dlzo.report import plot_sensitivity
+from dlzo.scoring import encode
+from dlzo.tasks import load_task
+
+
+def sensitivity(config: SensitivityConfig) -> dict:
+    """Inference only: per-layer |L(θ+εz_l) - L(θ-εz_l)|/2ε, and how a layer's perturbation propagates."""
+    model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
+    train_examples = load_task(config.task, config.data_dir).splits(seed=0).train
+    device = next(model.parameters()).device
+    batches = leading_batches(model, tokenizer, train_examples, config.batch_size, config.batches, device)
+    num_layers = len(decoder_layers(model))
+    with tqdm(total=num_layers, desc="sensitivity") as bar:
+        per_layer = layer_sensitivity(model, batches, config.eps, config.seeds, progress=bar)
+    matrix = propagation(model, encode(tokenizer, train_examples[: config.batch_size]).to(device), config.eps)
+    data = {"model": config.model, "task": config.task, "eps": config.eps, "seeds": config.seeds,
+            "batches": config.batches,
+            "layers": [{"layer": s.layer, "mean": s.mean, "std": s.std, "values": s.values} for s in per_layer],
+            "most_sensitive_layer": max(per_layer, key=lambda s: s.mean).layer,
+            "propagation": matrix}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "sensitivity.json", data)
+    plot_sensitivity(data, out / "sensitivity.png", out / "propagation.png")
+    for s in per_layer:
+        print(f"layer {s.layer:>3}: |L+ - L-|/2eps mean {s.mean:9.4g}  std {s.std:9.4g}")
+    print(f"most sensitive layer: {data['most_sensitive_layer']}; wrote {out / 'sensitivity.json'}")
+    return data

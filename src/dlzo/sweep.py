@@ -1,0 +1,97 @@
+"""`dlzo sweep`: tune each layer alone (plus full MeZO, ZO-LoRA or first-order references) with the same
+seed, steps and data, and say whether the probe's layer is the best one. Resumable run by run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dlzo.checkpoint import atomic_write_json
+from dlzo.errors import DlzoError
+from dlzo.models import load_model, load_tokenizer
+from dlzo.options import SweepConfig, TrainConfig
+from dlzo.probe import find_dominant_layer
+from dlzo.report import format_sweep, plot_sweep, sweep_verdict
+from dlzo.tasks import load_task, task_splits
+from dlzo.train import train
+
+
+def shared_train_options(config: SweepConfig) -> dict:
+    """The sweep's options that every run takes as they are (same name, same meaning in TrainConfig)."""
+    per_run = {"out", "lr"}  # each run has its own folder and its scope's own rate
+    train_fields = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in asdict(config).items() if k in train_fields and k not in per_run}
+
+
+def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None) -> list[tuple[str, dict]]:
+    if config.layers == "all":
+        layers = list(range(num_layers))
+    else:
+        try:
+            layers = sorted({int(k) for k in config.layers.split(",") if k.strip()})
+        except ValueError:
+            raise DlzoError(f"--layers {config.layers!r} is neither 'all' nor a list like 0,1,11") from None
+        bad = [k for k in layers if not 0 <= k < num_layers]
+        if bad:
+            raise DlzoError(f"--layers: layer {bad[0]} does not exist (0..{num_layers - 1})")
+    if probe_layer is not None and probe_layer not in layers:
+        layers = sorted(layers + [probe_layer])
+    runs = [(f"layer{k:02d}", {"scope": f"layer:{k}", "lr": config.lr}) for k in layers]
+    pick = lambda value: config.lr if value < 0 else value  # noqa: E731
+    for reference in [r.strip() for r in config.references.split(",") if r.strip()]:
+        if reference == "full":
+            runs.append(("full", {"scope": "full", "lr": pick(config.full_lr)}))
+        elif reference == "lora":
+            runs.append(("lora", {"scope": "lora", "lr": pick(config.lora_lr)}))
+        elif reference == "adamw":
+            runs.append(("adamw", {"scope": "full", "lr": config.adamw_lr, "optimizer": "adamw"}))
+        else:
+            raise DlzoError(f"--references: {reference!r} is not full, lora or adamw")
+    return runs
+
+
+def sweep(config: SweepConfig) -> dict:
+    """Tune each layer alone (plus references) with the same seeds, steps and data; resumable."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_file = out / "probe.json"
+    task = load_task(config.task, config.data_dir)
+    if probe_file.exists():
+        probe = json.loads(probe_file.read_text())
+    else:
+        splits = task_splits(task, 0, config.num_train, None if config.num_dev < 0 else config.num_dev, config.num_test)
+        model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
+        texts = [e.prompt + e.continuations[e.label] for e in splits.train[:64]]
+        probe = find_dominant_layer(model, tokenizer, texts).to_json()
+        atomic_write_json(probe_file, probe)
+        del model
+    probe_layer = probe["dominant_layer"]
+    runs = _sweep_runs(config, len(probe["layers"]), probe_layer)
+    entries = []
+    for name, overrides in tqdm(runs, desc="sweep", disable=False):
+        run_dir = out / "runs" / name
+        results_file = run_dir / "results.json"
+        if not results_file.exists():
+            train_config = TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
+            if (run_dir / "run.json").exists():
+                train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped
+            train(train_config)
+        results = json.loads(results_file.read_text())
+        entries.append({"name": name, "scope": overrides["scope"], "optimizer": overrides.get("optimizer", "zo"),
+                        "layer": int(name[5:]) if name.startswith("layer") else None, "lr": overrides["lr"],
+                        "test_metric": results["test_value"], "metric": results["test_metric"],
+                        "dev_loss_start": results["dev_loss_start"], "dev_loss_end": results["dev_loss_best"],
+                        "steps": results["steps"], "seconds": results["train_seconds"],
+                        "seconds_per_step": results["seconds_per_step"]})
+        summary = {"model": config.model, "task": config.task, "probe_layer": probe_layer, "config": asdict(config),
+                   "runs": entries}
+        atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
+    summary["verdict"] = sweep_verdict(summary)
+    atomic_write_json(out / "sweep.json", summary)
+    plot_sweep(summary, out / "sweep.png")
+    print(format_sweep(summary))
+    print(summary["verdict"])
+    return summary

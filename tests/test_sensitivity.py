@@ -1,0 +1,23 @@
+import json
+
+from conftest import DATA, STORIES
+from dlzo.options import SensitivityConfig
+from dlzo.report import report
+from dlzo.sensitivity import sensitivity
+
+FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
+            batch_size=4, lr=1e-3)
+
+
+def test_sensitivity_command_and_report(tmp_path):
+    data = sensitivity(SensitivityConfig(model=str(STORIES), data_dir=str(DATA), out=str(tmp_path / "s"),
+                                         seeds=2, batches=1, batch_size=4))
+    assert len(data["layers"]) == 5 and len(data["propagation"]) == 5
+    assert json.loads((tmp_path / "s" / "sensitivity.json").read_text())["most_sensitive_layer"] == \
+        data["most_sensitive_layer"]
+    text = report([str(tmp_path / "s")], str(tmp_path / "report.md"))
+    assert "Perturbation sensitivity" in text
+    for line in text.splitlines():
+        if line.startswith("!["):
+            target = tmp_path / line.split("(")[1].rstrip(")")
+            assert target.read_bytes()[:4] == b"\x89PNG"
