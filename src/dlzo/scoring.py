@@ -7,7 +7,12 @@ Two ways to fill it:
 - per candidate (MeZO's way, and the fallback): one sequence per candidate.
 Losses read logits only at the scored positions (answer-only logits) unless `full_logits` is asked for.
 
-Layouts: "padded" left-pads every sequence to the longest (MeZO's way); "packed" concatenates sequences
+Generation examples may instead name several character spans to score (`SpanExample`: the assistant turns of a
+chat, the whole of a plain text): their one sequence is the whole text, and the loss reads exactly the tokens
+that overlap a span. Too long, such a sequence loses prompt tokens from the left first (a leading BOS stays).
+
+Layouts: "padded" pads every sequence to the longest (on the left, MeZO's way, unless the tokenizer or
+`padding_side` says right); "packed" concatenates sequences
 into a few rows with position ids restarting per sequence and no attention mask, which transformers turns
 into a block-diagonal causal mask. Padding tokens are pure waste: on SST-2 batches packing removes about
 half of the tokens. `supports_packing` checks once per model that packing gives the padded numbers.
@@ -15,7 +20,7 @@ half of the tokens. `supports_packing` checks once per model that packing gives 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,15 @@ from torch import nn
 
 from dlzo.models import backbone_and_head, logits_from_hidden
 from dlzo.tasks import Example
+
+
+@dataclass
+class SpanExample(Example):
+    """A generation example whose loss is read on `spans`: (start, end) character offsets into
+    `prompt + continuations[0]`; the tokens overlapping a span are scored (the first token of the sequence
+    never is: nothing predicts it). Without spans it is scored as a plain Example."""
+
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +91,40 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
 
 
+def span_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """The tokens of `text` (with the tokenizer's special tokens) and which of them overlap a span.
+    Fast tokenizers answer from their offsets; others by tokenizing the text up to each span boundary."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        ids = list(encoded["input_ids"])
+        scored = [end > start and any(start < e and end > s for s, e in spans)
+                  for start, end in encoded["offset_mapping"]]
+    else:
+        ids = _tokens(tokenizer, text)
+        scored = [False] * len(ids)
+        for s, e in spans:
+            low = _common_prefix(_tokens(tokenizer, text[:s]), ids)
+            high = _common_prefix(_tokens(tokenizer, text[:e]), ids)
+            scored[low:high] = [True] * max(high - low, 0)
+    if scored:
+        scored[0] = False  # nothing predicts the first token
+    return ids, scored
+
+
+def fit_span_tokens(ids: list[int], scored: list[bool], max_length: int,
+                    bos_token_id: int | None = None) -> tuple[list[int], list[bool]]:
+    """Cut a too-long sequence to max_length: unscored tokens before the first scored one go first, from
+    the left (a leading BOS stays); if that is not enough, the end of the sequence goes."""
+    excess = len(ids) - max_length
+    if excess <= 0 or True not in scored:
+        return ids[-max_length:], scored[-max_length:]
+    first = scored.index(True)
+    keep = int(bos_token_id is not None and ids[0] == bos_token_id and max_length > 2)
+    cut = min(excess, max(first - 1 - keep, 0))
+    ids, scored = ids[:keep] + ids[keep + cut :], scored[:keep] + scored[keep + cut :]
+    return ids[:max_length], scored[:max_length]
+
+
 def encode(
     tokenizer,
     examples: list[Example],
@@ -85,12 +133,29 @@ def encode(
     demonstrations: str = "",
     generation: bool = False,
     layout: str = "padded",
+    padding_side: str | None = None,
 ) -> EncodedBatch:
-    """Tokenize examples into one batch (layout "padded" or "packed"). `demonstrations` is prepended."""
+    """Tokenize examples into one batch (layout "padded" or "packed"). `demonstrations` is prepended.
+    `padding_side` ("left" or "right") of the padded layout defaults to the tokenizer's, else left."""
     sequences: list[list[int]] = []
     scored: list[tuple[int, int, int, int]] = []  # row, position, target, candidate
     candidate_example, candidate_slot, labels = [], [], []
     for example_index, example in enumerate(examples):
+        spans = getattr(example, "spans", None)
+        if spans:
+            shift = len(demonstrations)
+            ids, mask = span_tokens(tokenizer, demonstrations + example.prompt + example.continuations[0],
+                                    [(s + shift, e + shift) for s, e in spans])
+            ids, mask = fit_span_tokens(ids, mask, max_length, getattr(tokenizer, "bos_token_id", None))
+            if True not in mask:
+                raise ValueError(f"example {example_index} has no token to score in its spans {spans}")
+            candidate = len(candidate_example)
+            candidate_example.append(example_index)
+            candidate_slot.append(0)
+            sequences.append(ids)
+            scored.extend((len(sequences) - 1, i - 1, ids[i], candidate) for i, hit in enumerate(mask) if hit)
+            labels.append(example.label)
+            continue
         context = _tokens(tokenizer, demonstrations + example.prompt)
         fulls = [_tokens(tokenizer, demonstrations + example.prompt + c) for c in example.continuations]
         packable = pack_single_token and all(len(f) == len(context) + 1 and f[:-1] == context for f in fulls)
@@ -116,15 +181,21 @@ def encode(
         input_ids, attention_mask, position_ids, row_of, offset_of = _pack_rows(sequences, pad)
         rows, positions = row_of[rows], positions + offset_of[rows]
     elif layout == "padded":
+        side = padding_side or getattr(tokenizer, "padding_side", "left")
+        if padding_side is not None and padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be left or right, not {padding_side!r}")
+        left = side != "right"
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, sequence in enumerate(sequences):
-            input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
-            attention_mask[row, width - len(sequence) :] = 1
+            start = width - len(sequence) if left else 0
+            input_ids[row, start : start + len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, start : start + len(sequence)] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        # Positions were computed in each unpadded sequence; shift them by the row's left padding.
-        positions = positions + (width - attention_mask.sum(-1))[rows]
+        if left:
+            # Positions were computed in each unpadded sequence; shift them by the row's left padding.
+            positions = positions + (width - attention_mask.sum(-1))[rows]
     else:
         raise ValueError(f"layout must be padded or packed, not {layout!r}")
     return EncodedBatch(
