@@ -152,6 +152,9 @@ class ExportConfig:
     run: str = option("", "run folder", required=True)
     to: str = option("", "output folder", required=True)
     checkpoint: str = option("best", "best, last or final")
+    adapter: bool = option(False, "write only what was tuned: a peft adapter folder for LoRA scopes, or the tuned "
+                                  "tensors under the model's own names plus tuned.json for layer scopes "
+                                  "(dlzo.load_tuned applies them) instead of a merged copy of the model")
 
 
 @dataclass
