@@ -95,7 +95,8 @@ class RunFolder:
         for key, now in asdict(config).items():
             # keys added after that run was written hold their default in it
             was = previous["config"].get(key, defaults.get(key))
-            if key not in _FREE_ON_RESUME and was != now:
+            fixed = key not in _FREE_ON_RESUME or (key == "steps" and config.lr_scheduler != "constant")
+            if fixed and was != now:
                 raise DlzoError(f"--resume {self.path}: --{key.replace('_', '-')} was {was!r} in that run, now {now!r}")
         return previous
 

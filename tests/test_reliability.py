@@ -1,0 +1,201 @@
+"""Faults and bad input: a kill loses at most the step in flight, one run per folder, every bad value refused
+before any work with one line and exit 2. Each test is named in docs/reliability.md."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA, STORIES
+from dlzo.cli import main
+from dlzo.options import TrainConfig
+from dlzo.train import train
+
+SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
+             batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)
+
+
+def flags(values: dict) -> list[str]:
+    args = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        args += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def logged_steps(folder) -> int:
+    path = folder / "trajectory.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_repeatedly(folder, options: dict, kills: int, seed: int) -> None:
+    """Start the run, SIGKILL it at a random step, resume, ... `kills` times, then let it finish."""
+    rng = random.Random(seed)
+    base = [sys.executable, "-m", "dlzo", "train", *flags(options)]
+    for attempt in range(kills + 1):
+        command = base + (["--resume", str(folder)] if attempt else [])
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if attempt < kills:
+            target = logged_steps(folder) + rng.randint(1, 3)
+            deadline = time.time() + 120
+            while process.poll() is None and time.time() < deadline:
+                if logged_steps(folder) >= target:
+                    time.sleep(rng.random() * 0.02)  # anywhere in the step: the log line, the update, a save
+                    process.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode in (0, -signal.SIGKILL), err
+        if process.returncode == 0:
+            return
+
+
+def assert_same_run(reference, resumed) -> None:
+    a, b = load_file(reference / "final.safetensors"), load_file(resumed / "final.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    lines = [json.loads(x) for x in (resumed / "trajectory.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (reference / "trajectory.jsonl").read_text().splitlines()]
+    assert lines == ref  # every step once, same seeds, same projected gradients, same lr
+
+
+@pytest.mark.slow
+def test_ten_random_kills_in_a_row_resume_bit_identically(tmp_path):
+    options = dict(SMALL, steps=40, eval_every=7, scope="layer:1", q=2, lr_scheduler="cosine", warmup_steps=3)
+    train(TrainConfig(**options, out=str(tmp_path / "reference")))
+    kill_repeatedly(tmp_path / "killed", dict(options, out=str(tmp_path / "killed")), kills=10, seed=os.getpid())
+    assert_same_run(tmp_path / "reference", tmp_path / "killed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope,extra", [("full", {"fast_path": False}), ("lora", {"lr": 1e-2}), ("layer:2", {"q": 3})])
+def test_kills_resume_bit_identically_for_every_perturbation(tmp_path, scope, extra):
+    options = dict(SMALL, steps=16, eval_every=5, scope=scope, **extra)
+    train(TrainConfig(**options, out=str(tmp_path / "reference")))
+    kill_repeatedly(tmp_path / "killed", dict(options, out=str(tmp_path / "killed")), kills=3, seed=len(scope))
+    assert_same_run(tmp_path / "reference", tmp_path / "killed")
+
+
+def test_resume_replays_logged_steps_after_the_checkpoint(tmp_path, capsys):
+    """Killed after step 7 with the last checkpoint at 5: resume re-applies 6 and 7 instead of recomputing."""
+    options = dict(SMALL, steps=10, eval_every=5, scope="layer:1")
+    train(TrainConfig(**options, out=str(tmp_path / "reference")))
+    killed = tmp_path / "killed"
+    train(TrainConfig(**{**options, "steps": 5}, out=str(killed)))
+    checkpoint_at_5 = (killed / "last.safetensors").read_bytes()
+    train(TrainConfig(**{**options, "steps": 7}, out=str(killed), resume=str(killed)))
+    (killed / "last.safetensors").write_bytes(checkpoint_at_5)  # as if killed after logging step 6
+    for name in ("final.safetensors", "results.json"):
+        (killed / name).unlink()
+    # the kill landed in the middle of writing step 7's log line
+    with open(killed / "trajectory.jsonl", "a") as handle:
+        handle.write('{"step": 7, "seeds": ["12')
+    capsys.readouterr()
+    train(TrainConfig(**options, out=str(killed), resume=str(killed)))
+    assert "at step 7 (2 logged steps re-applied" in capsys.readouterr().out
+    assert_same_run(tmp_path / "reference", killed)
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+    options = dict(SMALL, steps=400, eval_every=0, scope="layer:1", out=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "dlzo", "train", *flags(options)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while logged_steps(tmp_path) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.count("\n") == 1 and f"--resume {tmp_path}" in err
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "last.safetensors"), "pt") as handle:
+        assert int(handle.metadata()["step"]) == logged_steps(tmp_path)
+    assert not (tmp_path / "lock").exists()
+
+
+def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text(f"{os.getppid()}\n")  # a live process holds it
+    args = ["train", *flags(dict(SMALL, steps=1, eval_every=0, scope="layer:1", out=str(out)))]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in use by process {os.getppid()}" in err
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "lock").write_text(f"{dead.pid}\n")
+    assert main(args) == 0
+    assert f"taking over the stale lock of process {dead.pid}" in capsys.readouterr().out
+    assert not (out / "lock").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"lr": -1}, "--lr must be a positive finite number"),
+    ({"lr": "nan"}, "--lr must be a positive finite number"),
+    ({"eps": 0}, "--eps must be a positive finite number"),
+    ({"eval_every": -1}, "--eval-every must not be negative"),
+    ({"num_dev": -5}, "--num-dev must be -1"),
+    ({"dtype": "float8"}, "--dtype 'float8' is not one of"),
+    ({"device": "tpu"}, "--device 'tpu' is not"),
+    ({"model": "/nonexistent/model", "data_dir": "/nonexistent/data"}, "model path not found: /nonexistent/model"),
+    ({"task": "nope"}, "nope"),
+    ({"data_dir": "/nonexistent/data"}, "/nonexistent/data"),
+    ({"scope": "layer:99"}, "layer 99 does not exist"),
+    ({"max_length": 1}, "--max-length 1 is below the longest answer"),
+    ({"num_train": 0, "num_dev": 2000}, "no training examples"),
+    ({"rule": "median"}, "--rule 'median' is not sun or onset"),
+    ({"lr_scheduler": "exp"}, "--lr-scheduler 'exp' is not one of"),
+])
+def test_bad_values_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    assert main(["train", *flags({**SMALL, "steps": 1, "eval_every": 0, "scope": "layer:1", "out": str(out), **change})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlzo: error:") and err.count("\n") == 1 and message in err, err
+    assert not out.exists() or not any(p.name != "lock" for p in out.iterdir())
+
+
+def test_lora_targets_flag_exists_and_names_peft_modules(tmp_path):
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="lora", lora_targets="k_proj,o_proj"))
+    names = json.loads((tmp_path / "run.json").read_text())["tuned_names"]
+    assert names and all(("k_proj" in n or "o_proj" in n) and "lora_" in n for n in names)
+
+
+def test_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    options = dict(SMALL, steps=4, eval_every=2, scope="layer:1", out=str(tmp_path))
+    train(TrainConfig(**options))
+    (tmp_path / "final.safetensors").unlink()
+    (tmp_path / "last.safetensors").write_bytes(b"\x10\x00garbage")
+    assert main(["train", *flags(options), "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "last.safetensors") in err and "delete it" in err
+
+
+def test_disk_full_is_one_line_and_leaves_no_half_written_file(tmp_path, capsys, monkeypatch):
+    import dlzo.checkpoint as checkpoint
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")  # the device filled up in the middle of the write
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = tmp_path / "out"
+    assert main(["train", *flags(dict(SMALL, steps=2, eval_every=0, scope="layer:1", out=str(out)))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert not [p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name.startswith(".")]
+
+
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", *flags(dict(SMALL, steps=1, scope="layer:1", out=str(blocker / "run")))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlzo: error: --out") and err.count("\n") == 1
