@@ -5,6 +5,9 @@
 - Each tuned layer runs its first B rows with θ+εz and its last B rows with θ-εz, by swapping tensors
   into the layer for one call; the model's own parameters are never modified.
 - Layers above run on all 2B rows; logits are computed only where the loss reads them (dlzo.scoring).
+
+Two losses: `loss_pair` (dlzo's task batches, dlzo.scoring) and `pair_model_loss` (any causal-LM batch of
+model keyword arguments with `labels`: the model's own mean token cross-entropy, used by dlzo.hf_trainer).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dlzo.models import decoder_layers
+from dlzo.models import backbone_and_head, decoder_layers, logits_from_hidden
 from dlzo.scoring import EncodedBatch, loss_from_logprobs, token_logprobs
 
 
@@ -132,3 +136,37 @@ class BranchedForward:
             logprobs = token_logprobs(self.model, doubled)
         tokens = batch.token_row.shape[0]
         return (loss_from_logprobs(batch, logprobs[:tokens]), loss_from_logprobs(batch, logprobs[tokens:]))
+
+    @torch.no_grad()
+    def pair_model_loss(self, model_kwargs: dict, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
+                        prefix_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(θ+εz), L(θ-εz)) of the model's own causal-LM loss on one batch of model keyword arguments
+        (input_ids, attention_mask, position_ids ..., and `labels` with -100 where no loss is taken), from
+        one forward of 2B rows. Each half's loss is what `model(**model_kwargs).loss` gives: the mean
+        cross-entropy over the tokens whose shifted label is not -100, with float32 logits, read only at
+        those positions."""
+        labels = model_kwargs["labels"]
+        rows = labels.shape[0]
+        doubled = {}
+        for key, value in model_kwargs.items():
+            if key in ("labels", "num_items_in_batch", "use_cache", "return_dict"):
+                continue
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                value = torch.cat([value, value])
+            doubled[key] = value
+        body, _ = backbone_and_head(self.model)
+        with self._patched(2 * rows, plus, minus, prefix_cache):
+            out = body(**doubled, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return causal_lm_loss(self.model, hidden[:rows], labels), causal_lm_loss(self.model, hidden[rows:], labels)
+
+
+def causal_lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """transformers' causal-LM loss from final hidden states: position t predicts labels[t + 1], positions
+    whose target is `ignore_index` are skipped, the mean is over the rest (NaN when there are none, as
+    transformers gives). Logits are computed only where a target exists."""
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != ignore_index
+    logits = logits_from_hidden(model, hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="mean")

@@ -1,0 +1,411 @@
+"""dlzo.ZOTrainer: a transformers.Trainer doing ZO steps; on stories260K (real tokenizer) and tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dlzo.fastpath import BranchedForward
+from dlzo.layers import layer_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "Once upon a time there was a little dog named Tim.",
+    "The sun was hot and the sky was blue.",
+    "Lily liked to play in the park with her red ball every day.",
+    "Tom had a big car.",
+    "One day, a bird sat on the tree and sang a happy song to the kids.",
+    "Mom made a cake.",
+    "The cat saw a fish in the water and wanted to eat it.",
+    "Ben and Sue went to the store to buy some milk and bread for lunch.",
+    "It was a cold day.",
+    "The little girl found a shiny stone near the river.",
+    "He ran fast.",
+    "They all laughed and played until the sun went down behind the hill.",
+    "The dog barked at the moon.",
+    "She gave her friend a big hug.",
+    "The boat was small but strong, and it took them across the lake.",
+    "At night the stars came out.",
+]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def stories_tokenizer_for_training(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def make_trainer(path, out, zo=None, texts=TEXTS, model=None, eval_texts=None, **overrides):
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainingArguments
+
+    import dlzo
+
+    tokenizer = stories_tokenizer_for_training(path)
+    model = model if model is not None else AutoModelForCausalLM.from_pretrained(path)
+    settings = dict(output_dir=str(out), max_steps=4, learning_rate=1e-3, per_device_train_batch_size=4,
+                    report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=3)
+    settings.update(overrides)
+    evaluation = [tokenizer(t) for t in eval_texts] if eval_texts else None
+    return dlzo.ZOTrainer(model=model, args=TrainingArguments(**settings), train_dataset=[tokenizer(t) for t in texts],
+                          eval_dataset=evaluation,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                          zo_args=zo if zo is not None else dlzo.ZOArguments(layer=2))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def causal_batch(vocab: int, rows: int = 3, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, labels -100 over each row's first tokens and its padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (rows, length), generator=generator)
+    attention_mask = torch.ones(rows, length, dtype=torch.long)
+    labels = input_ids.clone()
+    for row in range(rows):
+        real = length - 3 * row
+        attention_mask[row, real:] = 0
+        input_ids[row, real:] = 0
+        labels[row, real:] = -100
+        labels[row, : 2 + row] = -100  # a "prompt" without loss
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------ the fast path's model loss
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt", "gemma2", "phi3", "gpt_neox", "falcon"])
+@pytest.mark.parametrize("layers", [[1], [0, 2]])
+def test_pair_model_loss_equals_the_models_own_loss(arch, layers):
+    """Both halves of the one doubled forward give model(**batch).loss at θ+εz and θ-εz (float32, 1e-5)."""
+    model = tiny_model(arch, layers=4)
+    batch = causal_batch(model.config.vocab_size)
+    named = [item for layer in layers for item in layer_parameters(model, layer)]
+    torch.manual_seed(0)
+    zs = [torch.randn_like(p) for _, p in named]
+    eps = 1e-2
+    plus = {n: p.detach() + eps * z for (n, p), z in zip(named, zs)}
+    minus = {n: p.detach() - eps * z for (n, p), z in zip(named, zs)}
+    fast = BranchedForward(model, [n for n, _ in named]).pair_model_loss(batch, plus, minus)
+    plain = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for (_, p), z in zip(named, zs):
+                p.data.add_(z, alpha=sign * eps)
+            plain.append(float(model(**batch, use_cache=False).loss))
+            for (_, p), z in zip(named, zs):
+                p.data.add_(z, alpha=-sign * eps)
+    assert abs(float(fast[0] - fast[1])) > 1e-6  # the perturbation matters
+    for f, p in zip(fast, plain):
+        assert float(f) == pytest.approx(p, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def test_zo_arguments_parse_beside_training_arguments():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    import dlzo
+
+    training, zo = HfArgumentParser((TrainingArguments, dlzo.ZOArguments)).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--learning_rate", "1e-4", "--scope", "layer:3", "--eps", "1e-2", "--q", "2"])
+    assert (training.learning_rate, zo.scope, zo.eps, zo.q, zo.layer) == (1e-4, "layer:3", 1e-2, 2, None)
+    with pytest.raises(Exception, match="scope"):
+        dlzo.ZOArguments(scope="everything")
+    with pytest.raises(ValueError, match="layer"):
+        dlzo.ZOArguments(scope="layer:1", layer=2)
+    with pytest.raises(ValueError, match="distribution"):
+        dlzo.ZOArguments(distribution="uniform")
+
+
+def test_args_without_meaning_for_zo_warn_once_each(stories_path, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(stories_path, tmp_path, max_steps=1)
+    assert not [w for w in caught if "ZOTrainer ignores" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(stories_path, tmp_path, max_steps=1, optim="sgd", adam_beta1=0.5, max_grad_norm=0.3)
+    ours = sorted(re.search(r"TrainingArguments\.(\w+)", str(w.message)).group(1)
+                  for w in caught if "ZOTrainer ignores" in str(w.message))
+    assert ours == ["adam_beta1", "max_grad_norm", "optim"]
+
+
+def test_an_optimizer_passed_in_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    import dlzo
+
+    model = tiny_model("llama")
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="optimizer"):
+        dlzo.ZOTrainer(model=model, args=args, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+                       zo_args=dlzo.ZOArguments(layer=0))
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_train_end_to_end_forward_only_and_save_model_loads(stories_path, tmp_path):
+    """No gradients, no optimizer state, eval loss and tensorboard logs, and save_model writes a folder that
+    transformers loads in which only the tuned layer's tensors differ from the base model."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(stories_path, tmp_path / "run", eval_strategy="steps", eval_steps=2,
+                           report_to=["tensorboard"], max_steps=4, eval_texts=TEXTS[:8])
+    base = weights(trainer.model)
+    trainer.train()
+
+    assert trainer.state.global_step == 4
+    assert all(p.grad is None for p in trainer.model.parameters())
+    optimizer = trainer.optimizer
+    assert not optimizer.state and not any(optimizer.state.values())
+    model_ids = {id(p) for p in trainer.model.parameters()}
+    assert not any(id(p) in model_ids for group in optimizer.param_groups for p in group["params"])
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+    assert all("grad_norm" not in e for e in history) and any("zo_projected_grad" in e for e in history)
+    assert list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, base[n])}
+    assert changed == set(trainer.zo_scope.names)
+    assert all(n.startswith("model.layers.2.") for n in changed)
+    info = json.loads((tmp_path / "final" / "dlzo_zo.json").read_text())
+    assert info["names"] == trainer.zo_scope.names and info["step_count"] == 4
+
+
+def test_epochs_and_load_best_model_at_end(stories_path, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(stories_path, tmp_path, max_steps=-1, num_train_epochs=1, eval_strategy="steps",
+                           eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                           metric_for_best_model="eval_loss", learning_rate=3e-3, eval_texts=TEXTS[:4])
+    trainer.train()
+    assert trainer.state.global_step == len(TEXTS) // 4
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    best = min(evals, key=evals.get)
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    saved = load_file(str(Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    current = trainer.model.state_dict()
+    assert all(torch.equal(current[n], saved[n]) for n in trainer.zo_scope.names)
+
+
+def test_scheduler_lr_drives_each_step_and_the_log_replays(stories_path, tmp_path):
+    """The lr of step t is the scheduler's (linear warmup then decay), and the logged (seeds, grads, lr)
+    rebuild the trained weights bit for bit from the base model with ZOOptimizer.replay_step."""
+    from transformers import get_scheduler
+
+    from dlzo.zo import ZOOptimizer
+
+    trainer = make_trainer(stories_path, tmp_path, max_steps=6, lr_scheduler_type="linear", warmup_steps=2,
+                           weight_decay=0.1)
+    base = weights(trainer.model)
+    trainer.train()
+    dummy = torch.optim.SGD([torch.zeros(1)], lr=1e-3)
+    schedule = get_scheduler("linear", dummy, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(schedule.get_last_lr()[0])
+        dummy.step()
+        schedule.step()
+    assert [h["lr"] for h in trainer.zo_history] == pytest.approx(expected)
+    assert trainer.zo_history[0]["lr"] == 0.0
+
+    replay_model = make_trainer(stories_path, tmp_path / "replay", max_steps=1).model
+    replay_model.load_state_dict({n: base[n] for n in base}, strict=False)
+    params = dict(replay_model.named_parameters())
+    replay = ZOOptimizer([(n, params[n]) for n in trainer.zo_scope.names], eps=trainer.zo_args.eps,
+                         weight_decay=0.1, seed=trainer.args.seed)
+    for h in trainer.zo_history:
+        replay.replay_step(h["seeds"], h["projected_grads"], h["lr"], h["skipped"])
+    trained = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n], trained[n]) for n in trainer.zo_scope.names)
+
+
+def test_gradient_accumulation_uses_one_direction_per_optimizer_step(stories_path, tmp_path):
+    """2 micro-batches of 2 rows x accumulation 2 == 1 batch of 4 rows: the same z for both micro-batches and
+    their losses averaged by label tokens, i.e. the loss of the whole batch."""
+    whole = make_trainer(stories_path, tmp_path / "a", max_steps=3, per_device_train_batch_size=4)
+    base = weights(whole.model)
+    whole.train()
+    accumulated = make_trainer(stories_path, tmp_path / "b", max_steps=3, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2)
+    accumulated.train()
+    assert accumulated.state.global_step == 3
+    for a, b in zip(whole.zo_history, accumulated.zo_history):
+        assert a["seeds"] == b["seeds"]
+        assert a["loss_plus"][0] == pytest.approx(b["loss_plus"][0], abs=1e-5)
+        assert a["projected_grads"][0] == pytest.approx(b["projected_grads"][0], rel=1e-2, abs=1e-2)
+    w, b = dict(whole.model.named_parameters()), dict(accumulated.model.named_parameters())
+    assert all(torch.allclose(w[n], b[n], atol=1e-6) for n in whole.zo_scope.names)
+    assert max(float((w[n].detach() - base[n]).abs().max()) for n in whole.zo_scope.names) > 1e-4  # not vacuous
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(stories_path, tmp_path):
+    settings = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2, save_strategy="steps",
+                    save_steps=3, lr_scheduler_type="cosine", warmup_steps=1)
+    straight = make_trainer(stories_path, tmp_path / "straight", **settings)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "dlzo_zo.json").exists()
+    resumed = make_trainer(stories_path, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    assert resumed._zo.step_count == straight._zo.step_count == 6
+    assert resumed.zo_history == straight.zo_history[3:]
+    s, r = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert all(torch.equal(s[n], r[n]) for n in s)
+
+
+def test_non_finite_steps_are_skipped(stories_path, tmp_path):
+    trainer = make_trainer(stories_path, tmp_path, max_steps=2)
+    with torch.no_grad():
+        trainer.model.model.norm.weight[0] = float("nan")  # outside the tuned layer: every loss is NaN
+    base = weights(trainer.model)
+    trainer.train()
+    assert [h["skipped"] for h in trainer.zo_history] == [True, True]
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in trainer.zo_scope.names)
+    assert trainer.state.log_history[-2]["zo_skipped_steps"] == 2
+
+
+def test_bf16_autocast_steps(stories_path, tmp_path):
+    trainer = make_trainer(stories_path, tmp_path, max_steps=2, bf16=True)
+    base = weights(trainer.model)
+    trainer.train()
+    assert not any(h["skipped"] for h in trainer.zo_history)
+    assert any(not torch.equal(p, base[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_fp16_grad_scaler_steps_the_zo_update(stories_path, tmp_path):
+    """On CUDA, fp16 steps the optimizer through a GradScaler, which checks gradients and a scale that no
+    backward set up; a CPU GradScaler stands in for it here."""
+    trainer = make_trainer(stories_path, tmp_path, max_steps=3, fp16=True)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    base = weights(trainer.model)
+    trainer.train()
+    assert trainer.optimizer.scaler is trainer.accelerator.scaler
+    assert [h["skipped"] for h in trainer.zo_history] == [False] * 3
+    assert [h["lr"] for h in trainer.zo_history] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+    assert any(not torch.equal(p, base[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_fast_and_plain_paths_train_alike(stories_path, tmp_path):
+    import dlzo
+
+    fast = make_trainer(stories_path, tmp_path / "f", max_steps=3)
+    plain = make_trainer(stories_path, tmp_path / "p", max_steps=3, zo=dlzo.ZOArguments(layer=2, fast_path=False))
+    assert fast._branched is not None and plain._branched is None
+    fast.train()
+    plain.train()
+    for a, b in zip(fast.zo_history, plain.zo_history):
+        assert a["loss_plus"][0] == pytest.approx(b["loss_plus"][0], abs=1e-5)
+        assert a["loss_minus"][0] == pytest.approx(b["loss_minus"][0], abs=1e-5)
+    f, p = dict(fast.model.named_parameters()), dict(plain.model.named_parameters())
+    assert all(torch.allclose(f[n], p[n], atol=1e-5) for n in f)
+
+
+# ------------------------------------------------------------------------------------ scopes
+
+
+def test_dominant_scope_falls_back_to_the_most_sensitive_layer(stories_path, tmp_path):
+    """stories260K has no massive activations: the trainer measures each layer's sensitivity instead."""
+    import dlzo
+
+    trainer = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments())
+    layer, means = trainer.layer_sensitivity()
+    assert trainer.zo_scope.layers == [layer] and means[layer] == max(means)
+    assert "fell back to the most perturbation-sensitive layer" in trainer.zo_layer_reason
+
+
+def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tmp_path, monkeypatch):
+    import dlzo
+    import dlzo.hf_trainer
+
+    stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
+    monkeypatch.setattr(dlzo.hf_trainer, "find_dominant_layer",
+                        lambda model, tokenizer: SimpleNamespace(dominant_layer=3, layers=stats))
+    assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments()).zo_scope.layers == [3]
+    given = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(layer=1))
+    assert given.zo_scope.layers == [1] and all(".layers.1." in n for n in given.zo_scope.names)
+
+
+def test_layers_params_full_and_lora_scopes(stories_path, tmp_path):
+    import dlzo
+
+    two = make_trainer(stories_path, tmp_path / "two", zo=dlzo.ZOArguments(scope="layers:0,3", params="mlp"))
+    assert two.zo_scope.layers == [0, 3] and all(".mlp." in n for n in two.zo_scope.names)
+
+    full = make_trainer(stories_path, tmp_path / "full", max_steps=2, zo=dlzo.ZOArguments(scope="full"))
+    assert full._branched is None
+    base = weights(full.model)
+    full.train()
+    assert not any(h["skipped"] for h in full.zo_history)
+    assert not torch.equal(full.model.model.embed_tokens.weight, base["model.embed_tokens.weight"])
+
+    lora = make_trainer(stories_path, tmp_path / "lora", max_steps=2, zo=dlzo.ZOArguments(scope="lora"))
+    assert all("lora_" in n for n in lora.zo_scope.names) and lora._branched is not None
+    base = weights(lora.model)
+    lora.train()
+    changed = {n for n, p in lora.model.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+    lora.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ the example and the docs
+
+
+def test_example_script_trains_reports_eval_loss_and_saves(stories_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "example"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--model", stories_path,
+                          "--max-steps", "4", "--batch-size", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["eval_loss_start"] > 0 and summary["eval_loss_end"] > 0
+    assert "'eval_loss'" in run.stdout + run.stderr or "eval_loss" in run.stdout
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert loaded.config.num_hidden_layers == 5
+
+
+def five_line_script() -> str:
+    text = (ROOT / "docs" / "hf-trainer.md").read_text()
+    return re.search(r"<!-- five-line script -->\s*```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_five_line_script_of_the_docs_runs(stories_path, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    script = five_line_script()
+    assert re.search(r'^name = "[^"]+"', script, re.M)
+    script = re.sub(r'^name = "[^"]+"', f"name = {stories_path!r}", script, count=1, flags=re.M)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, "docs/hf-trainer.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step > 0
+    saved = Path(namespace["trainer"].args.output_dir)
+    assert (tmp_path / saved / "model.safetensors").exists() or (saved / "model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / saved) if not saved.is_absolute() else str(saved))
+    assert os.path.exists(tmp_path / saved / "dlzo_zo.json")
