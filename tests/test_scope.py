@@ -66,3 +66,13 @@ def test_lora_on_q_and_v_of_chosen_layers(arch):
     q, v = (decoder_layers(model)[2].self_attn.q_proj, decoder_layers(model)[2].self_attn.v_proj)
     expected = sum(8 * (m.in_features + m.out_features) for m in (q, v))
     assert scope.tuned == expected
+
+
+def test_lezo_scope_covers_every_decoder_layer_with_its_groups():
+    model = tiny_model("llama")
+    scope = select(model, parse_scope("lezo:2"), [])
+    assert scope.description == "lezo:2" and scope.sampled_layers == 2
+    assert len(scope.layer_groups) == len(scope.names) and set(scope.layer_groups) == set(range(len(decoder_layers(model))))
+    assert all(f".layers.{g}." in n for n, g in zip(scope.names, scope.layer_groups))
+    with pytest.raises(DlzoError, match="lezo:99"):
+        select(tiny_model("llama"), parse_scope("lezo:99"), [])

@@ -154,3 +154,23 @@ def test_one_direction_update_reuses_its_z(functional):
         redrawn.apply_update(result.seeds, result.projected_grads)
     assert torch.equal(weight.detach(), weight_ref.detach()) and torch.equal(bias.detach(), bias_ref.detach())
     assert len(sampled) == 2 * 2  # steps x tensors: no second draw for the update
+
+
+def test_lezo_perturbs_and_updates_only_the_sampled_layers():
+    """lezo: each direction draws K of the layer groups from its seed; the other tensors never move."""
+    tensors = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(6)]
+    groups = [0, 0, 1, 1, 2, 2]
+    opt = ZOOptimizer([(f"t{i}", t) for i, t in enumerate(tensors)], lr=0.1, eps=1e-2, seed=5, layer_groups=groups,
+                      sampled_layers=1)
+    before = [t.detach().clone() for t in tensors]
+    targets = [torch.zeros(3, 3)] * 6
+    opt.step(lambda: quadratic(tensors, targets))
+    seed = direction_seed(5, 0, 0)
+    active = opt.active(seed)
+    assert len({groups[i] for i in active}) == 1 and len(active) == 2
+    assert active == opt.active(seed) == ZOOptimizer([(f"t{i}", t) for i, t in enumerate(tensors)], seed=5,
+                                                     layer_groups=groups, sampled_layers=1).active(seed)
+    moved = {i for i, (a, b) in enumerate(zip(tensors, before)) if not torch.equal(a.detach(), b)}
+    assert moved == active
+    draws = {frozenset(opt.active(direction_seed(5, step, 0))) for step in range(40)}
+    assert len(draws) == 3  # every layer gets drawn over the run

@@ -14,10 +14,12 @@ from dlzo.models import load_model, load_tokenizer
 from dlzo.options import TrainConfig
 from dlzo.scope import Scope, add_lora, parse_scope, select
 from dlzo.tasks import Example
+from dlzo.zo import ZOOptimizer
 
 
 @dataclass
 class Prepared:
+    config: TrainConfig
     model: nn.Module
     tokenizer: object
     scope: Scope
@@ -43,7 +45,16 @@ def prepare_model(config: TrainConfig, train_examples: list[Example], layer_choi
         model = add_lora(model, layers if spec.kind == "dominant-lora" else None, config.lora_r, config.lora_alpha,
                          targets)
     scope = select(model, spec, layers, config.params)
-    return Prepared(model, tokenizer, scope, choice)
+    return Prepared(config, model, tokenizer, scope, choice)
+
+
+def make_zo_optimizer(prepared: Prepared, exact_restore: bool = True) -> ZOOptimizer:
+    """The run's ZOOptimizer over its tuned tensors (training, replay and resume build it here alike)."""
+    config, scope = prepared.config, prepared.scope
+    return ZOOptimizer(list(tuned_tensors(prepared.model, scope).items()), lr=config.lr, eps=config.eps, q=config.q,
+                       weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
+                       exact_restore=exact_restore, layer_groups=scope.layer_groups,
+                       sampled_layers=scope.sampled_layers)
 
 
 def tuned_tensors(model: nn.Module, scope: Scope) -> dict[str, torch.Tensor]:

@@ -9,19 +9,16 @@ import torch
 from dlzo.checkpoint import load_tensors, save_tensors
 from dlzo.errors import DlzoError
 from dlzo.options import ReplayConfig
-from dlzo.prepare import tuned_tensors
+from dlzo.prepare import make_zo_optimizer, tuned_tensors
 from dlzo.run import build_for_run, read_jsonl
-from dlzo.zo import ZOOptimizer
 
 
 def replay(run: str | Path, base_model: str | None = None, upto: int | None = None) -> dict[str, torch.Tensor]:
     """The tuned tensors after the logged steps (all, or those before `upto`), bit-identical to training."""
     run = Path(run)
     prepared, record = build_for_run(run, base_model)
-    config = record["config"]
     tensors = tuned_tensors(prepared.model, prepared.scope)
-    zo = ZOOptimizer(list(tensors.items()), lr=config["lr"], eps=config["eps"], q=config["q"],
-                     weight_decay=config["weight_decay"], seed=config["seed"], distribution=config["distribution"])
+    zo = make_zo_optimizer(prepared)
     round_trip = record["perturbation"] == "arithmetic"
     for entry in read_jsonl(run / "trajectory.jsonl"):
         if upto is not None and entry["step"] >= upto:

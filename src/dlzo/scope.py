@@ -4,15 +4,16 @@ narrowed by `--params` (all, mlp, attn, or a regex)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from dlzo.errors import DlzoError
 from dlzo.models import decoder_layers, decoder_layers_with_path, num_parameters
 
-SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora  (dominant: the probe's layer, "
-              "or the most perturbation-sensitive layer when the probe finds none)")
+SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora | lezo:K  (dominant: the probe's "
+              "layer, or the most perturbation-sensitive layer when the probe finds none; lezo:K: LeZO, K random "
+              "decoder layers perturbed and updated per step)")
 
 # Module-path segments, so that e.g. post_attention_layernorm is neither attention nor MLP.
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)\.")
@@ -21,8 +22,9 @@ _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|fc1|fc2)\.")
 
 @dataclass
 class ScopeSpec:
-    kind: str  # "full" | "layers" | "lora" | "dominant" | "dominant-lora"
+    kind: str  # "full" | "layers" | "lora" | "dominant" | "dominant-lora" | "lezo"
     layers: list[int]
+    sampled_layers: int = 0  # lezo:K: layers drawn per step
 
     @property
     def needs_dominant_layer(self) -> bool:
@@ -37,6 +39,9 @@ def parse_scope(text: str) -> ScopeSpec:
     text = text.strip().lower()
     if text in ("full", "lora", "dominant", "dominant-lora"):
         return ScopeSpec(text, [])
+    lezo = re.fullmatch(r"lezo:(\d+)", text)
+    if lezo and int(lezo.group(1)) >= 1:
+        return ScopeSpec("lezo", [], sampled_layers=int(lezo.group(1)))
     match = re.fullmatch(r"(layer|layers):([\d,\s]+)", text)
     if match:
         layers = sorted({int(k) for k in match.group(2).split(",") if k.strip()})
@@ -68,6 +73,8 @@ class Scope:
     layers: list[int]  # decoder layers holding tuned tensors (empty when anything lies outside them)
     tuned: int
     total: int
+    layer_groups: list[int] = field(default_factory=list)  # lezo: the decoder layer of each tuned tensor
+    sampled_layers: int = 0  # lezo: layers perturbed per step
 
     @property
     def fraction(self) -> float:
@@ -112,6 +119,8 @@ def select(model: nn.Module, spec: ScopeSpec, layers: list[int], params: str = "
             chosen = "lora_" in name
         elif spec.kind == "full":
             chosen = keep(name)
+        elif spec.kind == "lezo":  # every decoder layer; each step perturbs K of them (dlzo.zo layer groups)
+            chosen = id(param) in layer_of and keep(name)
         else:
             chosen = layer_of.get(id(param)) in layers and keep(name)
         param.requires_grad_(chosen)
@@ -124,5 +133,9 @@ def select(model: nn.Module, spec: ScopeSpec, layers: list[int], params: str = "
     if -1 in tuned_layers:
         tuned_layers = []
     tuned = sum(params_by_name[n].numel() for n in names)
-    label = spec.kind if spec.kind in ("full", "lora") else f"{spec.kind} {layers}"
-    return Scope(description=label, names=names, layers=tuned_layers, tuned=tuned, total=num_parameters(model))
+    if spec.kind == "lezo" and spec.sampled_layers > len(blocks):
+        raise DlzoError(f"--scope lezo:{spec.sampled_layers}: the model has only {len(blocks)} layers")
+    label = {"full": "full", "lora": "lora", "lezo": f"lezo:{spec.sampled_layers}"}.get(spec.kind, f"{spec.kind} {layers}")
+    groups = [layer_of[id(params_by_name[n])] for n in names] if spec.kind == "lezo" else []
+    return Scope(description=label, names=names, layers=tuned_layers, tuned=tuned, total=num_parameters(model),
+                 layer_groups=groups, sampled_layers=spec.sampled_layers)

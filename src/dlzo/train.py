@@ -22,13 +22,12 @@ from dlzo.eval import dev_loss, evaluate
 from dlzo.interrupt import Interrupted, StopRequests
 from dlzo.models import resolve_model_source
 from dlzo.options import TrainConfig
-from dlzo.prepare import Prepared, load_into, prepare_model, tuned_tensors
+from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
 from dlzo.scalars import ScalarLogger
 from dlzo.scoring import context_limit, fast_layout
 from dlzo.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
 from dlzo.tasks import Splits, Task, load_task, task_splits
-from dlzo.zo import ZOOptimizer
 
 
 @dataclass
@@ -58,12 +57,6 @@ def lr_schedule(config: TrainConfig):
                               num_training_steps=config.steps)
     factor = scheduler.lr_lambdas[0]
     return lambda step: config.lr * factor(step)
-
-
-def make_zo_optimizer(config: TrainConfig, tensors: dict[str, torch.Tensor], exact: bool) -> ZOOptimizer:
-    return ZOOptimizer(list(tensors.items()), lr=config.lr, eps=config.eps, q=config.q,
-                       weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
-                       exact_restore=exact)
 
 
 def perturbation_kind(config: TrainConfig, prepared: Prepared) -> str:
@@ -108,7 +101,7 @@ class Session:
         self.is_main = dist.is_main_process()
         self.tensors = tuned_tensors(self.model, self.prepared.scope)
         self.perturbation = perturbation_kind(config, self.prepared)
-        self.zo = make_zo_optimizer(config, self.tensors, self.perturbation == "copy") if config.optimizer == "zo" else None
+        self.zo = make_zo_optimizer(self.prepared, self.perturbation == "copy") if config.optimizer == "zo" else None
         self.adam = (torch.optim.AdamW(list(self.tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
                      if self.zo is None else None)
         if previous is not None and self.zo is None and (run.path / "last.safetensors").exists():

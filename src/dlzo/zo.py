@@ -20,6 +20,7 @@ The public contract, which every other module uses (none reaches into private me
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -75,6 +76,8 @@ class ZOOptimizer:
         seed: int = 0,
         distribution: str = "gaussian",
         exact_restore: bool = True,
+        layer_groups: list[int] | None = None,
+        sampled_layers: int = 0,
     ):
         self.named = list(params)
         if not self.named:
@@ -84,13 +87,33 @@ class ZOOptimizer:
         self.lr, self.eps, self.q = lr, eps, q
         self.weight_decay, self.seed, self.distribution = weight_decay, seed, distribution
         self.exact_restore = exact_restore
+        # LeZO (arXiv 2410.09823): each direction perturbs and updates only `sampled_layers` of the layer
+        # groups, drawn from the direction's seed, so replay and resume draw the same ones.
+        self.layer_groups, self.sampled_layers = list(layer_groups or []), sampled_layers
+        self._active: tuple[int | None, set[int]] = (None, set())
+        if self.layer_groups and len(self.layer_groups) != len(self.named):
+            raise ValueError("layer_groups needs one group per tensor")
         self.step_count = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # -------------------------------------------------------------------------------- noise
 
+    def active(self, seed: int) -> set[int] | None:
+        """The tensors direction `seed` perturbs: all (None), or those of its LeZO layers."""
+        if not self.sampled_layers:
+            return None
+        if self._active[0] != seed:
+            groups = sorted(set(self.layer_groups))
+            chosen = set(random.Random(_mix(seed, 0x1E20)).sample(groups, min(self.sampled_layers, len(groups))))
+            self._active = (seed, {i for i, g in enumerate(self.layer_groups) if g in chosen})
+        return self._active[1]
+
     def sample(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-        """z for tensor `index` of direction `seed`, regenerated identically on any call."""
+        """z for tensor `index` of direction `seed`, regenerated identically on any call (zero for a tensor
+        outside the direction's LeZO layers)."""
+        active = self.active(seed)
+        if active is not None and index not in active:
+            return torch.zeros_like(like)
         generator = self._generators.get(like.device)
         if generator is None:
             generator = self._generators[like.device] = torch.Generator(device=like.device)
