@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import DATA, tiny_model
-from dlzo.layers import layer_parameters, layer_sensitivity, propagation
+from dlzo.layers import layer_parameters, layer_sensitivity, propagation, rank_correlation
 from dlzo.scoring import batch_loss, encode
 from dlzo.tasks import load_task
 from dlzo.zo import ZOOptimizer
@@ -40,3 +40,11 @@ def test_propagation_is_zero_before_the_perturbed_layer_and_positive_after(stori
     assert matrix[2][:2] == [0.0, 0.0] and all(v > 0 for v in matrix[2][2:])
 
 
+
+
+def test_rank_correlation_against_known_values():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # scipy.stats.spearmanr([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) = 0.8; ties get average ranks
+    assert rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert rank_correlation([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, rel=1e-6)

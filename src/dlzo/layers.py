@@ -41,18 +41,19 @@ def layer_parameters(model: nn.Module, layer: int) -> list[tuple[str, nn.Paramet
 
 
 def leading_batches(model: nn.Module, tokenizer, examples: list, batch_size: int, count: int,
-                    device: torch.device | None = None) -> list[EncodedBatch]:
-    """The first `count` batches of `examples`, encoded as the trainer's fast path encodes them."""
+                    device: torch.device | None = None, skip: int = 0) -> list[EncodedBatch]:
+    """`count` batches of `examples` after the first `skip` ones, encoded as the trainer's fast path does."""
     device = device or next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     return [encode(tokenizer, examples[i * batch_size : (i + 1) * batch_size], layout=layout).to(device)
-            for i in range(count)]
+            for i in range(skip, skip + count)]
 
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float = 1e-3, seeds: int = 3,
-                      layers: list[int] | None = None, progress=None) -> list[LayerSensitivity]:
-    """Inference only: for each layer, perturb it alone along `seeds` directions on each batch."""
+                      layers: list[int] | None = None, progress=None, first_seed: int = 0) -> list[LayerSensitivity]:
+    """Inference only: for each layer, perturb it alone along `seeds` directions (seeds first_seed, ...) on
+    each batch."""
     chosen = range(len(decoder_layers(model))) if layers is None else layers
     results = []
     # the unperturbed layers below layer l give the same hidden states for every l, seed and branch:
@@ -63,7 +64,7 @@ def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float 
         runner = BranchedForward(model, [n for n, _ in named])
         probe = ZOOptimizer(named, lr=0.0, eps=eps, seed=10_000 + layer)
         values = []
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             plus, minus, _ = probe.perturbed(seed)
             for batch, cache in zip(batches, prefix_caches):
                 loss_plus, loss_minus = runner.loss_pair(batch, plus, minus, prefix_cache=cache)
@@ -110,6 +111,29 @@ def propagation(model: nn.Module, batch: EncodedBatch, eps: float = 1e-3, seed: 
         matrix.append([float((a - b).norm() / b.norm().clamp_min(1e-12)) if j >= layer else 0.0
                        for j, (a, b) in enumerate(zip(perturbed, clean))])
     return matrix
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho of two per-layer measurements (average ranks for ties): 1 when they order the
+    layers the same way, about 0 when one says nothing about the other."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    norm = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / norm if norm else 0.0
 
 
 def choose_dominant_layer(model: nn.Module, tokenizer, train: list[Example], eps: float,
