@@ -106,6 +106,45 @@ def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
     plt.close(fig)
 
 
+def seed_summary(folder: Path) -> dict[str, dict]:
+    """Runs repeated over seeds (FOLDER/seed*/runs/NAME/results.json), grouped by NAME: test metric and best
+    dev loss as mean, sample standard deviation and standard error, and at which step the dev loss was lowest."""
+    groups: dict[str, list[dict]] = {}
+    for results in sorted(Path(folder).glob("seed*/runs/*/results.json")):
+        record = json.loads(results.read_text())
+        devs = [json.loads(x) for x in (results.parent / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in x]
+        record["best_step"] = min(devs, key=lambda d: d["dev_loss"])["step"] if devs else None
+        record["seed"] = results.parent.parent.parent.name
+        groups.setdefault(results.parent.name, []).append(record)
+    summary = {}
+    for name, records in groups.items():
+        tests = [r["test_value"] for r in records if r["test_value"] is not None]
+        summary[name] = {"seeds": [r["seed"] for r in records], "n": len(tests), "scope": records[0]["scope"],
+                         "steps": records[0]["steps"], "test": _spread(tests), "metric": records[0]["test_metric"],
+                         "dev_best": _spread([r["dev_loss_best"] for r in records]),
+                         "seconds_per_step": _spread([r["seconds_per_step"] for r in records]),
+                         "best_steps": [r["best_step"] for r in records]}
+    return summary
+
+
+def _spread(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "se": std / n**0.5 if n > 1 else float("nan"), "values": values}
+
+
+def format_seed_summary(summary: dict[str, dict]) -> str:
+    lines = ["| run | scope | steps | seeds | test mean ± std (SE) | best dev loss mean ± std | step of best dev (per seed) | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in sorted(summary.items()):
+        t, d = row["test"], row["dev_best"]
+        lines.append(f"| {name} | {row['scope']} | {row['steps']} | {row['n']} | {t['mean']:.4f} ± {t['std']:.4f} "
+                     f"({t['se']:.4f}) | {d['mean']:.4f} ± {d['std']:.4f} | {row['best_steps']} | "
+                     f"{row['seconds_per_step']['mean']:.2f} |")
+    return "\n".join(lines)
+
+
 def _find_runs(folder) -> list:
     return sorted(p.parent for p in folder.rglob("results.json"))
 
@@ -164,6 +203,9 @@ def report(folders: list[str], out: str) -> str:
             for name in ("sensitivity.png", "propagation.png"):
                 if (folder / name).exists():
                     lines.append(picture(folder / name, name[:-4]))
+        seeds = seed_summary(folder)
+        if seeds:
+            lines += [f"**Across seeds** ({folder})", "", format_seed_summary(seeds), ""]
         sweep_file = folder / "sweep.json"
         if sweep_file.exists():
             data = json.loads(sweep_file.read_text())
