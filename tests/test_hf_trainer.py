@@ -399,6 +399,8 @@ def test_five_line_script_of_the_docs_runs(stories_path, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     script = five_line_script()
+    readme = re.search(r"<!-- five-line script[^>]*-->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert readme and readme.group(1) == script  # the README shows the script this test runs
     assert re.search(r'^name = "[^"]+"', script, re.M)
     script = re.sub(r'^name = "[^"]+"', f"name = {stories_path!r}", script, count=1, flags=re.M)
     monkeypatch.chdir(tmp_path)
