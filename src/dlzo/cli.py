@@ -19,12 +19,14 @@ from dlzo.demo import run_demo
 from dlzo.errors import DlzoError
 from dlzo.eval import eval_command
 from dlzo.export import export_command
+from dlzo.generate import generate_command
 from dlzo.interrupt import Interrupted
 from dlzo.options import (
     BenchConfig,
     DemoConfig,
     EvalConfig,
     ExportConfig,
+    GenerateConfig,
     ProbeConfig,
     ReplayConfig,
     ReportConfig,
@@ -54,8 +56,11 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "probe": Command(ProbeConfig, probe_command, "find the dominant layer (first layer with massive activations)"),
-    "train": Command(TrainConfig, train_command, "fine-tune a scope of the model with ZO (or AdamW) on a task"),
-    "eval": Command(EvalConfig, eval_command, "zero-shot, in-context, or trained-run evaluation on a task"),
+    "train": Command(TrainConfig, train_command, "fine-tune a scope of the model with ZO (or AdamW) on a task or "
+                                                 "your own data (--data)"),
+    "eval": Command(EvalConfig, eval_command, "zero-shot, in-context, or trained-run evaluation on a task or your "
+                                              "own data (--data)"),
+    "generate": Command(GenerateConfig, generate_command, "what a trained run (or a base model) says to a prompt"),
     "replay": Command(ReplayConfig, replay_command, "rebuild a run's tuned weights from the base model and its trajectory"),
     "export": Command(ExportConfig, export_command, "write a merged Hugging Face folder from a run"),
     "sweep": Command(SweepConfig, sweep, "ZO-tune each layer alone plus full MeZO / ZO-LoRA; table, chart, verdict"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,10 @@ from tqdm import tqdm
 
 from dlzo import distributed as dist
 from dlzo.checkpoint import atomic_write_json
+from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
 from dlzo.errors import DlzoError
-from dlzo.models import load_model, load_tokenizer
-from dlzo.options import EvalConfig
+from dlzo.models import load_model, load_tokenizer, resolve_model_source
+from dlzo.options import DEFAULT_MAX_DEV, EvalConfig, TrainConfig
 from dlzo.run import load_checkpoint_of_run
 from dlzo.scoring import (
     candidate_scores,
@@ -60,15 +63,29 @@ def _batches(items: list, size: int, label: str, quiet: bool):
 
 @torch.no_grad()
 def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, generation: bool = False,
-             max_length: int = 2048, quiet: bool = True) -> float:
-    """Mean per-example training loss over the examples (the trainer keeps the checkpoint minimising it)."""
+             max_length: int = 2048, quiet: bool = True, per_token: bool = False) -> float:
+    """Mean per-example training loss over the examples (the trainer keeps the checkpoint minimising it).
+    `per_token`: the mean negative log-likelihood of every scored token instead (your own generation data:
+    its exp is the perplexity)."""
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
-    total = 0.0
+    total = tokens = 0.0
     for chunk in _batches(_shard(examples), batch_size, "dev loss", quiet):
         batch = encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
+        if per_token:
+            logprobs = token_logprobs(model, batch)
+            total, tokens = total - float(logprobs.double().sum()), tokens + logprobs.numel()
+            continue
         total += float(per_example_losses(batch, token_logprobs(model, batch)).sum())
+    if per_token:
+        total, tokens = dist.sum_across_ranks([total, tokens])
+        return total / tokens
     return dist.sum_across_ranks([total])[0] / len(examples)
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean token loss (inf where it would overflow)."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def _shard(examples: list) -> list:
@@ -78,12 +95,13 @@ def _shard(examples: list) -> list:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, task: Task, examples: list[Example], batch_size: int = 16,
-             demos: str = "", max_length: int = 2048, quiet: bool = False) -> EvalResult:
+             demos: str = "", max_length: int = 2048, quiet: bool = False, max_new_tokens: int = 50) -> EvalResult:
     model.eval()
     max_length = context_limit(model, max_length)
     if task.generation:
         tokenizer.truncation_side = "left"
-        return _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet)
+        return _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet,
+                                    max_new_tokens)
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     correct = 0
@@ -95,15 +113,16 @@ def evaluate(model: nn.Module, tokenizer, task: Task, examples: list[Example], b
     return EvalResult(task.name, "accuracy", correct / len(examples), len(examples))
 
 
-def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet) -> EvalResult:
+def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, max_length, quiet,
+                         max_new_tokens: int = 50) -> EvalResult:
     device = next(model.parameters()).device
     f1_total = em_total = 0.0
     for chunk in _batches(_shard(examples), batch_size, f"generate {task.name}", quiet):
         prompts = [demos + e.prompt for e in chunk]
         # Keep the end of the prompt (the question) and leave room for the answer.
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                           max_length=max(max_length - 50, 8)).to(device)
-        output = model.generate(**inputs, max_new_tokens=50, do_sample=False, use_cache=True,
+                           max_length=max(max_length - max_new_tokens, 8)).to(device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                 pad_token_id=tokenizer.pad_token_id)
         for example, row in zip(chunk, output[:, inputs["input_ids"].shape[1] :]):
             text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
@@ -113,8 +132,12 @@ def _evaluate_generation(model, tokenizer, task, examples, batch_size, demos, ma
     return EvalResult(task.name, "f1", f1_total / len(examples), len(examples), exact_match=em_total / len(examples))
 
 
-def eval_command(config: EvalConfig) -> EvalResult:
-    """`dlzo eval`: zero-shot, in-context (--icl K) or a trained run (--run) on a task's test examples."""
+def eval_command(config: EvalConfig) -> EvalResult | dict:
+    """`dlzo eval`: zero-shot, in-context (--icl K) or a trained run (--run) on a task's test examples, or on
+    your own rows (--data)."""
+    config.validate()
+    if config.data:
+        return eval_own_data(config)
     task = load_task(config.task, config.data_dir)
     splits = task_splits(task, config.data_seed, num_test=config.num_test)
     if config.run:
@@ -134,3 +157,91 @@ def eval_command(config: EvalConfig) -> EvalResult:
     print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
           f"({config.icl}-shot); wrote {out / 'eval.json'}")
     return result
+
+
+# ----------------------------------------------------------------------------------------------- your own data
+
+
+def eval_own_data(config: EvalConfig) -> dict:
+    """`dlzo eval --data`: the dev loss (per scored token) and perplexity of generation rows, or the accuracy of
+    classification rows; with --generate also greedy exact match / F1 against each completion. The model and
+    its tokenizer are checked, then the rows are read, then the model is loaded."""
+    record = _run_record(config.run) if config.run else None
+    base = config.model or (record["config"]["model"] if record else "")
+    if not base:
+        raise DlzoError("--model is required (or --run to evaluate a trained run)")
+    resolve_model_source(base)
+    tokenizer = load_tokenizer(base, trust_remote_code=config.trust_remote_code)
+    user, examples, which = own_eval_rows(config, tokenizer, record)
+    if config.generate and user.format == "text":
+        raise DlzoError(f"--generate: {config.data} holds text rows, which have no prompt to continue; use "
+                        f"prompt-completion, chat or classification rows")
+    if config.run:
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        model, tokenizer = prepared.model, prepared.tokenizer
+    else:
+        model = load_model(base, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+    model.eval()
+    max_length = context_limit(model, (record or {}).get("config", {}).get("max_length", TrainConfig.max_length))
+    task = UserTask(user)
+    loss = dev_loss(model, tokenizer, examples, config.batch_size, user.generation, max_length,
+                    per_token=user.generation)
+    result = {"data": config.data, "format": user.format, "rows": which, "num_examples": len(examples),
+              "model": base, "run": config.run, "checkpoint": config.checkpoint if config.run else None, "loss": loss}
+    if user.generation:
+        result.update(loss_kind="mean negative log-likelihood per scored token", perplexity=perplexity(loss))
+    else:
+        result.update(loss_kind="cross-entropy over the options per row",
+                      accuracy=evaluate(model, tokenizer, task, examples, config.batch_size, max_length=max_length,
+                                        quiet=True).value)
+    if config.generate:
+        tokenizer.truncation_side = "left"
+        scored = [e if e.answers else replace(e, answers=[e.continuations[e.label].strip()]) for e in examples]
+        generated = _evaluate_generation(model, tokenizer, task, scored, config.batch_size, "", max_length, True,
+                                         config.max_new_tokens)
+        result.update(exact_match=generated.exact_match, f1=generated.value, max_new_tokens=config.max_new_tokens)
+    out = Path(config.out)
+    atomic_write_json(out / "eval.json", result)
+    print(own_eval_line(result) + f"; wrote {out / 'eval.json'}")
+    return result
+
+
+def own_eval_line(result: dict) -> str:
+    parts = [f"{result['data']} ({result['format']}, {result['rows']}):"]
+    if "perplexity" in result:
+        parts.append(f"loss {result['loss']:.4f} per token, perplexity {result['perplexity']:.3f}")
+    else:
+        parts.append(f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+    if "exact_match" in result:
+        parts.append(f"; greedy exact match {result['exact_match']:.4f}, F1 {result['f1']:.4f}")
+    return " ".join(parts).replace(" ;", ";")
+
+
+def _run_record(run: str) -> dict:
+    path = Path(run) / "run.json"
+    if not path.exists():
+        raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
+    return json.loads(path.read_text())
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a.startswith(HUB_PREFIX) or b.startswith(HUB_PREFIX):
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def own_eval_rows(config: EvalConfig, tokenizer, record: dict | None) -> tuple[UserData, list[Example], str]:
+    """The rows to evaluate: with --run and that run's own --data file (no --eval-data), the rows it held out,
+    split again with its recorded settings; otherwise every row of --data (a seeded --num-test when more)."""
+    trained = (record or {}).get("config", {})
+    if trained.get("data") and not trained.get("eval_data") and _same_source(config.data, trained["data"]):
+        num_dev = trained.get("num_dev", -1)
+        user = load_user_data(config.data, tokenizer, trained.get("data_format", "auto"), trained.get("columns", ""),
+                              "", trained.get("eval_fraction", 0.1), trained.get("data_seed", 0),
+                              max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
+        return user, user.dev, f"the run's {len(user.dev)} held-out dev rows"
+    user = load_user_data(config.data, tokenizer, config.data_format, config.columns, eval_source=config.data,
+                          seed=config.data_seed, max_eval=config.num_test)
+    total = len(user.train)
+    which = f"all {total} rows" if len(user.dev) == total else f"a seeded {len(user.dev)} of {total} rows"
+    return user, user.dev, which

@@ -42,11 +42,12 @@ def layer_parameters(model: nn.Module, layer: int) -> list[tuple[str, nn.Paramet
 
 def leading_batches(model: nn.Module, tokenizer, examples: list, batch_size: int, count: int,
                     device: torch.device | None = None, skip: int = 0) -> list[EncodedBatch]:
-    """`count` batches of `examples` after the first `skip` ones, encoded as the trainer's fast path does."""
+    """`count` batches of `examples` after the first `skip` ones, encoded as the trainer's fast path does
+    (fewer when the examples run out: a small file of your own may not fill two batches)."""
     device = device or next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     return [encode(tokenizer, examples[i * batch_size : (i + 1) * batch_size], layout=layout).to(device)
-            for i in range(skip, skip + count)]
+            for i in range(skip, skip + count) if i * batch_size < len(examples)]
 
 
 @torch.no_grad()

@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 
 from dlzo.config import option, same_as
+from dlzo.data import FORMATS, parse_columns
 from dlzo.errors import DlzoError
 from dlzo.scope import SCOPE_HELP
 from dlzo.tasks import DATA_DIR_HELP
 
+DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 
@@ -41,7 +43,37 @@ class TaskOptions:
 
 
 @dataclass
-class TrainConfig(ModelOptions, TaskOptions):
+class DataSource:
+    """Your own rows instead of a benchmark task (dlzo.data; docs/your-data.md): --data wins over --task."""
+
+    data: str = option("", "your own data instead of --task: a .jsonl, .json, .csv or .parquet file, or "
+                           "hf:NAME[:CONFIG][:SPLIT] (docs/your-data.md)")
+    data_format: str = option("auto", "with --data: auto (from the fields), " + ", ".join(FORMATS))
+    columns: str = option("", "with --data: map the source's columns onto the fields, e.g. "
+                              "prompt=question,completion=answer")
+
+    def validate_data_options(self) -> None:
+        """Flag checks of the data group (no file is read): one line naming the flag."""
+        if self.data_format not in ("auto", *FORMATS):
+            raise DlzoError(f"--data-format {self.data_format!r} is not one of auto, {', '.join(FORMATS)}")
+        parse_columns(self.columns)
+        fraction = getattr(self, "eval_fraction", 0.5)
+        if not (math.isfinite(fraction) and 0 < fraction < 1):
+            raise DlzoError(f"--eval-fraction must be between 0 and 1, not {fraction}")
+        if not self.data:
+            for name in ("eval_data", "columns"):
+                if getattr(self, name, ""):
+                    raise DlzoError(f"--{name.replace('_', '-')} needs --data (the file of your own rows)")
+
+
+@dataclass
+class DataOptions(DataSource):
+    eval_data: str = option("", "with --data: the dev rows (default: a seeded --eval-fraction of --data is held out)")
+    eval_fraction: float = option(0.1, "with --data and no --eval-data: the fraction of rows held out as the dev set")
+
+
+@dataclass
+class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     out: str = option("runs/train", "run folder for checkpoints, logs and results")
     resume: str = option("", "continue the interrupted run in this folder (same arguments, --out included)")
     scope: str = option("dominant", SCOPE_HELP)
@@ -64,9 +96,12 @@ class TrainConfig(ModelOptions, TaskOptions):
     weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
     distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
     seed: int = option(0, "run seed: ZO directions and data order")
-    data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed)")
-    num_train: int = option(1000, "training examples sampled from the official train split")
-    num_dev: int = option(-1, "dev examples (-1: the task's MeZO default, 500 or 100)")
+    data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed; --data: of the "
+                               "held-out rows)")
+    num_train: int = option(1000, "training examples sampled from the official train split (--data: every "
+                                  "training row is used)")
+    num_dev: int = option(-1, "dev examples (-1: the task's MeZO default, 500 or 100; --data: at most this many "
+                              "held-out rows, -1: 500)")
     num_test: int = option(1000, "test examples sampled from the official validation split")
     eval_every: int = option(100, "evaluate dev loss (and save) every N steps; 0: only at the end")
     eval_batch_size: int = option(32, "batch size for dev loss and test evaluation")
@@ -86,6 +121,7 @@ class TrainConfig(ModelOptions, TaskOptions):
         if not self.model:
             raise DlzoError("--model is required")
         self.validate_model_options()
+        self.validate_data_options()
         for name in ("steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length"):
             if getattr(self, name) < 1:
                 raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -99,6 +135,8 @@ class TrainConfig(ModelOptions, TaskOptions):
                 raise DlzoError(f"--{name.replace('_', '-')} must not be negative, not {value}")
         if self.num_dev < -1:
             raise DlzoError(f"--num-dev must be -1 (the task's default) or at least 0, not {self.num_dev}")
+        if self.data and self.num_dev == 0:
+            raise DlzoError("--num-dev 0: with --data the dev set needs at least 1 row (-1: at most 500)")
         if self.optimizer not in ("zo", "adamw"):
             raise DlzoError(f"--optimizer {self.optimizer!r} is not zo or adamw")
         if self.batch_size % self.grad_accum:
@@ -116,8 +154,10 @@ class TrainConfig(ModelOptions, TaskOptions):
 
 
 @dataclass
-class ProbeConfig(ModelOptions, TaskOptions):
+class ProbeConfig(ModelOptions, TaskOptions, DataSource):
     task: str = option("", "calibrate on a task's training prompts instead of the built-in prose (e.g. sst2)")
+    data: str = option("", "calibrate on the rows of your own data (a .jsonl/.json/.csv/.parquet file or hf:NAME; "
+                           "the first 64 rows, as dlzo train --scope dominant does)")
     text: str = option("", "calibration text file (default: built-in English prose)")
     out: str = option("out/probe", "output folder for probe.json and probe.png")
     max_tokens: int = option(512, "calibration tokens in total")
@@ -129,8 +169,14 @@ class ProbeConfig(ModelOptions, TaskOptions):
 
 
 @dataclass
-class EvalConfig(ModelOptions, TaskOptions):
+class EvalConfig(ModelOptions, TaskOptions, DataSource):
     model: str = option("", "model to evaluate (with --run: the base model, default the run's own)")
+    data: str = option("", "evaluate on your own rows instead of --task: every row of this file (with --run and "
+                           "the run's own --data file: its held-out dev rows); dev loss and perplexity, accuracy "
+                           "for classification rows")
+    generate: bool = option(False, "with --data: also generate greedily from each prompt and score exact match / F1 "
+                                   "against its completion (prompt-completion and chat rows)")
+    max_new_tokens: int = option(50, "with --generate: tokens generated per prompt")
     run: str = option("", "evaluate the tuned tensors of this training run")
     checkpoint: str = option("best", "best, last or final (with --run)")
     icl: int = option(0, "in-context demonstrations drawn from train")
@@ -138,6 +184,45 @@ class EvalConfig(ModelOptions, TaskOptions):
     data_seed: int = same_as(TrainConfig, "data_seed")
     batch_size: int = option(16, "examples per forward")
     out: str = option("out/eval", "folder for eval.json")
+
+    def validate(self) -> None:
+        self.validate_model_options()
+        self.validate_data_options()
+        if self.generate and not self.data:
+            raise DlzoError("--generate needs --data (the task's own metric already generates for squad and drop)")
+        for name in ("num_test", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.checkpoint not in ("best", "last", "final"):
+            raise DlzoError(f"--checkpoint {self.checkpoint!r} is not best, last or final")
+
+
+@dataclass
+class GenerateConfig(ModelOptions):
+    prompt: str = option("", "the prompt to continue (with a chat run or --chat: the user's message)", required=True)
+    run: str = option("", "generate with the tuned tensors of this training run")
+    model: str = option("", "the base model without --run (with --run: another base, default the run's own)")
+    checkpoint: str = same_as(EvalConfig, "checkpoint")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template as a user turn (always on for a "
+                               "run trained on chat rows)")
+    max_new_tokens: int = option(64, "tokens to generate at most")
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(1.0, "with --sample: the sampling temperature")
+    top_p: float = option(1.0, "with --sample: nucleus sampling's probability mass")
+    seed: int = option(0, "with --sample: the sampling seed")
+
+    def validate(self) -> None:
+        self.validate_model_options()
+        if not self.run and not self.model:
+            raise DlzoError("--run (a training run) or --model (a base model) is required")
+        if self.max_new_tokens < 1:
+            raise DlzoError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise DlzoError(f"--temperature must be a positive finite number, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DlzoError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if self.checkpoint not in ("best", "last", "final"):
+            raise DlzoError(f"--checkpoint {self.checkpoint!r} is not best, last or final")
 
 
 @dataclass
@@ -164,7 +249,7 @@ class ReportConfig:
 
 
 @dataclass
-class SweepConfig(TaskOptions):
+class SweepConfig(TaskOptions, DataOptions):
     model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
     out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
     layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
@@ -186,7 +271,7 @@ class SweepConfig(TaskOptions):
 
 
 @dataclass
-class SensitivityConfig(TaskOptions):
+class SensitivityConfig(TaskOptions, DataSource):
     model: str = option("", "model (hub id, folder, .gguf, short name)")
     out: str = option("out/sensitivity", "folder for sensitivity.json, sensitivity.png, propagation.png")
     seeds: int = option(3, "directions per layer")

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from dlzo.checkpoint import atomic_write_json
+from dlzo.data import UserTask, load_user_data
 from dlzo.errors import DlzoError
-from dlzo.models import decoder_layers, load_model, load_tokenizer
+from dlzo.models import decoder_layers, load_model, load_tokenizer, resolve_model_source
 from dlzo.options import ProbeConfig
 from dlzo.tasks import load_task
 
@@ -457,11 +458,17 @@ def probe_command(config: ProbeConfig) -> ProbeResult:
     """`dlzo probe`: the per-layer table and the pick, written to OUT/probe.json and OUT/probe.png."""
     if not config.model:
         raise DlzoError("--model is required")
+    config.validate_data_options()
     texts = [_read_text_file(config.text)] if config.text else None
+    if config.data:  # the rows are read (with the model's tokenizer, for chat templates) before the model loads
+        resolve_model_source(config.model)
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        user = load_user_data(config.data, tokenizer, config.data_format, config.columns)
+        texts = [UserTask(user).prompt_text(example) for example in user.train[:64]]
     model = load_model(config.model, dtype=config.dtype, device=config.device,
                        trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    if config.task:
+    if config.task and not config.data:
         task = load_task(config.task, config.data_dir)
         texts = [task.prompt_text(example) for example in task.splits(seed=0).train[:64]]
     result = find_dominant_layer(model, tokenizer, texts, max_tokens=config.max_tokens,

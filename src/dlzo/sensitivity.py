@@ -8,8 +8,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dlzo.checkpoint import atomic_write_json
+from dlzo.data import load_user_data
 from dlzo.layers import layer_sensitivity, leading_batches, propagation
-from dlzo.models import decoder_layers, load_model, load_tokenizer
+from dlzo.models import decoder_layers, load_model, load_tokenizer, resolve_model_source
 from dlzo.options import SensitivityConfig
 from dlzo.report import plot_sensitivity
 from dlzo.scoring import encode
@@ -18,15 +19,21 @@ from dlzo.tasks import load_task
 
 def sensitivity(config: SensitivityConfig) -> dict:
     """Inference only: per-layer |L(θ+εz_l) - L(θ-εz_l)|/2ε, and how a layer's perturbation propagates."""
+    if config.data:  # your own rows, read (with the tokenizer, for chat templates) before the model loads
+        config.validate_data_options()
+        resolve_model_source(config.model)
+        train_examples = load_user_data(config.data, load_tokenizer(config.model), config.data_format,
+                                        config.columns).train
+    else:
+        train_examples = load_task(config.task, config.data_dir).splits(seed=0).train
     model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
-    train_examples = load_task(config.task, config.data_dir).splits(seed=0).train
     device = next(model.parameters()).device
     batches = leading_batches(model, tokenizer, train_examples, config.batch_size, config.batches, device)
     num_layers = len(decoder_layers(model))
     with tqdm(total=num_layers, desc="sensitivity") as bar:
         per_layer = layer_sensitivity(model, batches, config.eps, config.seeds, progress=bar)
     matrix = propagation(model, encode(tokenizer, train_examples[: config.batch_size]).to(device), config.eps)
-    data = {"model": config.model, "task": config.task, "eps": config.eps, "seeds": config.seeds,
+    data = {"model": config.model, "task": config.data or config.task, "eps": config.eps, "seeds": config.seeds,
             "batches": config.batches,
             "layers": [{"layer": s.layer, "mean": s.mean, "std": s.std, "values": s.values} for s in per_layer],
             "most_sensitive_layer": max(per_layer, key=lambda s: s.mean).layer,

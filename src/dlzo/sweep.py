@@ -16,7 +16,7 @@ from dlzo.options import SweepConfig, TrainConfig
 from dlzo.probe import find_dominant_layer
 from dlzo.report import format_sweep, plot_sweep, sweep_verdict
 from dlzo.tasks import load_task, task_splits
-from dlzo.train import train
+from dlzo.train import load_data, train
 
 
 def shared_train_options(config: SweepConfig) -> dict:
@@ -56,15 +56,21 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None) -
 def sweep(config: SweepConfig) -> dict:
     """Tune each layer alone (plus references) with the same seeds, steps and data; resumable."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     probe_file = out / "probe.json"
-    task = load_task(config.task, config.data_dir)
+    train_examples = None
+    if config.data:  # the rows are read and checked before the sweep folder is made
+        config.validate_data_options()
+        train_examples = load_data(TrainConfig(**shared_train_options(config)), load_tokenizer(config.model)).splits.train
+    out.mkdir(parents=True, exist_ok=True)
     if probe_file.exists():
         probe = json.loads(probe_file.read_text())
     else:
-        splits = task_splits(task, 0, config.num_train, None if config.num_dev < 0 else config.num_dev, config.num_test)
+        if train_examples is None:
+            task = load_task(config.task, config.data_dir)
+            train_examples = task_splits(task, 0, config.num_train, None if config.num_dev < 0 else config.num_dev,
+                                         config.num_test).train
         model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
-        texts = [e.prompt + e.continuations[e.label] for e in splits.train[:64]]
+        texts = [e.prompt + e.continuations[e.label] for e in train_examples[:64]]
         probe = find_dominant_layer(model, tokenizer, texts).to_json()
         atomic_write_json(probe_file, probe)
         del model
@@ -80,13 +86,17 @@ def sweep(config: SweepConfig) -> dict:
                 train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped
             train(train_config)
         results = json.loads(results_file.read_text())
+        metric, value = results["test_metric"], results["test_value"]
+        if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
+            metric, value = "1/perplexity", 1 / value
         entries.append({"name": name, "scope": overrides["scope"], "optimizer": overrides.get("optimizer", "zo"),
                         "layer": int(name[5:]) if name.startswith("layer") else None, "lr": overrides["lr"],
-                        "test_metric": results["test_value"], "metric": results["test_metric"],
+                        "test_metric": value, "metric": metric,
                         "dev_loss_start": results["dev_loss_start"], "dev_loss_end": results["dev_loss_best"],
                         "steps": results["steps"], "seconds": results["train_seconds"],
                         "seconds_per_step": results["seconds_per_step"]})
-        summary = {"model": config.model, "task": config.task, "probe_layer": probe_layer, "config": asdict(config),
+        summary = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
+                   "config": asdict(config),
                    "runs": entries}
         atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
     summary["verdict"] = sweep_verdict(summary)

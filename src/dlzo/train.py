@@ -8,6 +8,7 @@ in dlzo.prepare, the choice of layer in dlzo.layers, the optimizer in dlzo.zo.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -17,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from dlzo import distributed as dist
+from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
 from dlzo.errors import DlzoError
-from dlzo.eval import dev_loss, evaluate
+from dlzo.eval import EvalResult, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
-from dlzo.models import resolve_model_source
-from dlzo.options import TrainConfig
+from dlzo.models import load_tokenizer, resolve_model_source
+from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
 from dlzo.scalars import ScalarLogger
@@ -32,12 +34,22 @@ from dlzo.tasks import Splits, Task, load_task, task_splits
 
 @dataclass
 class Data:
-    task: Task
+    task: Task | UserTask
     splits: Splits
+    user: UserData | None = None  # --data: the rows as dlzo.data read them
+    info: dict | None = None  # --data: what run.json and results.json record under "data"
+
+    @property
+    def per_token(self) -> bool:
+        """Your own generation data: the dev loss is the mean NLL per scored token (exp: perplexity)."""
+        return self.user is not None and self.user.generation
 
 
-def load_data(config: TrainConfig) -> Data:
-    """The task's MeZO splits, checked against the sizes asked for."""
+def load_data(config: TrainConfig, tokenizer=None) -> Data:
+    """The task's MeZO splits, checked against the sizes asked for; or, with --data, the user's rows
+    (chat rows need `tokenizer`: its chat template renders them)."""
+    if config.data:
+        return load_own_data(config, tokenizer)
     task = load_task(config.task, config.data_dir)
     splits = task_splits(task, config.data_seed, config.num_train, None if config.num_dev < 0 else config.num_dev,
                          config.num_test)
@@ -45,6 +57,39 @@ def load_data(config: TrainConfig) -> Data:
         raise DlzoError(f"task {task.name} has no training examples with these settings "
                         f"(--num-train {config.num_train}, --num-dev {config.num_dev})")
     return Data(task, splits)
+
+
+def load_own_data(config: TrainConfig, tokenizer) -> Data:
+    """--data: every training row, and the dev rows (--eval-data, or a seeded --eval-fraction held out)."""
+    user = load_user_data(config.data, tokenizer, config.data_format, config.columns, config.eval_data,
+                          config.eval_fraction, config.data_seed,
+                          max_eval=config.num_dev if config.num_dev > 0 else DEFAULT_MAX_DEV,
+                          max_length=config.max_length)
+    task = UserTask(user)
+    info = {"source": config.data, "eval_source": config.eval_data or None, "name": user.name, "format": user.format,
+            "metric": "accuracy on the dev rows" if not user.generation else
+            "dev loss (mean NLL per scored token) and perplexity",
+            "sha256": file_digest(config.data), "eval_sha256": file_digest(config.eval_data),
+            "train_rows": len(user.train), "dev_rows": len(user.dev)}
+    return Data(task, task.splits(), user, info)
+
+
+def file_digest(source: str) -> str | None:
+    """sha256 of a local data file (None for hf: sources and no file), so --resume can tell it changed."""
+    if not source or source.startswith(HUB_PREFIX) or not Path(source).is_file():
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
+def check_same_data(previous: dict | None, data: Data) -> None:
+    """--resume with --data: the file must hold what it held, or the batches after the resume point differ."""
+    was, now = (previous or {}).get("data") or {}, data.info or {}
+    for key, flag, source in (("sha256", "--data", now.get("source")), ("eval_sha256", "--eval-data",
+                                                                           now.get("eval_source"))):
+        if was.get(key) and now.get(key) and was[key] != now[key]:
+            raise DlzoError(f"--resume: {flag} {source} changed since that run (sha256 {was[key][:12]}... then, "
+                            f"{now[key][:12]}... now), so the resumed steps would see other rows; restore the "
+                            f"file or start a new run")
 
 
 def lr_schedule(config: TrainConfig):
@@ -77,7 +122,13 @@ def train(config: TrainConfig) -> dict:
     run = RunFolder(config.out)
     previous = run.check(config)
     resolve_model_source(config.model)  # a wrong --model is reported before anything about the data
-    data = load_data(config)
+    # --data reads the rows with the model's tokenizer (chat templates, lengths); nothing is written before
+    # they are read and checked
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code) if config.data else None
+    data = load_data(config, tokenizer)
+    if data.user is not None:
+        check_same_data(previous, data)
+        check_answers_fit(tokenizer, data.splits, config.max_length, data.task)
     if dist.is_main_process():
         run.lock()
     try:
@@ -117,12 +168,15 @@ class Session:
         self.directions = ([d for d in range(config.q) if d % self.world == self.rank] if split_directions else None)
         if self.is_main:
             announce(config, self.prepared, data.splits, self.point, previous)
-            run.write_record(run_record(config, self.prepared, data.splits, self.perturbation, self.device))
+            record = run_record(config, self.prepared, data.splits, self.perturbation, self.device)
+            if data.user is not None:
+                record.update(data=data.info, split_record=data.user.split_record)
+            run.write_record(record)
 
     def evaluate_dev(self) -> float:
         splits = self.data.splits
         return dev_loss(self.model, self.tokenizer, splits.dev or splits.train[:100], self.config.eval_batch_size,
-                        self.data.task.generation, self.max_length)
+                        self.data.task.generation, self.max_length, per_token=self.data.per_token)
 
     def save(self, name: str, step: int, best: float) -> None:
         if self.is_main:
@@ -219,28 +273,59 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
 
 def evaluate_best(config: TrainConfig, run: RunFolder, prepared: Prepared, data: Data, dev_start: float,
                   best_dev: float, train_seconds: float, start_step: int) -> dict:
-    """Test the checkpoint with the lowest dev loss, as the paper does, and write results.json."""
+    """Test the checkpoint with the lowest dev loss, as the paper does, and write results.json.
+    --data has no test set: classification rows are scored by accuracy on the dev rows, generation rows by the
+    dev loss and perplexity of the best checkpoint."""
     model, tokenizer, scope, splits = prepared.model, prepared.tokenizer, prepared.scope, data.splits
     is_main = dist.is_main_process()
     load_into(model, checked_load(run.path / "best.safetensors"))
-    result = evaluate(model, tokenizer, data.task, splits.test, config.eval_batch_size,
-                      max_length=context_limit(model, config.max_length),
-                      quiet=config.quiet or not is_main) if splits.test else None
+    tested = splits.dev if data.user is not None else splits.test
+    if data.per_token:
+        result = EvalResult(data.task.name, "perplexity", perplexity(best_dev), len(tested))
+    else:
+        result = evaluate(model, tokenizer, data.task, tested, config.eval_batch_size,
+                          max_length=context_limit(model, config.max_length),
+                          quiet=config.quiet or not is_main) if tested else None
     ran = max(config.steps - start_step, 1)
     results = {"task": data.task.name, "scope": scope.description, "optimizer": config.optimizer,
                "layer": prepared.layer_choice.get("layer") if prepared.layer_choice else
                (scope.layers[0] if len(scope.layers) == 1 else None),
                "steps": config.steps, "dev_loss_start": dev_start, "dev_loss_best": best_dev,
                "test_metric": result.metric if result else None, "test_value": result.value if result else None,
-               "num_test": len(splits.test), "train_seconds": round(train_seconds, 2),
+               "num_test": len(tested), "train_seconds": round(train_seconds, 2),
                "seconds_per_step": round(train_seconds / ran, 4), "world_size": dist.world_size(),
                "bytes_exchanged_per_step": dist.STEP_TRAFFIC["bytes"] / ran}
+    if data.user is not None:
+        results.update(own_data_results(data, dev_start, best_dev))
     if is_main:
         run.write_results(results)
-        if result:
+        if data.user is not None:
+            print(own_data_summary(data, result, dev_start, best_dev) + f"; results in {run.results}")
+        elif result:
             print(f"test {result.metric} {result.value:.4f} on {result.num_examples} examples; dev loss "
                   f"{dev_start:.4f} -> best {best_dev:.4f}; results in {run.results}")
     return results
+
+
+def own_data_results(data: Data, dev_start: float, best_dev: float) -> dict:
+    """What results.json adds for --data: the data's record, what was tested, and the perplexities."""
+    extra = {"data": data.info, "test_split": "dev: the held-out rows (--data has no test set; these rows also "
+                                              "chose the best checkpoint)"}
+    if data.per_token:
+        extra.update(dev_loss_kind="mean negative log-likelihood per scored token",
+                     dev_perplexity_start=perplexity(dev_start), dev_perplexity_best=perplexity(best_dev))
+    else:
+        extra.update(dev_loss_kind="cross-entropy over the options per row")
+    return extra
+
+
+def own_data_summary(data: Data, result: EvalResult, dev_start: float, best_dev: float) -> str:
+    rows = f"{len(data.splits.dev)} held-out rows of {data.task.name}"
+    if data.per_token:
+        return (f"dev loss {dev_start:.4f} -> best {best_dev:.4f} per token (perplexity {perplexity(dev_start):.3f} "
+                f"-> {perplexity(best_dev):.3f}) on {rows}")
+    return (f"dev accuracy {result.value:.4f} on {rows} (they also chose the checkpoint; pass --eval-data for an "
+            f"untouched set); dev loss {dev_start:.4f} -> best {best_dev:.4f}")
 
 
 def is_eval_step(config: TrainConfig, done: int) -> bool:
@@ -250,7 +335,8 @@ def is_eval_step(config: TrainConfig, done: int) -> bool:
 def check_answers_fit(tokenizer, splits: Splits, max_length: int, task: Task) -> None:
     """--max-length keeps the end of each sequence: it must at least hold the longest answer."""
     longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"])
-                   for e in splits.train + splits.dev for c in e.continuations), default=0)
+                   for e in splits.train + splits.dev if not getattr(e, "spans", None)  # spans: cut, not refused
+                   for c in e.continuations), default=0)
     if longest >= max_length:
         raise DlzoError(f"--max-length {max_length} is below the longest answer of task {task.name} "
                         f"({longest} tokens); raise it")
@@ -263,6 +349,8 @@ def announce(config: TrainConfig, prepared: Prepared, splits: Splits, point: Res
         print(f"dominant layer {prepared.layer_choice['layer']}: {prepared.layer_choice['reason']}")
     print(f"tuning {scope.description}: {scope.tuned:,} of {scope.total:,} parameters ({100 * scope.fraction:.2f}%), "
           f"{config.optimizer}, {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples")
+    for note in splits.notes if config.data else []:
+        print(note)
     if previous is not None:
         print(f"resuming {config.out} at step {point.step} ({point.replayed} logged steps re-applied after the "
               f"last checkpoint)")
