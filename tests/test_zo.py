@@ -2,8 +2,13 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from conftest import DATA, STORIES
+from dlzo.options import TrainConfig
+from dlzo.replay import replay
+from dlzo.train import train
 from dlzo.zo import ZOOptimizer, direction_seed
 
 
@@ -174,3 +179,88 @@ def test_lezo_perturbs_and_updates_only_the_sampled_layers():
     assert moved == active
     draws = {frozenset(opt.active(direction_seed(5, step, 0))) for step in range(40)}
     assert len(draws) == 3  # every layer gets drawn over the run
+
+
+def reference_updates(rule, seeds_grads, w0, sample, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Brute force, in float64: the weights after each logged (seed, g) under `rule`."""
+    theta, m, v = w0.double().clone(), torch.zeros_like(w0, dtype=torch.float64), torch.zeros_like(w0, dtype=torch.float64)
+    for t, (seed, g) in enumerate(seeds_grads, start=1):
+        d = g * sample(seed).double()
+        if rule == "momentum":
+            m = d if t == 1 else beta1 * m + d
+            theta = theta - lr * m
+        else:
+            m, v = beta1 * m + (1 - beta1) * d, beta2 * v + (1 - beta2) * d * d
+            theta = theta - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+    return theta
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_stateful_update_rules_match_a_brute_force_reference(rule):
+    opt, weight, bias = make(lr=0.05, eps=1e-2, seed=3, update_rule=rule)
+    w0 = weight.detach().clone()
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    logged = []
+    for _ in range(5):
+        result = opt.step(lambda: quadratic([weight, bias], target))
+        logged.append((result.seeds[0], result.projected_grads[0]))
+    expected = reference_updates(rule, logged, w0, lambda seed: opt.sample(seed, 0, w0), lr=0.05)
+    torch.testing.assert_close(weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert opt.updates == 5 and len(opt.moments) == 2  # state over the tuned tensors only
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_stateful_rules_replay_bit_exactly_in_place_and_functional(rule):
+    target = [torch.zeros(6, 5), torch.ones(5)]
+    trained, trained_functional = make(lr=0.05, eps=1e-2, q=2, seed=4, update_rule=rule, weight_decay=0.1), \
+        make(lr=0.05, eps=1e-2, seed=4, update_rule=rule)
+    opt, weight, bias = trained
+    log = [opt.step(lambda: quadratic([weight, bias], target)) for _ in range(6)]
+    fopt, fweight, fbias = trained_functional
+    flog = [fopt.step_functional(lambda p, m: (quadratic(list(p.values()), target),
+                                               quadratic(list(m.values()), target))) for _ in range(6)]
+    for (ref, r_weight, r_bias), source in ((make(lr=0.05, eps=1e-2, q=2, seed=4, update_rule=rule, weight_decay=0.1),
+                                             (log, weight, bias)),
+                                            (make(lr=0.05, eps=1e-2, seed=4, update_rule=rule), (flog, fweight, fbias))):
+        for result in source[0]:
+            ref.replay_step(result.seeds, result.projected_grads, 0.05, result.skipped)
+        assert torch.equal(r_weight, source[1]) and torch.equal(r_bias, source[2])
+
+
+def test_sgd_rule_keeps_no_state_and_momentum_starts_as_sgd():
+    target = [torch.zeros(6, 5), torch.ones(5)]
+    sgd, w_sgd, b_sgd = make(lr=0.05, eps=1e-2, seed=2)
+    mom, w_mom, b_mom = make(lr=0.05, eps=1e-2, seed=2, update_rule="momentum")
+    sgd.step(lambda: quadratic([w_sgd, b_sgd], target))
+    mom.step(lambda: quadratic([w_mom, b_mom], target))
+    assert torch.equal(w_sgd, w_mom) and not sgd.moments and not sgd.stateful
+    with pytest.raises(ValueError, match="update_rule"):
+        make(update_rule="lion")
+
+
+STATEFUL_RUN = dict(task="sst2", num_train=64, num_dev=8, num_test=8, batch_size=4, quiet=True, eval_batch_size=16)
+
+
+@pytest.mark.parametrize("rule,scope,fast", [("momentum", "layer:1", True), ("adam", "layer:1", False),
+                                             ("adam", "full", False)])
+def test_stateful_run_replays_and_resumes_bit_exactly(tmp_path, rule, scope, fast):
+    """Replay of a momentum / adam run rebuilds its weights bit for bit, and a run stopped at step 5 and at 7
+    (the last checkpoint at 5) resumes to the weights and log of an uninterrupted run."""
+    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=10, eval_every=5, scope=scope,
+                   fast_path=fast, zo_update=rule, lr=1e-3 if rule == "adam" else 1e-2, weight_decay=0.01)
+    train(TrainConfig(**options, out=str(tmp_path / "reference")))
+    trained = load_file(tmp_path / "reference" / "final.safetensors")
+    rebuilt = replay(tmp_path / "reference")
+    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
+    killed = tmp_path / "killed"
+    train(TrainConfig(**{**options, "steps": 5}, out=str(killed)))
+    train(TrainConfig(**{**options, "steps": 7}, out=str(killed), resume=str(killed)))
+    for name in ("final.safetensors", "results.json"):
+        (killed / name).unlink()
+    train(TrainConfig(**options, out=str(killed), resume=str(killed)))
+    resumed = load_file(killed / "final.safetensors")
+    assert all(torch.equal(resumed[n], trained[n]) for n in trained)
+    assert (killed / "trajectory.jsonl").read_text() == (tmp_path / "reference" / "trajectory.jsonl").read_text()
+    sgd = dict(options, zo_update="sgd")
+    train(TrainConfig(**sgd, out=str(tmp_path / "sgd")))
+    assert not all(torch.equal(load_file(tmp_path / "sgd" / "final.safetensors")[n], trained[n]) for n in trained)

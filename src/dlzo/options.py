@@ -95,6 +95,10 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     device_map: str = option("", "'auto' spreads one model over this machine's GPUs (forward only, all ZO needs)")
     weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
     distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
+    zo_update: str = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
+                                   "g·z) or adam (ZO-AdaMM); state only over the tuned tensors, rebuilt by replay")
+    beta1: float = option(0.9, "--zo-update momentum / adam: the first-moment decay")
+    beta2: float = option(0.999, "--zo-update adam: the second-moment decay")
     seed: int = option(0, "run seed: ZO directions and data order")
     data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed; --data: of the "
                                "held-out rows)")
@@ -145,6 +149,11 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError(f"--parallel {self.parallel!r} is not data or perturbation")
         if self.distribution not in ("gaussian", "rademacher"):
             raise DlzoError(f"--distribution {self.distribution!r} is not gaussian or rademacher")
+        if self.zo_update not in ("sgd", "momentum", "adam"):
+            raise DlzoError(f"--zo-update {self.zo_update!r} is not sgd, momentum or adam")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DlzoError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise DlzoError(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.rule not in ("sun", "onset"):

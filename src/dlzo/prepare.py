@@ -54,7 +54,8 @@ def make_zo_optimizer(prepared: Prepared, exact_restore: bool = True) -> ZOOptim
     return ZOOptimizer(list(tuned_tensors(prepared.model, scope).items()), lr=config.lr, eps=config.eps, q=config.q,
                        weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
                        exact_restore=exact_restore, layer_groups=scope.layer_groups,
-                       sampled_layers=scope.sampled_layers)
+                       sampled_layers=scope.sampled_layers, update_rule=config.zo_update, beta1=config.beta1,
+                       beta2=config.beta2)
 
 
 def tuned_tensors(model: nn.Module, scope: Scope) -> dict[str, torch.Tensor]:

@@ -164,9 +164,12 @@ class RunFolder:
         step, best_dev = 0, float("inf")
         last = self.path / "last.safetensors"
         if last.exists():
-            load_into(model, checked_load(last))
             meta = checkpoint_metadata(last)
-            step, best_dev = int(meta["step"]), float(meta["best_dev_loss"])
+            best_dev = float(meta["best_dev_loss"])
+            # momentum / adam state is not checkpointed: it is rebuilt by replaying every logged step from the base
+            if optimizer is None or not optimizer.stateful:
+                load_into(model, checked_load(last))
+                step = int(meta["step"])
         replayed = 0
         if optimizer is not None:
             optimizer.step_count = step

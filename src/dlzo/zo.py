@@ -2,6 +2,11 @@
 
     L+ = L(θ + εz),  L- = L(θ - εz),  g = (L+ - L-) / 2ε,  θ <- θ - lr·(g·z + wd·θ)
 
+`update_rule` turns the estimate d = mean g·z (+ wd·θ) into a step: sgd (the line above, the default),
+momentum (m <- β1·m + d, θ <- θ - lr·m) or adam (ZO-AdaMM: Adam's moments of d, bias-corrected). Their state
+lives over the tuned tensors only and is a pure function of the logged (seeds, grads, lr), so `replay_step`
+from the base weights rebuilds it bit for bit (resume of a stateful run replays the whole log).
+
 z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
 from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
+UPDATE_RULES = ("sgd", "momentum", "adam")
 
 
 def _mix(*values: int) -> int:
@@ -78,6 +84,10 @@ class ZOOptimizer:
         exact_restore: bool = True,
         layer_groups: list[int] | None = None,
         sampled_layers: int = 0,
+        update_rule: str = "sgd",
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        adam_eps: float = 1e-8,
     ):
         self.named = list(params)
         if not self.named:
@@ -87,6 +97,11 @@ class ZOOptimizer:
         self.lr, self.eps, self.q = lr, eps, q
         self.weight_decay, self.seed, self.distribution = weight_decay, seed, distribution
         self.exact_restore = exact_restore
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}, not {update_rule!r}")
+        self.update_rule, self.beta1, self.beta2, self.adam_eps = update_rule, beta1, beta2, adam_eps
+        self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
+        self.updates = 0  # applied (not skipped) updates: Adam's bias-correction step
         # LeZO (arXiv 2410.09823): each direction perturbs and updates only `sampled_layers` of the layer
         # groups, drawn from the direction's seed, so replay and resume draw the same ones.
         self.layer_groups, self.sampled_layers = list(layer_groups or []), sampled_layers
@@ -140,15 +155,21 @@ class ZOOptimizer:
     def apply_update(self, seeds: list[int], grads: list[float], zs: list[list[torch.Tensor]] | None = None) -> None:
         """θ <- θ - lr·(mean_d g_d·z_d + wd·θ). Replay calls this with the logged seeds and grads, so
         training and replay run the same arithmetic and give bit-identical weights."""
+        self.updates += 1
         for index, (name, param) in enumerate(self.named):
             if zs is not None:
                 noise = [zs[d][index] for d in range(len(seeds))]
             else:  # sampled one at a time: a full-model step never holds more than one z per tensor
                 noise = (self.sample(seed, index, param) for seed in seeds)
-            self._update_tensor(name, param, noise, grads, owned=zs is None)
+            self._update_tensor(index, name, param, noise, grads, owned=zs is None)
 
-    def _update_tensor(self, name: str, param: torch.Tensor, noise: Iterable[torch.Tensor], grads: list[float],
-                       owned: bool) -> None:
+    @property
+    def stateful(self) -> bool:
+        """Momentum and Adam carry state from step to step (not checkpointed: rebuilt by replaying the log)."""
+        return self.update_rule != "sgd"
+
+    def _update_tensor(self, index: int, name: str, param: torch.Tensor, noise: Iterable[torch.Tensor],
+                       grads: list[float], owned: bool) -> None:
         count = len(grads)
         direction = None
         for z, grad in zip(noise, grads):
@@ -156,15 +177,39 @@ class ZOOptimizer:
             direction = term if direction is None else direction.add_(term)
         if self.weight_decay and not no_decay(name):
             direction.add_(param.data, alpha=self.weight_decay)
-        param.data.sub_(direction, alpha=self.lr)
+        if self.update_rule == "sgd":
+            param.data.sub_(direction, alpha=self.lr)
+        elif self.update_rule == "momentum":
+            state = self.moments.get(index)
+            if state is None:
+                state = self.moments[index] = [direction]  # a fresh tensor: the first m is d itself
+            else:
+                state[0].mul_(self.beta1).add_(direction)
+            param.data.sub_(state[0], alpha=self.lr)
+        else:
+            self._adam_update(index, param, direction)
+
+    def _adam_update(self, index: int, param: torch.Tensor, direction: torch.Tensor) -> None:
+        """m <- β1·m + (1-β1)·d, v <- β2·v + (1-β2)·d², θ <- θ - lr·m̂ / (sqrt(v̂) + eps)."""
+        state = self.moments.get(index)
+        if state is None:
+            state = self.moments[index] = [torch.zeros_like(direction), torch.zeros_like(direction)]
+        first, second = state
+        first.mul_(self.beta1).add_(direction, alpha=1 - self.beta1)
+        second.mul_(self.beta2).addcmul_(direction, direction, value=1 - self.beta2)
+        correction1 = 1 - self.beta1 ** self.updates
+        correction2 = 1 - self.beta2 ** self.updates
+        denominator = second.div(correction2).sqrt_().add_(self.adam_eps)
+        param.data.addcdiv_(first, denominator, value=-self.lr / correction1)
 
     def restore_and_update(self, seed: int, grad: float) -> None:
         """The last +εz of MeZO's round trip and the update, from one z per tensor: the same arithmetic
         as restoring and then calling apply_update, with one noise pass over the weights instead of two."""
+        self.updates += 1
         for index, (name, param) in enumerate(self.named):
             z = self.sample(seed, index, param)
             param.data.add_(z, alpha=self.eps)
-            self._update_tensor(name, param, [z], [grad], owned=True)
+            self._update_tensor(index, name, param, [z], [grad], owned=True)
 
     # -------------------------------------------------------------------------------- steps
 
@@ -270,7 +315,8 @@ class ZOOptimizer:
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,
-                "weight_decay": self.weight_decay, "distribution": self.distribution}
+                "weight_decay": self.weight_decay, "distribution": self.distribution, "update_rule": self.update_rule,
+                "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
