@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # keep the terminal for our tables; real errors still raise
     hf_logging.disable_progress_bar()
+    # hf: data sources: no "Generating train split" bars around the one line a bad source gets
+    if os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1") == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     try:
         COMMANDS[name].run(options)
     except Interrupted as err:
