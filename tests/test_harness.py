@@ -1,0 +1,95 @@
+"""dlzo.harness: a loaded model handed to lm-evaluation-harness on a local, offline task, and the harness's
+per-choice log-likelihoods checked against dlzo's own scoring of the same prompt and choices."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import STORIES
+from dlzo.errors import DlzoError
+from dlzo.harness import evaluate_with_harness
+from dlzo.models import load_model, load_tokenizer
+from dlzo.scoring import candidate_scores, encode, token_logprobs
+from dlzo.tasks import Example
+
+TASK = "dlzo_tiny_choice"
+ROWS = [
+    {"question": "Once upon a time, there was a little", "choices": ["girl", "spoon", "cloud"], "label": 0},
+    {"question": "She went to the park to play with her", "choices": ["friend", "soup"], "label": 0},
+    {"question": "The sun was shining and the birds were", "choices": ["table", "singing", "blue"], "label": 1},
+    {"question": "Tom was very happy. He said thank", "choices": ["door", "you"], "label": 1},
+    {"question": "Lily liked to eat", "choices": ["cake", "rocks", "shoes"], "label": 0},
+    {"question": "One day, a big dog ran into the", "choices": ["sky", "garden"], "label": 1},
+]
+
+
+def write_task(folder) -> str:
+    """A six-row multiple-choice task: a JSONL file and the YAML that reads it with the json builder."""
+    data = folder / "tiny.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    tasks = folder / "tasks"
+    tasks.mkdir()
+    (tasks / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        f"  data_files:\n    test: {data}\n"
+        f"  cache_dir: {folder / 'datasets-cache'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        "doc_to_choice: choices\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return str(tasks)
+
+
+@pytest.fixture(scope="module")
+def harness_run(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    model, tokenizer = load_model(str(STORIES), device="cpu"), load_tokenizer(str(STORIES))
+    include = write_task(tmp_path_factory.mktemp("harness"))
+    results = evaluate_with_harness(model, tokenizer, [TASK], include_path=include, batch_size=4,
+                                    log_samples=True)
+    return model, tokenizer, results
+
+
+def test_harness_scores_a_local_task_and_agrees_with_dlzo_scoring(harness_run):
+    model, tokenizer, results = harness_run
+    acc = results["results"][TASK]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    samples = results["samples"][TASK]
+    assert len(samples) == len(ROWS)
+    json.dumps(results)  # plain JSON data
+    assert tokenizer.padding_side == "left" and not model.training  # the harness leaves dlzo's settings
+    for sample in samples:
+        row = sample["doc"]
+        harness = torch.tensor([float(ll) for ll, _ in sample["filtered_resps"]], dtype=torch.float64)
+        # the harness scores context "question" and continuation " choice" (its target delimiter is a space)
+        example = Example(row["question"], [" " + c for c in row["choices"]], row["label"])
+        batch = encode(tokenizer, [example], pack_single_token=False)
+        with torch.no_grad():
+            logprobs = token_logprobs(model, batch)
+        sums = torch.zeros(len(row["choices"]), dtype=logprobs.dtype).index_add_(0, batch.token_candidate, logprobs)
+        counts = torch.bincount(batch.token_candidate, minlength=len(row["choices"]))
+        assert torch.allclose(harness, sums.double(), atol=1e-4, rtol=0), (row, harness, sums)
+        # dlzo's candidate score is the same sum per answer token, and the harness's pick is dlzo's pick
+        assert torch.allclose(candidate_scores(batch, logprobs)[0], sums / counts, atol=1e-6)
+        assert sample["acc"] == float(int(harness.argmax()) == row["label"])
+
+
+def test_unknown_task_is_one_line_error(harness_run, tmp_path):
+    model, tokenizer, _ = harness_run
+    with pytest.raises(DlzoError, match="no task no_such_task"):
+        evaluate_with_harness(model, tokenizer, ["no_such_task"], include_path=str(tmp_path))
+
+
+def test_without_lm_eval_the_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as if it were not installed
+    with pytest.raises(DlzoError, match=r"needs lm-eval: pip install 'dlzo\[harness\]'"):
+        evaluate_with_harness(None, None, ["arc_easy"])
