@@ -44,7 +44,7 @@ def write_task(folder) -> str:
         'doc_to_text: "{{question}}"\n'
         "doc_to_choice: choices\n"
         "doc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metric_list:\n  - metric: acc\n"  # the form docs/hf-trainer.md shows
     )
     return str(tasks)
 
