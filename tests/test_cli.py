@@ -3,13 +3,18 @@ import pytest
 from dlzo.cli import main
 from dlzo.config import load_recipe
 from dlzo.errors import DlzoError
-from dlzo.options import TrainConfig
+from dlzo.options import RaceConfig, TrainConfig
 
 
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/*.toml")))
 def test_every_recipe_parses_into_its_config(path):
     from dlzo.options import SweepConfig
 
+    if "race-" in path:
+        config = RaceConfig(**load_recipe(path, RaceConfig))
+        config.validate()
+        assert config.eps > 0 and config.max_steps > 0
+        return
     if "sweep-" in path:
         config = SweepConfig(**load_recipe(path, SweepConfig))
     else:

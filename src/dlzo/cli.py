@@ -29,6 +29,7 @@ from dlzo.options import (
     ExportConfig,
     GenerateConfig,
     ProbeConfig,
+    RaceConfig,
     ReplayConfig,
     ReportConfig,
     SensitivityConfig,
@@ -36,6 +37,7 @@ from dlzo.options import (
     TrainConfig,
 )
 from dlzo.probe import probe_command
+from dlzo.race import race_command
 from dlzo.replay import replay_command
 from dlzo.report import report_command
 from dlzo.sensitivity import sensitivity
@@ -68,6 +70,7 @@ COMMANDS: dict[str, Command] = {
     "sensitivity": Command(SensitivityConfig, sensitivity, "per-layer ZO signal and perturbation propagation"),
     "report": Command(ReportConfig, report_command, "Markdown report with tables and pictures from output folders"),
     "bench": Command(BenchConfig, bench, "step-time and memory of full MeZO vs dominant-layer ZO"),
+    "race": Command(RaceConfig, race_command, "time to accuracy: recipes raced to a target test metric in one process"),
     "demo": Command(DemoConfig, run_demo, "the main job on the sample assets (what `make demo` runs)"),
 }
 

@@ -316,3 +316,49 @@ class BenchConfig(TaskOptions):
     device: str = same_as(TrainConfig, "device")
     out: str = option("out/bench", "folder for bench.json")
     variants: str = option("upstream_full,full,layer_plain,layer_fast,lora,floor,inference", "variants to run")
+
+
+@dataclass
+class RaceConfig(TaskOptions):
+    """`dlzo race`: time to accuracy of several recipes in one process (dlzo.race)."""
+
+    model: str = option("", "model (hub id, folder, .gguf, short name)")
+    recipes: str = option("adamw: optimizer=adamw scope=full lr=1e-5; full: scope=full lr=1e-4; "
+                          "dominant: scope=layer:11 lr=1e-3",
+                          "recipes 'NAME: key=value ...; NAME: ...', keys any train option (scope, optimizer, lr, "
+                          "zo_update, beta1, q, ...)")
+    seeds: str = option("0", "run seeds, comma-separated (several: mean and spread)")
+    target: float = option(0.7, "test metric each recipe races to")
+    budget_s: float = option(240.0, "training seconds per recipe at most (evaluation not counted)")
+    max_steps: int = option(100000, "steps per recipe at most")
+    eval_every: int = option(10, "score the fixed test subset every N steps")
+    num_test: int = option(200, "the fixed test subset: this many examples of the validation split")
+    dev_loss: bool = option(False, "also record the dev loss at every evaluation")
+    full_recipe: str = option("full", "the recipe that is full MeZO (the upstream estimate uses its steps)")
+    adamw_recipe: str = option("adamw", "the recipe that is the first-order reference")
+    upstream_repeats: int = option(2, "timed upstream-style full MeZO steps after a warm-up (0: skip the estimate)")
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    eps: float = same_as(TrainConfig, "eps")
+    num_train: int = same_as(TrainConfig, "num_train")
+    num_dev: int = same_as(TrainConfig, "num_dev", default=100)
+    data_seed: int = same_as(TrainConfig, "data_seed")
+    eval_batch_size: int = same_as(TrainConfig, "eval_batch_size")
+    max_length: int = same_as(TrainConfig, "max_length")
+    dtype: str = same_as(TrainConfig, "dtype")
+    device: str = same_as(TrainConfig, "device")
+    out: str = option("out/race", "folder for race.json, race.png and one run folder per seed and recipe")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise DlzoError("--model is required")
+        for name in ("eval_every", "num_test", "max_steps"):
+            if getattr(self, name) < 1:
+                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.budget_s) and self.budget_s > 0):
+            raise DlzoError(f"--budget-s must be a positive number of seconds, not {self.budget_s}")
+        try:
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise DlzoError(f"--seeds {self.seeds!r} is not comma-separated integers") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise DlzoError(f"--seeds {self.seeds!r}: needs at least one seed, each once")

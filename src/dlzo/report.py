@@ -106,6 +106,33 @@ def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
     plt.close(fig)
 
 
+def plot_race(report: dict, path) -> None:
+    """Test metric against training seconds, one line per recipe and seed (dlzo race), the target dashed and
+    the upstream-style full MeZO estimate of time to target marked."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, name in enumerate(report["recipes"]):
+        for number, results in enumerate(report["results"].values()):
+            curve = results[name]["curve"]
+            ax.plot([p["seconds"] for p in curve], [p["metric"] for p in curve], "o-", ms=3, lw=1.2, alpha=0.85,
+                    color=colors[index % len(colors)], label=name if number == 0 else None)
+    ax.axhline(report["target"], ls="--", color="grey", lw=1, label=f"target {report['target']}")
+    for number, ratios in enumerate(report["ratios"].values()):
+        upstream = ratios["references"].get("upstream_full")
+        if upstream:
+            mark = "" if upstream["reached"] else " (at least)"
+            ax.plot([upstream["seconds"]], [report["target"]], "x", color="black", ms=8,
+                    label=f"upstream full MeZO, estimated{mark}" if number == 0 else None)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("test metric (fixed subset)")
+    ax.set_title("Time to accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def seed_summary(folder: Path) -> dict[str, dict]:
     """Runs repeated over seeds (FOLDER/seed*/runs/NAME/results.json), grouped by NAME: test metric and best
     dev loss as mean, sample standard deviation and standard error, and at which step the dev loss was lowest."""

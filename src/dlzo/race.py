@@ -1,0 +1,300 @@
+"""`dlzo race`: time to accuracy. Several training recipes on the same task, seed, data and machine, in one
+process, each until it reaches a target test metric or a budget of training seconds.
+
+    for each seed, for each recipe: train.Session (its train_step and lr_at) -> every --eval-every steps the
+    metric on a fixed test subset (its time reported apart, never counted as training) -> stop at the target
+    or the budget; then one upstream-style full MeZO step timed on the same machine (dlzo.bench), and the
+    ratios of seconds-to-target from that same run -> race.json, race.png
+
+Recipes: `NAME: key=value key=value; NAME: ...`, the keys any TrainConfig field (scope, optimizer, lr,
+zo_update, beta1, q, eps, ...), e.g. `adamw: optimizer=adamw scope=full lr=1e-5; dominant: scope=layer:11 lr=1e-3`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dlzo.bench import PeakMemory, run_variant
+from dlzo.checkpoint import atomic_write_json
+from dlzo.errors import DlzoError
+from dlzo.eval import evaluate
+from dlzo.models import load_model, load_tokenizer, resolve_device
+from dlzo.options import RaceConfig, TrainConfig
+from dlzo.report import plot_race
+from dlzo.run import RunFolder
+from dlzo.scoring import encode, fast_layout
+from dlzo.step import batch_indices
+from dlzo.train import Data, Session, load_data
+
+# Race-level fields every recipe inherits (a recipe may override any TrainConfig field).
+_SHARED = ("model", "task", "data_dir", "dtype", "device", "batch_size", "eps", "num_train", "num_dev", "num_test",
+           "data_seed", "eval_batch_size", "max_length")
+
+
+def parse_recipes(text: str) -> list[tuple[str, dict]]:
+    """`NAME: key=value ...; NAME: ...` -> [(name, {field: typed value})]; errors name the recipe and key."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    recipes = []
+    for chunk in (c.strip() for c in text.split(";")):
+        if not chunk:
+            continue
+        name, sep, body = chunk.partition(":")
+        name = name.strip()
+        if not sep or not name or " " in name:
+            raise DlzoError(f"--recipes: {chunk!r} is not NAME: key=value ...")
+        overrides = {}
+        for item in body.split():
+            key, eq, value = item.partition("=")
+            key = key.replace("-", "_")
+            if not eq or key not in fields or key in ("out", "resume", "seed", "steps"):
+                raise DlzoError(f"--recipes: recipe {name}: {item!r} is not key=value of a training option "
+                                f"(out, resume, seed and steps are the race's own)")
+            overrides[key] = _typed(fields[key], value, name)
+        recipes.append((name, overrides))
+    names = [n for n, _ in recipes]
+    if not recipes or len(set(names)) != len(names):
+        raise DlzoError(f"--recipes: needs at least one recipe and distinct names, got {names}")
+    return recipes
+
+
+def _typed(field: dataclasses.Field, value: str, recipe: str):
+    kind = type(field.default)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return kind(value)
+    except ValueError:
+        raise DlzoError(f"--recipes: recipe {recipe}: {field.name}={value!r} is not a {kind.__name__}") from None
+
+
+def recipe_config(race: RaceConfig, overrides: dict, seed: int, folder: Path) -> TrainConfig:
+    shared = {name: getattr(race, name) for name in _SHARED}
+    config = TrainConfig(**{**shared, **overrides, "seed": seed, "steps": race.max_steps, "eval_every": 0,
+                            "out": str(folder), "quiet": True})
+    config.validate()
+    return config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RecipeRun:
+    """One recipe of one seed: trains through its Session in chunks of --eval-every steps, each chunk timed
+    and memory-measured, and scores the fixed test subset between chunks (timed apart)."""
+
+    def __init__(self, race: RaceConfig, config: TrainConfig, data: Data):
+        self.race, self.config, self.data = race, config, data
+        run = RunFolder(config.out)
+        run.check(config)
+        run.path.mkdir(parents=True, exist_ok=True)
+        self.session = Session(config, run, None, data)
+        self.device = self.session.device
+        self.step, self.train_s, self.eval_s, self.peak = 0, 0.0, 0.0, 0
+        self.curve: list[dict] = []
+        self.reached: dict | None = None
+
+    def inference_memory(self) -> int:
+        """Peak memory of one plain forward of the first training batch (the 'memory of inference')."""
+        s = self.session
+        examples = [self.data.splits.train[i] for i in batch_indices(0, len(self.data.splits.train),
+                                                                      self.config.batch_size, self.config.seed)]
+        batch = encode(s.tokenizer, examples, max_length=s.max_length, layout=s.layout).to(self.device)
+        memory = PeakMemory(self.device)
+        with torch.no_grad(), memory.measure():
+            s.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return memory.peak
+
+    def score(self) -> None:
+        s, started = self.session, time.perf_counter()
+        result = evaluate(s.model, s.tokenizer, self.data.task, self.data.splits.test, self.config.eval_batch_size,
+                          max_length=s.max_length, quiet=True)
+        point = {"step": self.step, "seconds": round(self.train_s, 3), "metric": result.value}
+        if self.race.dev_loss:
+            point["dev_loss"] = s.evaluate_dev()
+        self.eval_s += time.perf_counter() - started
+        self.curve.append(point)
+        if self.reached is None and result.value >= self.race.target:
+            self.reached = point
+
+    def train_chunk(self) -> None:
+        s, memory = self.session, PeakMemory(self.device)
+        with memory.measure():
+            for _ in range(self.race.eval_every):
+                lr = s.lr_at(self.step)
+                _sync(self.device)
+                started = time.perf_counter()
+                s.train_step(self.step, lr)
+                _sync(self.device)
+                self.train_s += time.perf_counter() - started
+                self.step += 1
+                if self.done():
+                    break
+        self.peak = max(self.peak, memory.peak)
+
+    def done(self) -> bool:
+        return self.train_s >= self.race.budget_s or self.step >= self.race.max_steps
+
+    def run(self) -> dict:
+        inference = self.inference_memory()
+        self.score()
+        while self.reached is None and not self.done():
+            self.train_chunk()
+            self.score()
+        return self.record(inference)
+
+    def record(self, inference: int) -> dict:
+        config, s, reached = self.config, self.session, self.reached
+        return {"scope": s.prepared.scope.description, "optimizer": config.optimizer, "lr": config.lr,
+                "zo_update": config.zo_update if config.optimizer == "zo" else None,
+                "tuned_parameters": s.prepared.scope.tuned, "reached": reached is not None,
+                "steps_to_target": reached["step"] if reached else None,
+                "seconds_to_target": reached["seconds"] if reached else None,
+                "steps": self.step, "train_seconds": round(self.train_s, 3), "eval_seconds": round(self.eval_s, 3),
+                "evaluations": len(self.curve), "seconds_per_step": self.train_s / max(self.step, 1),
+                "peak_mem_bytes": self.peak, "inference_mem_bytes": inference,
+                "mem_vs_inference": self.peak / inference if inference else None,
+                "start_metric": self.curve[0]["metric"], "best_metric": max(p["metric"] for p in self.curve),
+                "final_metric": self.curve[-1]["metric"], "curve": self.curve}
+
+
+def upstream_step(race: RaceConfig, data: Data, seed: int) -> dict:
+    """One upstream-style full MeZO step (dlzo.bench's upstream_full: a padded row per candidate, full-vocabulary
+    logits, four noise passes) on the race's first batch, timed here; a fresh model, since it moves the weights."""
+    config = recipe_config(race, {}, seed, Path(race.out))
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
+    tokenizer = load_tokenizer(config.model)
+    device = next(model.parameters()).device
+    train = data.splits.train
+    examples = [train[i] for i in batch_indices(0, len(train), config.batch_size, seed)]
+    packed = encode(tokenizer, examples, max_length=config.max_length, layout=fast_layout(model, tokenizer))
+    separate = encode(tokenizer, examples, pack_single_token=False, max_length=config.max_length)
+    result = run_variant("upstream_full", model, packed.to(device), separate.to(device), 0, race.upstream_repeats,
+                         device)
+    del model
+    gc.collect()
+    return result
+
+
+def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: str, adamw: str) -> dict:
+    """Seconds-to-target of each recipe against the references of the same run: upstream-style full MeZO
+    (its measured step time x our full MeZO's steps to target: the same arithmetic, so the same steps), our
+    full MeZO and AdamW. A reference that never reached the target gives a lower bound (its seconds at the
+    budget), marked so in `bounds`."""
+    references = {}
+    if full in results:
+        r = results[full]
+        steps = r["steps_to_target"] if r["reached"] else r["steps"]
+        references["full"] = (r["seconds_to_target"] if r["reached"] else r["train_seconds"], r["reached"])
+        if upstream_step_s:
+            references["upstream_full"] = (upstream_step_s * steps, r["reached"])
+    if adamw in results:
+        r = results[adamw]
+        references["adamw"] = (r["seconds_to_target"] if r["reached"] else r["train_seconds"], r["reached"])
+    ratios = {"references": {k: {"seconds": s, "reached": ok} for k, (s, ok) in references.items()}, "recipes": {}}
+    for name, r in results.items():
+        mine = r["seconds_to_target"] if r["reached"] else None
+        ratios["recipes"][name] = {
+            f"vs_{k}": (s / mine if mine else None) for k, (s, _) in references.items()}
+        ratios["recipes"][name]["bounds"] = {f"vs_{k}": "exact" if ok else "at least"
+                                             for k, (_, ok) in references.items()}
+    return ratios
+
+
+def _spread(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def summarise(per_seed: dict[str, dict], ratios: dict[str, dict]) -> dict:
+    """Per recipe over the seeds: mean and sample std of seconds and steps to target (seeds that reached it),
+    of the ratios, of the best metric, and the worst peak memory."""
+    names = next(iter(per_seed.values())).keys()
+    summary = {}
+    for name in names:
+        runs = [per_seed[s][name] for s in per_seed]
+        kinds = {k for s in ratios for k in ratios[s]["recipes"][name] if k != "bounds"}
+        summary[name] = {"reached": sum(r["reached"] for r in runs), "seeds": len(runs),
+                         "seconds_to_target": _spread([r["seconds_to_target"] for r in runs]),
+                         "steps_to_target": _spread([r["steps_to_target"] for r in runs]),
+                         "seconds_per_step": _spread([r["seconds_per_step"] for r in runs]),
+                         "best_metric": _spread([r["best_metric"] for r in runs]),
+                         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
+                         "mem_vs_inference": max(r["mem_vs_inference"] or 0 for r in runs),
+                         "ratios": {k: _spread([ratios[s]["recipes"][name].get(k) for s in ratios])
+                                    for k in sorted(kinds)}}
+    return summary
+
+
+def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tuple[dict, dict]:
+    """Every recipe of one seed, then the upstream step: (results by recipe, upstream_full timing)."""
+    results, data = {}, None
+    for name, overrides in recipes:
+        config = recipe_config(race, overrides, seed, Path(race.out) / f"seed{seed}" / name)
+        data = load_data(config)
+        print(f"race seed {seed}: {name} ({' '.join(f'{k}={v}' for k, v in overrides.items())})", flush=True)
+        results[name] = RecipeRun(race, config, data).run()
+        gc.collect()
+        r = results[name]
+        print(f"  {'reached' if r['reached'] else 'missed'} {race.target} at step {r['steps_to_target']} "
+              f"({r['seconds_to_target']} s of training); {r['steps']} steps, {r['train_seconds']:.1f} s training, "
+              f"{r['eval_seconds']:.1f} s evaluation, best {r['best_metric']:.4f}", flush=True)
+    upstream = upstream_step(race, data, seed) if race.upstream_repeats > 0 else None
+    return results, upstream
+
+
+def race(config: RaceConfig) -> dict:
+    config.validate()
+    recipes = parse_recipes(config.recipes)
+    seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
+    out = Path(config.out)
+    if (out / "race.json").exists():
+        raise DlzoError(f"--out {out} already holds a race (race.json); choose another --out")
+    per_seed, upstream, ratios = {}, {}, {}
+    for seed in seeds:
+        per_seed[str(seed)], upstream[str(seed)] = run_seed(config, recipes, seed)
+        step_s = upstream[str(seed)]["step_s"] if upstream[str(seed)] else None
+        ratios[str(seed)] = race_ratios(per_seed[str(seed)], step_s, config.full_recipe, config.adamw_recipe)
+    report = {"config": asdict(config), "recipes": dict(recipes), "target": config.target,
+              "device": str(resolve_device(config.device)), "threads": torch.get_num_threads(),
+              "upstream_full": upstream, "results": per_seed, "ratios": ratios,
+              "summary": summarise(per_seed, ratios),
+              "notes": "seconds are training seconds only (train_step, batch encoding included); evaluation of the "
+                       "fixed test subset is timed apart (eval_seconds). vs_X ratios: X's seconds to target / this "
+                       "recipe's (higher is better); 'at least' where X never reached the target within the budget."}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "race.json", report)
+    plot_race(report, out / "race.png")
+    print(format_race(report))
+    print(f"wrote {out / 'race.json'} and {out / 'race.png'}")
+    return report
+
+
+def format_race(report: dict) -> str:
+    lines = [f"{'recipe':>12}  {'reached':>7}  {'s to target':>11}  {'steps':>6}  {'s/step':>7}  {'best':>6}  "
+             f"{'mem/inf':>7}  {'vs upstream':>11}  {'vs full':>7}  {'vs adamw':>8}"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for name, row in report["summary"].items():
+        r = row["ratios"]
+        lines.append(f"{name:>12}  {row['reached']:>3}/{row['seeds']:<3}  "
+                     f"{fmt(row['seconds_to_target']['mean'], '11.1f')}  {fmt(row['steps_to_target']['mean'], '6.0f')}  "
+                     f"{fmt(row['seconds_per_step']['mean'], '7.3f')}  {fmt(row['best_metric']['mean'], '6.3f')}  "
+                     f"{fmt(row['mem_vs_inference'], '7.3f')}  "
+                     + "  ".join(fmt(r.get(k, {}).get("mean"), w) for k, w in
+                                 (("vs_upstream_full", "11.2f"), ("vs_full", "7.2f"), ("vs_adamw", "8.2f"))))
+    return "\n".join(lines)
+
+
+def race_command(config: RaceConfig) -> None:
+    race(config)

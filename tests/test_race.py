@@ -1,0 +1,104 @@
+"""dlzo race: recipes raced to a target test metric in one process (stories260K, offline)."""
+
+import itertools
+import json
+import time
+
+import pytest
+
+from conftest import DATA, STORIES
+from dlzo import race as race_module
+from dlzo.cli import main
+from dlzo.config import load_recipe
+from dlzo.errors import DlzoError
+from dlzo.eval import EvalResult
+from dlzo.options import RaceConfig
+from dlzo.race import parse_recipes, race, race_ratios
+
+TINY = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8, batch_size=4,
+            eval_batch_size=16)
+SLEEP = 0.3
+
+
+def test_recipes_parse_typed_and_bad_ones_name_the_recipe():
+    recipes = parse_recipes("adamw: optimizer=adamw scope=full lr=1e-5; lever: scope=lezo:2 zo_update=adam "
+                            "beta1=0.8 q=2 fast_path=false;")
+    assert recipes == [("adamw", {"optimizer": "adamw", "scope": "full", "lr": 1e-5}),
+                       ("lever", {"scope": "lezo:2", "zo_update": "adam", "beta1": 0.8, "q": 2, "fast_path": False})]
+    for bad, message in (("a: lr=fast", "recipe a: lr='fast'"), ("a: colour=red", "recipe a: 'colour=red'"),
+                         ("a: steps=3", "race's own"), ("a: lr=1; a: lr=2", "distinct"), ("lr=1", "NAME:")):
+        with pytest.raises(DlzoError, match=message):
+            parse_recipes(bad)
+
+
+def test_the_smollm2_recipe_file_loads():
+    values = load_recipe("configs/smollm2-135m/race-sst2.toml", RaceConfig)
+    names = [n for n, _ in parse_recipes(values["recipes"])]
+    assert {"adamw", "full", "dominant"} <= set(names) and values["target"] == 0.7
+
+
+def test_ratio_arithmetic():
+    results = {"full": {"reached": True, "steps_to_target": 40, "seconds_to_target": 80.0, "steps": 40,
+                        "train_seconds": 80.0},
+               "adamw": {"reached": False, "steps_to_target": None, "seconds_to_target": None, "steps": 9,
+                         "train_seconds": 30.0},
+               "dom": {"reached": True, "steps_to_target": 20, "seconds_to_target": 4.0, "steps": 20,
+                       "train_seconds": 4.0}}
+    ratios = race_ratios(results, 3.0, "full", "adamw")
+    dom = ratios["recipes"]["dom"]
+    assert dom["vs_upstream_full"] == pytest.approx(3.0 * 40 / 4.0) and dom["vs_full"] == pytest.approx(20.0)
+    assert dom["vs_adamw"] == pytest.approx(7.5) and dom["bounds"]["vs_adamw"] == "at least"
+    assert dom["bounds"]["vs_full"] == "exact" and ratios["recipes"]["adamw"]["vs_full"] is None
+
+
+def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkeypatch):
+    """Scripted test metrics (each scoring sleeps SLEEP s): full never reaches 0.7, dominant does at step 2."""
+    scripted = itertools.cycle([0.5, 0.6, 0.65, 0.5, 0.8])
+
+    def fake_evaluate(model, tokenizer, task, examples, *args, **kwargs):
+        time.sleep(SLEEP)
+        return EvalResult(task.name, "accuracy", next(scripted), len(examples))
+
+    monkeypatch.setattr(race_module, "evaluate", fake_evaluate)
+    started = time.perf_counter()
+    report = race(RaceConfig(**TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3",
+                             seeds="0,1", target=0.7, max_steps=4, eval_every=2, upstream_repeats=1,
+                             out=str(tmp_path / "race")))
+    wall = time.perf_counter() - started
+    saved = json.loads((tmp_path / "race" / "race.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(report["summary"])) and (tmp_path / "race" / "race.png").exists()
+    for seed in ("0", "1"):
+        full, dom = saved["results"][seed]["full"], saved["results"][seed]["dominant"]
+        assert not full["reached"] and full["steps"] == 4 and [p["step"] for p in full["curve"]] == [0, 2, 4]
+        assert dom["reached"] and dom["steps_to_target"] == 2 and dom["steps"] == 2
+        for run in (full, dom):
+            assert run["curve"][0]["seconds"] == 0.0  # the step-0 scoring is not training time
+            assert run["eval_seconds"] >= SLEEP * run["evaluations"] > run["curve"][-1]["seconds"] - run["train_seconds"]
+            assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"], abs=1e-3)
+            assert run["peak_mem_bytes"] > 0 and run["mem_vs_inference"] > 0.5
+        assert dom["seconds_to_target"] == dom["curve"][1]["seconds"] < SLEEP
+        upstream = saved["upstream_full"][seed]["step_s"]
+        ratios = saved["ratios"][seed]["recipes"]["dominant"]
+        assert ratios["vs_upstream_full"] == pytest.approx(upstream * full["steps"] / dom["seconds_to_target"])
+        assert ratios["vs_full"] == pytest.approx(full["train_seconds"] / dom["seconds_to_target"])
+        assert ratios["bounds"] == {"vs_full": "at least", "vs_upstream_full": "at least"}
+        trajectory = tmp_path / "race" / f"seed{seed}" / "dominant" / "trajectory.jsonl"
+        assert len(trajectory.read_text().splitlines()) == 2  # the Session's own step log: replayable
+    total = sum(r["train_seconds"] + r["eval_seconds"] for s in saved["results"].values() for r in s.values())
+    assert total < wall
+    assert saved["summary"]["dominant"]["reached"] == 2 and saved["summary"]["full"]["reached"] == 0
+    assert saved["summary"]["dominant"]["ratios"]["vs_full"]["n"] == 2
+
+
+def test_race_command_scores_for_real_with_the_lever_and_dev_loss(tmp_path, capsys):
+    out = tmp_path / "race"
+    args = ["race", "--model", str(STORIES), "--data-dir", str(DATA), "--num-train", "32", "--num-dev", "8",
+            "--num-test", "8", "--batch-size", "4", "--recipes", "lever: scope=layer:1 zo_update=momentum lr=1e-3",
+            "--max-steps", "2", "--eval-every", "1", "--upstream-repeats", "0", "--dev-loss", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "race.json").read_text())
+    run = saved["results"]["0"]["lever"]
+    assert run["zo_update"] == "momentum" and len(run["curve"]) == 3
+    assert all(0 <= p["metric"] <= 1 and p["dev_loss"] > 0 for p in run["curve"])
+    assert saved["upstream_full"]["0"] is None and "lever" in capsys.readouterr().out
+    assert main(args) == 2  # the folder already holds a race
