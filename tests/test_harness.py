@@ -93,3 +93,19 @@ def test_without_lm_eval_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as if it were not installed
     with pytest.raises(DlzoError, match=r"needs lm-eval: pip install 'dlzo\[harness\]'"):
         evaluate_with_harness(None, None, ["arc_easy"])
+
+
+def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path):
+    pytest.importorskip("lm_eval")
+    from conftest import DATA
+    from dlzo.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(STORIES), "--data-dir", str(DATA), "--num-train", "16", "--num-dev", "4",
+                 "--num-test", "4", "--batch-size", "4", "--steps", "2", "--eval-every", "0", "--scope", "layer:1",
+                 "--lr", "1e-3", "--quiet", "--out", str(run)]) == 0
+    include = write_task(tmp_path)
+    assert main(["eval", "--run", str(run), "--harness", TASK, "--harness-include", include,
+                 "--harness-limit", "4", "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "harness.json").read_text())
+    assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0

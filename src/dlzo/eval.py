@@ -16,6 +16,7 @@ from dlzo import distributed as dist
 from dlzo.checkpoint import atomic_write_json
 from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
 from dlzo.errors import DlzoError
+from dlzo.harness import evaluate_with_harness
 from dlzo.models import load_model, load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, EvalConfig, TrainConfig
 from dlzo.run import load_checkpoint_of_run
@@ -138,17 +139,11 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     config.validate()
     if config.data:
         return eval_own_data(config)
+    if config.harness:
+        return eval_with_harness(config)
     task = load_task(config.task, config.data_dir)
     splits = task_splits(task, config.data_seed, num_test=config.num_test)
-    if config.run:
-        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
-        model, tokenizer = prepared.model, prepared.tokenizer
-    else:
-        if not config.model:
-            raise DlzoError("--model is required (or --run to evaluate a trained run)")
-        model = load_model(config.model, dtype=config.dtype, device=config.device,
-                           trust_remote_code=config.trust_remote_code)
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model, tokenizer = model_to_evaluate(config)
     demos = demonstrations(splits.train, config.icl, config.data_seed)
     result = evaluate(model, tokenizer, task, splits.test, config.batch_size, demos=demos)
     out = Path(config.out)
@@ -157,6 +152,28 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
           f"({config.icl}-shot); wrote {out / 'eval.json'}")
     return result
+
+
+def model_to_evaluate(config: EvalConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer): a run's checkpoint on its base model (--run), or a plain model (--model)."""
+    if config.run:
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        return prepared.model, prepared.tokenizer
+    if not config.model:
+        raise DlzoError("--model is required (or --run to evaluate a trained run)")
+    model = load_model(config.model, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+    return model, load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def eval_with_harness(config: EvalConfig) -> dict:
+    """`dlzo eval --harness TASKS`: the (tuned) model handed to lm-evaluation-harness (dlzo.harness)."""
+    model, tokenizer = model_to_evaluate(config)
+    tasks = [t.strip() for t in config.harness.split(",") if t.strip()]
+    results = evaluate_with_harness(model, tokenizer, tasks, config.harness_include or None,
+                                    config.harness_limit or None, config.batch_size, config.icl or None)
+    atomic_write_json(Path(config.out) / "harness.json", results)
+    print(f"lm-evaluation-harness on {', '.join(tasks)}: wrote {Path(config.out) / 'harness.json'}")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- your own data

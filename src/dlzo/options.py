@@ -193,6 +193,10 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
     data_seed: int = same_as(TrainConfig, "data_seed")
     batch_size: int = option(16, "examples per forward")
     out: str = option("out/eval", "folder for eval.json")
+    harness: str = option("", "hand the model to lm-evaluation-harness for these tasks instead (comma-separated, "
+                              "globs allowed; needs pip install 'dlzo[harness]'); writes OUT/harness.json")
+    harness_include: str = option("", "with --harness: a folder of your own lm-eval task YAMLs")
+    harness_limit: int = option(0, "with --harness: at most N documents per task (0: all)")
 
     def validate(self) -> None:
         self.validate_model_options()
