@@ -1,4 +1,6 @@
 
+import json
+
 import pytest
 
 from conftest import DATA, STORIES
@@ -29,3 +31,17 @@ def test_sweep_rejects_bad_layers(tmp_path):
         sweep(SweepConfig(**FAST, out=str(tmp_path), layers="9", references="", steps=1))
 
 
+
+
+def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):
+    config = SweepConfig(**FAST, out=str(tmp_path), layers="1", references="lezo:2", steps=2, eval_every=0,
+                         seeds="0,1")
+    summary = sweep(config)
+    assert sorted(summary["runs"]) == ["layer01", "lezo2"]
+    row = summary["runs"]["layer01"]
+    values = [json.loads((tmp_path / f"seed{s}" / "runs" / "layer01" / "results.json").read_text())["test_value"]
+              for s in (0, 1)]
+    assert row["n"] == 2 and row["test"]["values"] == values and row["test"]["mean"] == pytest.approx(sum(values) / 2)
+    trajectories = [(tmp_path / f"seed{s}" / "runs" / "layer01" / "trajectory.jsonl").read_text() for s in (0, 1)]
+    assert trajectories[0] != trajectories[1]  # the seeds differ
+    assert json.loads((tmp_path / "seeds.json").read_text())["runs"]["lezo2"]["scope"] == "lezo:2"

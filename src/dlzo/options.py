@@ -266,7 +266,8 @@ class SweepConfig(TaskOptions, DataOptions):
     model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
     out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
     layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
-    references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model)")
+    references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model), "
+                                          "lezo:K (LeZO, K random layers per step, at --full-lr)")
     steps: int = option(200, "steps of every run")
     batch_size: int = same_as(TrainConfig, "batch_size")
     lr: float = option(1e-5, "learning rate of the one-layer runs")
@@ -275,6 +276,8 @@ class SweepConfig(TaskOptions, DataOptions):
     adamw_lr: float = option(1e-5, "learning rate of the first-order reference")
     eps: float = same_as(TrainConfig, "eps")
     seed: int = option(0, "run seed, the same for every run")
+    seeds: str = option("", "repeat the whole sweep for each of these run seeds (e.g. 0,1,2) in OUT/seed<S>/ and "
+                            "summarise mean ± std across them in OUT/seeds.json; empty: one sweep with --seed in OUT")
     num_train: int = same_as(TrainConfig, "num_train")
     num_dev: int = same_as(TrainConfig, "num_dev")
     num_test: int = same_as(TrainConfig, "num_test")

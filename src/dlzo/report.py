@@ -37,6 +37,10 @@ def sweep_verdict(summary: dict) -> str:
         rank = [e["layer"] for e in layers].index(probe_layer) + 1
         parts.append(f"the probe's layer {probe_layer} {'is' if best['layer'] == probe_layer else 'is not'} the best "
                      f"(rank {rank} of {len(layers)} by test {best['metric']})")
+    order = [e["layer"] for e in layers]
+    for rule, layer in summary.get("rule_layers", {}).items():
+        if layer in order and layer != probe_layer:
+            parts.append(f"the {rule} rule's layer {layer} ranks {order.index(layer) + 1} of {len(layers)}")
     return "; ".join(parts)
 
 

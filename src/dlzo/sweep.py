@@ -4,7 +4,7 @@ seed, steps and data, and say whether the probe's layer is the best one. Resumab
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,7 +14,7 @@ from dlzo.errors import DlzoError
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SweepConfig, TrainConfig
 from dlzo.probe import find_dominant_layer
-from dlzo.report import format_sweep, plot_sweep, sweep_verdict
+from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
 from dlzo.tasks import load_task, task_splits
 from dlzo.train import load_data, train
 
@@ -26,7 +26,8 @@ def shared_train_options(config: SweepConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k in train_fields and k not in per_run}
 
 
-def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None) -> list[tuple[str, dict]]:
+def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
+                extra_layers: list[int] = ()) -> list[tuple[str, dict]]:
     if config.layers == "all":
         layers = list(range(num_layers))
     else:
@@ -37,8 +38,7 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None) -
         bad = [k for k in layers if not 0 <= k < num_layers]
         if bad:
             raise DlzoError(f"--layers: layer {bad[0]} does not exist (0..{num_layers - 1})")
-    if probe_layer is not None and probe_layer not in layers:
-        layers = sorted(layers + [probe_layer])
+    layers = sorted(set(layers) | set(extra_layers) | ({probe_layer} if probe_layer is not None else set()))
     runs = [(f"layer{k:02d}", {"scope": f"layer:{k}", "lr": config.lr}) for k in layers]
     pick = lambda value: config.lr if value < 0 else value  # noqa: E731
     for reference in [r.strip() for r in config.references.split(",") if r.strip()]:
@@ -48,13 +48,18 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None) -
             runs.append(("lora", {"scope": "lora", "lr": pick(config.lora_lr)}))
         elif reference == "adamw":
             runs.append(("adamw", {"scope": "full", "lr": config.adamw_lr, "optimizer": "adamw"}))
+        elif reference.startswith("lezo:"):
+            runs.append((f"lezo{reference[5:]}", {"scope": reference, "lr": pick(config.full_lr)}))
         else:
-            raise DlzoError(f"--references: {reference!r} is not full, lora or adamw")
+            raise DlzoError(f"--references: {reference!r} is not full, lora, adamw or lezo:K")
     return runs
 
 
 def sweep(config: SweepConfig) -> dict:
-    """Tune each layer alone (plus references) with the same seeds, steps and data; resumable."""
+    """Tune each layer alone (plus references) with the same seeds, steps and data; resumable. With --seeds,
+    the same sweep once per seed, then mean ± std across seeds."""
+    if config.seeds:
+        return sweep_seeds(config)
     out = Path(config.out)
     probe_file = out / "probe.json"
     train_examples = None
@@ -75,7 +80,9 @@ def sweep(config: SweepConfig) -> dict:
         atomic_write_json(probe_file, probe)
         del model
     probe_layer = probe["dominant_layer"]
-    runs = _sweep_runs(config, len(probe["layers"]), probe_layer)
+    # every rule's pick is swept (sun: the probe's layer; onset: the largest persistent jump; docs/rules.md)
+    rule_layers = {rule: layer for rule, layer in probe.get("picks", {}).items() if layer is not None}
+    runs = _sweep_runs(config, len(probe["layers"]), probe_layer, sorted(set(rule_layers.values())))
     entries = []
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
@@ -96,7 +103,7 @@ def sweep(config: SweepConfig) -> dict:
                         "steps": results["steps"], "seconds": results["train_seconds"],
                         "seconds_per_step": results["seconds_per_step"]})
         summary = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
-                   "config": asdict(config),
+                   "rule_layers": rule_layers, "config": asdict(config),
                    "runs": entries}
         atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
     summary["verdict"] = sweep_verdict(summary)
@@ -104,4 +111,20 @@ def sweep(config: SweepConfig) -> dict:
     plot_sweep(summary, out / "sweep.png")
     print(format_sweep(summary))
     print(summary["verdict"])
+    return summary
+
+
+def sweep_seeds(config: SweepConfig) -> dict:
+    """The sweep once per seed in OUT/seed<S>/ (each resumable), then OUT/seeds.json: mean, sample std and
+    standard error across seeds of every run's test metric and best dev loss."""
+    try:
+        seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
+    out = Path(config.out)
+    for seed in seeds:
+        sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}")))
+    summary = {"config": asdict(config), "runs": seed_summary(out)}
+    atomic_write_json(out / "seeds.json", summary)
+    print(format_seed_summary(summary["runs"]))
     return summary
