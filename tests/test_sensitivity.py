@@ -1,9 +1,12 @@
 import json
 
 from conftest import DATA, STORIES
+from dlzo.layers import layer_sensitivity, leading_batches, rank_correlation
+from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SensitivityConfig
 from dlzo.report import report
 from dlzo.sensitivity import sensitivity
+from dlzo.tasks import load_task
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
             batch_size=4, lr=1e-3)
@@ -21,3 +24,15 @@ def test_sensitivity_command_and_report(tmp_path):
         if line.startswith("!["):
             target = tmp_path / line.split("(")[1].rstrip(")")
             assert target.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stability_repeats_on_other_directions_and_batches(tmp_path):
+    data = sensitivity(SensitivityConfig(model=str(STORIES), data_dir=str(DATA), out=str(tmp_path / "s"),
+                                         seeds=2, batches=1, batch_size=4, stability=True))
+    second = data["stability"]["second_means"]
+    model, tokenizer = load_model(str(STORIES)), load_tokenizer(str(STORIES))
+    examples = load_task("sst2", DATA).splits(seed=0).train
+    batches = leading_batches(model, tokenizer, examples, 4, 1, skip=1)  # the batch after the first measurement's
+    expected = [s.mean for s in layer_sensitivity(model, batches, 1e-3, 2, first_seed=2)]
+    assert second == expected and second != [d["mean"] for d in data["layers"]]
+    assert data["stability"]["rank_correlation"] == rank_correlation([d["mean"] for d in data["layers"]], second)

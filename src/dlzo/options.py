@@ -295,6 +295,8 @@ class SensitivityConfig(TaskOptions, DataSource):
     batch_size: int = same_as(TrainConfig, "batch_size")
     eps: float = same_as(TrainConfig, "eps")
     dtype: str = same_as(TrainConfig, "dtype")
+    stability: bool = option(False, "measure a second time on other directions and other batches, and report the "
+                                    "rank correlation of the two per-layer rankings (is the ranking stable?) and the cost")
 
 
 @dataclass
