@@ -15,7 +15,7 @@ def test_every_recipe_parses_into_its_config(path):
         config.validate()
         assert config.eps > 0 and config.max_steps > 0
         return
-    if "sweep-" in path:
+    if "sweep-" in path or "study-" in path:
         config = SweepConfig(**load_recipe(path, SweepConfig))
     else:
         config = TrainConfig(**load_recipe(path, TrainConfig))

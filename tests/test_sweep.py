@@ -44,3 +44,9 @@ def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):
     trajectories = [(tmp_path / f"seed{s}" / "runs" / "layer01" / "trajectory.jsonl").read_text() for s in (0, 1)]
     assert trajectories[0] != trajectories[1]  # the seeds differ
     assert json.loads((tmp_path / "seeds.json").read_text())["runs"]["lezo2"]["scope"] == "lezo:2"
+
+
+def test_sweep_of_references_only(tmp_path):
+    summary = sweep(SweepConfig(**FAST, out=str(tmp_path), layers="none", references="full", steps=1, eval_every=0))
+    assert [e["name"] for e in summary["runs"]] == ["full"] and summary["verdict"] == "no single-layer runs"
+    assert (tmp_path / "sweep.png").exists()

@@ -265,7 +265,8 @@ class ReportConfig:
 class SweepConfig(TaskOptions, DataOptions):
     model: str = option("", "model to sweep (hub id, folder, .gguf, short name)")
     out: str = option("out/sweep", "sweep folder: sweep.json, sweep.png and one run folder per scope")
-    layers: str = option("all", "layers to tune alone: all, or K1,K2,... (the probe's layer is always added)")
+    layers: str = option("all", "layers to tune alone: all, none (references only), or K1,K2,... (every probe rule's "
+                                "layer is added)")
     references: str = option("full,lora", "reference runs: any of full, lora, adamw (first-order, full model), "
                                           "lezo:K (LeZO, K random layers per step, at --full-lr)")
     steps: int = option(200, "steps of every run")

@@ -28,6 +28,8 @@ def shared_train_options(config: SweepConfig) -> dict:
 
 def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
                 extra_layers: list[int] = ()) -> list[tuple[str, dict]]:
+    if config.layers == "none":  # references only (e.g. full MeZO at equal wall time)
+        return _references(config, [])
     if config.layers == "all":
         layers = list(range(num_layers))
     else:
@@ -39,7 +41,10 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
         if bad:
             raise DlzoError(f"--layers: layer {bad[0]} does not exist (0..{num_layers - 1})")
     layers = sorted(set(layers) | set(extra_layers) | ({probe_layer} if probe_layer is not None else set()))
-    runs = [(f"layer{k:02d}", {"scope": f"layer:{k}", "lr": config.lr}) for k in layers]
+    return _references(config, [(f"layer{k:02d}", {"scope": f"layer:{k}", "lr": config.lr}) for k in layers])
+
+
+def _references(config: SweepConfig, runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     pick = lambda value: config.lr if value < 0 else value  # noqa: E731
     for reference in [r.strip() for r in config.references.split(",") if r.strip()]:
         if reference == "full":
