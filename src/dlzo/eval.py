@@ -201,16 +201,14 @@ def eval_own_data(config: EvalConfig) -> dict:
     model.eval()
     max_length = context_limit(model, (record or {}).get("config", {}).get("max_length", TrainConfig.max_length))
     task = UserTask(user)
-    loss = dev_loss(model, tokenizer, examples, config.batch_size, user.generation, max_length,
-                    per_token=user.generation)
     result = {"data": config.data, "format": user.format, "rows": which, "num_examples": len(examples),
-              "model": base, "run": config.run, "checkpoint": config.checkpoint if config.run else None, "loss": loss}
+              "model": base, "run": config.run, "checkpoint": config.checkpoint if config.run else None}
     if user.generation:
-        result.update(loss_kind="mean negative log-likelihood per scored token", perplexity=perplexity(loss))
+        loss = dev_loss(model, tokenizer, examples, config.batch_size, True, max_length, per_token=True)
+        result.update(loss=loss, loss_kind="mean negative log-likelihood per scored token", perplexity=perplexity(loss))
     else:
-        result.update(loss_kind="cross-entropy over the options per row",
-                      accuracy=evaluate(model, tokenizer, task, examples, config.batch_size, max_length=max_length,
-                                        quiet=True).value)
+        loss, accuracy = classification_scores(model, tokenizer, examples, config.batch_size, max_length)
+        result.update(loss=loss, loss_kind="cross-entropy over the options per row", accuracy=accuracy)
     if config.generate:
         tokenizer.truncation_side = "left"
         scored = [e if e.answers else replace(e, answers=[e.continuations[e.label].strip()]) for e in examples]
@@ -221,6 +219,23 @@ def eval_own_data(config: EvalConfig) -> dict:
     atomic_write_json(out / "eval.json", result)
     print(own_eval_line(result) + f"; wrote {out / 'eval.json'}")
     return result
+
+
+@torch.no_grad()
+def classification_scores(model: nn.Module, tokenizer, examples: list[Example], batch_size: int,
+                          max_length: int) -> tuple[float, float]:
+    """(mean cross-entropy over the options, accuracy) of classification rows in one pass: the numbers of
+    dev_loss and evaluate, from the same forward."""
+    device = next(model.parameters()).device
+    layout = fast_layout(model, tokenizer)
+    loss = correct = 0.0
+    for chunk in _batches(examples, batch_size, "eval", True):
+        batch = encode(tokenizer, chunk, max_length=max_length, layout=layout).to(device)
+        logprobs = token_logprobs(model, batch)
+        loss += float(per_example_losses(batch, logprobs).sum())
+        predictions = candidate_scores(batch, logprobs).argmax(-1).tolist()
+        correct += sum(p in (e.correct or [e.label]) for p, e in zip(predictions, chunk))
+    return loss / len(examples), correct / len(examples)
 
 
 def own_eval_line(result: dict) -> str:
