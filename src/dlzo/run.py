@@ -215,13 +215,20 @@ def checked_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_tensors(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise DlzoError(f"checkpoint {path} cannot be read ({str(err).strip().splitlines()[0]}); delete it to resume "
-                        f"from the trajectory log alone (dlzo replays every logged step)") from None
+        raise _damaged(path, err) from None
 
 
 def checkpoint_metadata(path: Path) -> dict:
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: Exception) -> DlzoError:
+    return DlzoError(f"checkpoint {path} cannot be read ({str(err).strip().splitlines()[0]}); delete it to resume "
+                     f"from the trajectory log alone (dlzo replays every logged step)")
 
 
 # ------------------------------------------------------------------------------ a recorded run's model
