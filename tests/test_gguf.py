@@ -87,6 +87,26 @@ def test_second_load_hits_the_cache(tiny_gguf):
     assert "quantization_config" not in (folder / "config.json").read_text()
 
 
+def test_a_truncated_cached_conversion_is_rebuilt(tiny_gguf, capsys):
+    original, path = tiny_gguf
+    folder = gguf_cache_folder(path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a crash or full disk cut it
+    ids = torch.randint(3, 500, (2, 9))
+    torch.testing.assert_close(load_model(str(path))(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
+    assert "is damaged (model.safetensors has" in capsys.readouterr().out
+
+
+def test_a_cached_conversion_damaged_in_place_is_rebuilt_once(tiny_gguf, capsys):
+    original, path = tiny_gguf
+    weights = gguf_cache_folder(path) / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(b"\xff" * size)  # same size, garbage: only loading it can tell
+    ids = torch.randint(3, 500, (2, 9))
+    torch.testing.assert_close(load_model(str(path))(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
+    assert "cannot be loaded" in capsys.readouterr().out
+
+
 def test_missing_gguf_is_an_error(tmp_path):
     with pytest.raises(DlzoError, match="GGUF file not found"):
         resolve_model_source(str(tmp_path / "nothing.gguf"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dlzo.errors import DlzoError
@@ -129,7 +131,11 @@ def gguf_cache_folder(gguf_path: str | Path) -> Path:
     gguf_path = Path(gguf_path)
     target = cache_dir() / "gguf" / _sha256(gguf_path)
     if (target / "config.json").exists():
-        return target
+        damage = cache_damage(target)
+        if damage is None:
+            return target
+        print(f"the cached conversion {target} is damaged ({damage}); rebuilding it from {gguf_path}")
+        shutil.rmtree(target, ignore_errors=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -148,12 +154,38 @@ def gguf_cache_folder(gguf_path: str | Path) -> Path:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"{gguf_path.resolve()}\n")
+        sizes = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
+        (staging / CACHE_MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
         os.replace(staging, target)  # atomic: a half-written cache entry is never seen
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").exists():
             raise
     return target
+
+
+CACHE_MANIFEST = "MANIFEST.json"  # each file of a cached conversion and its size in bytes
+
+
+def cache_damage(folder: Path) -> str | None:
+    """Why a cached conversion cannot be trusted (a file missing or of another size than written), or None.
+    Sizes, not hashes, are checked on every load: hashing gigabytes would cost seconds each time, and a
+    truncated or half-deleted file is what a crash or a full disk leaves. Entries older than the manifest
+    are trusted as before."""
+    manifest = folder / CACHE_MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"{CACHE_MANIFEST} unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def _loadable_location(source: ModelSource) -> str:
@@ -183,15 +215,22 @@ def load_model(
     source = resolve_model_source(name_or_path)
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
-    try:
-        extra = {"device_map": device_map} if device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            _loadable_location(source), dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
-        )
-    except DlzoError:
-        raise
-    except (OSError, ValueError) as err:
-        raise _hub_error(source, err) from None
+    extra = {"device_map": device_map} if device_map else {}
+    for attempt in range(2):
+        location = _loadable_location(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code, **extra)
+            break
+        except DlzoError:
+            raise
+        except (OSError, ValueError, SafetensorError) as err:
+            if source.kind != "gguf" or attempt:
+                raise _hub_error(source, err) from None
+            # the cached conversion is damaged in a way its manifest cannot see: convert again, once
+            print(f"the cached conversion {location} cannot be loaded ({str(err).strip().splitlines()[0]}); "
+                  f"rebuilding it from {source.location}")
+            shutil.rmtree(location, ignore_errors=True)
     model.config.use_cache = False
     model.dlzo_source = source.display_name
     return (model if device_map else model.to(target_device)).eval()
