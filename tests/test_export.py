@@ -73,3 +73,13 @@ def test_tensorboard_scalars_and_cosine_schedule(tmp_path):
                 for s in range(steps)]
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert [e.value for e in events.Scalars("train/lr")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_report_to_wandb_in_offline_mode(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(TrainConfig(**{**SMALL, "eval_every": 2}, out=str(tmp_path / "run"), steps=4, scope="layer:1",
+                      report_to="wandb"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run log, synced later with `wandb sync`
