@@ -33,8 +33,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from dlzo.fastpath import BranchedForward
-from dlzo.layers import layer_parameters
-from dlzo.models import decoder_layers
+from dlzo.layers import layer_sensitivity as layers_sensitivity
 from dlzo.probe import find_dominant_layer
 from dlzo.scope import Scope, add_lora, parse_scope, select
 from dlzo.zo import StepResult, ZOOptimizer
@@ -240,21 +239,14 @@ class ZOTrainer(Trainer):
         self.model.eval()
         loader = self.get_test_dataloader(self.train_dataset)  # dataset order: no RNG drawn
         data = [self._prepare_inputs(b) for b in itertools.islice(iter(loader), batches)]
-        caches = [{} for _ in data]  # the unperturbed layers below layer l are shared by every l
+        with self.accelerator.autocast():
+            measured = layers_sensitivity(
+                self.model, data, self.zo_args.eps, seeds, distribution=self.zo_args.distribution,
+                pair_loss=lambda runner, batch, plus, minus, cache: runner.pair_model_loss(batch, plus, minus,
+                                                                                         prefix_cache=cache))
         means = []
-        for layer in range(len(decoder_layers(self.model))):
-            named = layer_parameters(self.model, layer)
-            runner = BranchedForward(self.model, [n for n, _ in named])
-            probe = ZOOptimizer(named, lr=0.0, eps=self.zo_args.eps, seed=10_000 + layer,
-                                distribution=self.zo_args.distribution)
-            values = []
-            for seed in range(seeds):
-                plus, minus, _ = probe.perturbed(seed)
-                for batch, cache in zip(data, caches):
-                    with self.accelerator.autocast():
-                        loss_plus, loss_minus = runner.pair_model_loss(batch, plus, minus, prefix_cache=cache)
-                    values.append(abs(float(loss_plus - loss_minus)) / (2 * self.zo_args.eps))
-            finite = [v for v in values if math.isfinite(v)]
+        for layer in measured:  # half precision can overflow: a non-finite value says nothing about the layer
+            finite = [v for v in layer.values if math.isfinite(v)]
             means.append(sum(finite) / len(finite) if finite else 0.0)
         return max(range(len(means)), key=means.__getitem__), means
 

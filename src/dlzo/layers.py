@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,14 @@ def leading_batches(model: nn.Module, tokenizer, examples: list, batch_size: int
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float = 1e-3, seeds: int = 3,
-                      layers: list[int] | None = None, progress=None, first_seed: int = 0) -> list[LayerSensitivity]:
+def layer_sensitivity(model: nn.Module, batches: list, eps: float = 1e-3, seeds: int = 3,
+                      layers: list[int] | None = None, progress=None, first_seed: int = 0,
+                      distribution: str = "gaussian", pair_loss: Callable | None = None) -> list[LayerSensitivity]:
     """Inference only: for each layer, perturb it alone along `seeds` directions (seeds first_seed, ...) on
-    each batch."""
+    each batch. `pair_loss(runner, batch, plus, minus, cache)` gives (L+, L-) of one batch; by default dlzo's
+    task loss of an EncodedBatch (`BranchedForward.loss_pair`); dlzo.hf_trainer passes the model's own loss."""
+    pair_loss = pair_loss or (lambda runner, batch, plus, minus, cache:
+                              runner.loss_pair(batch, plus, minus, prefix_cache=cache))
     chosen = range(len(decoder_layers(model))) if layers is None else layers
     results = []
     # the unperturbed layers below layer l give the same hidden states for every l, seed and branch:
@@ -63,12 +68,12 @@ def layer_sensitivity(model: nn.Module, batches: list[EncodedBatch], eps: float 
     for layer in chosen:
         named = layer_parameters(model, layer)
         runner = BranchedForward(model, [n for n, _ in named])
-        probe = ZOOptimizer(named, lr=0.0, eps=eps, seed=10_000 + layer)
+        probe = ZOOptimizer(named, lr=0.0, eps=eps, seed=10_000 + layer, distribution=distribution)
         values = []
         for seed in range(first_seed, first_seed + seeds):
             plus, minus, _ = probe.perturbed(seed)
             for batch, cache in zip(batches, prefix_caches):
-                loss_plus, loss_minus = runner.loss_pair(batch, plus, minus, prefix_cache=cache)
+                loss_plus, loss_minus = pair_loss(runner, batch, plus, minus, cache)
                 values.append(abs(float(loss_plus - loss_minus)) / (2 * eps))
         results.append(LayerSensitivity(layer, statistics.fmean(values),
                                         statistics.pstdev(values) if len(values) > 1 else 0.0, values))
