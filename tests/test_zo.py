@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import DATA, STORIES
+from dlzo.errors import DlzoError
 from dlzo.options import TrainConfig
 from dlzo.replay import replay
 from dlzo.train import train
@@ -264,3 +265,65 @@ def test_stateful_run_replays_and_resumes_bit_exactly(tmp_path, rule, scope, fas
     sgd = dict(options, zo_update="sgd")
     train(TrainConfig(**sgd, out=str(tmp_path / "sgd")))
     assert not all(torch.equal(load_file(tmp_path / "sgd" / "final.safetensors")[n], trained[n]) for n in trained)
+
+
+def test_one_sided_step_matches_brute_force_and_shares_the_base_loss():
+    opt, weight, bias = make(lr=0.1, eps=1e-2, q=3, seed=3, estimator="one-sided")
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return quadratic([weight, bias], target)
+
+    result = opt.step(closure)
+    assert len(calls) == 4  # q + 1 evaluations, not 2q
+    base = float(quadratic([w0, b0], target))
+    expected_w, expected_b = w0.clone(), b0.clone()
+    for d, seed in enumerate(result.seeds):
+        zw, zb = opt.sample(seed, 0, w0), opt.sample(seed, 1, b0)
+        g = (float(quadratic([w0 + 1e-2 * zw, b0 + 1e-2 * zb], target)) - base) / 1e-2
+        assert result.projected_grads[d] == pytest.approx(g, rel=1e-4)
+        expected_w -= 0.1 * g * zw / 3
+        expected_b -= 0.1 * g * zb / 3
+    torch.testing.assert_close(weight.detach(), expected_w)
+    torch.testing.assert_close(bias.detach(), expected_b)
+
+
+def test_one_sided_functional_equals_in_place_and_replays_exactly():
+    a, wa, ba = make(lr=0.05, eps=1e-2, q=2, seed=5, estimator="one-sided")
+    b, wb, bb = make(lr=0.05, eps=1e-2, q=2, seed=5, estimator="one-sided")
+    target = [torch.zeros_like(wa), torch.ones_like(ba)]
+    logged = []
+    for _ in range(3):
+        logged.append(a.step(lambda: quadratic([wa, ba], target)))
+        b.step_one_sided(lambda t: quadratic([wb, bb] if t is None else [t["layer.weight"], t["layer.bias"]], target))
+    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+    c, wc, bc = make(lr=0.05, eps=1e-2, q=2, seed=5, estimator="one-sided")
+    for result in logged:
+        c.replay_step(result.seeds, result.projected_grads, 0.05, result.skipped)
+    assert torch.equal(wc, wa) and torch.equal(bc, ba)
+
+
+@pytest.mark.parametrize("fast,cache", [(True, 2048), (True, 0), (False, 0)])
+def test_one_sided_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
+    """Fast path with the run's prefix cache, with a per-step prefix, and in place (θ copied back)."""
+    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=8, eval_every=4, scope="layer:1",
+                   fast_path=fast, estimator="one-sided", q=3, lr=1e-2, prefix_cache_mb=cache,
+                   exact_restore_fraction=0.1 if fast else 1.0)
+    train(TrainConfig(**options, out=str(tmp_path / "reference")))
+    trained = load_file(tmp_path / "reference" / "final.safetensors")
+    rebuilt = replay(tmp_path / "reference")
+    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
+    killed = tmp_path / "killed"
+    train(TrainConfig(**{**options, "steps": 6}, out=str(killed)))
+    for name in ("final.safetensors", "results.json"):
+        (killed / name).unlink()
+    train(TrainConfig(**options, out=str(killed), resume=str(killed)))
+    assert all(torch.equal(load_file(killed / "final.safetensors")[n], trained[n]) for n in trained)
+
+
+def test_one_sided_with_the_full_scope_in_place_is_refused():
+    with pytest.raises(DlzoError, match="--estimator one-sided"):
+        TrainConfig(model=str(STORIES), scope="full", estimator="one-sided").validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from dlzo.errors import DlzoError
 from dlzo.harness import evaluate_with_harness
 from dlzo.models import load_model, load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, EvalConfig, TrainConfig
+from dlzo.prefix import FrozenPrefix
 from dlzo.run import load_checkpoint_of_run
 from dlzo.scoring import (
     candidate_scores,
@@ -64,20 +66,23 @@ def _batches(items: list, size: int, label: str, quiet: bool):
 
 @torch.no_grad()
 def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, generation: bool = False,
-             max_length: int = 2048, quiet: bool = True, per_token: bool = False) -> float:
+             max_length: int = 2048, quiet: bool = True, per_token: bool = False,
+             frozen: FrozenPrefix | None = None) -> float:
     """Mean per-example training loss over the examples (the trainer keeps the checkpoint minimising it).
     `per_token`: the mean negative log-likelihood of every scored token instead (your own generation data:
-    its exp is the perplexity)."""
+    its exp is the perplexity). `frozen`: a run's frozen-prefix cache, so the layers below the tuned one are
+    not run again (the dev batches are the same at every evaluation)."""
     device = next(model.parameters()).device
     layout = fast_layout(model, tokenizer)
     total = tokens = 0.0
     for chunk in _batches(_shard(examples), batch_size, "dev loss", quiet):
         batch = encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
-        if per_token:
+        with frozen.applied(batch) if frozen is not None else contextlib.nullcontext():
             logprobs = token_logprobs(model, batch)
+        if per_token:
             total, tokens = total - float(logprobs.double().sum()), tokens + logprobs.numel()
             continue
-        total += float(per_example_losses(batch, token_logprobs(model, batch)).sum())
+        total += float(per_example_losses(batch, logprobs).sum())
     if per_token:
         total, tokens = dist.sum_across_ranks([total, tokens])
         return total / tokens

@@ -4,6 +4,8 @@
   is duplicated (the prefix is shared between the +ε and -ε branches).
 - Each tuned layer runs its first B rows with θ+εz and its last B rows with θ-εz, by swapping tensors
   into the layer for one call; the model's own parameters are never modified.
+- With a `FrozenPrefix` (dlzo.prefix) the layers below are not run at all: their output comes from a cache
+  filled once per run.
 - Layers above run on all 2B rows; logits are computed only where the loss reads them (dlzo.scoring).
 
 Two losses: `loss_pair` (dlzo's task batches, dlzo.scoring) and `pair_model_loss` (any causal-LM batch of
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlzo.models import backbone_and_head, decoder_layers, logits_from_hidden
+from dlzo.prefix import FrozenPrefix, replaced_forwards
 from dlzo.scoring import EncodedBatch, loss_from_logprobs, token_logprobs
 
 
@@ -63,8 +66,8 @@ def swapped_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
 class BranchedForward:
     """Computes (L(θ+εz), L(θ-εz)) for tensors that all live inside decoder layers, in one forward."""
 
-    def __init__(self, model: nn.Module, tuned_names: list[str]):
-        self.model = model
+    def __init__(self, model: nn.Module, tuned_names: list[str], frozen: FrozenPrefix | None = None):
+        self.model, self.frozen = model, frozen
         self.layers = decoder_layers(model)
         full_names = {id(p): n for n, p in model.named_parameters()}
         self.local_names: dict[int, dict[str, str]] = {}  # layer index -> {global name: local name}
@@ -83,48 +86,39 @@ class BranchedForward:
     def _patched(self, rows: int, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
                  prefix_cache: dict | None):
         half = rows // 2
-        originals = {}
-        had_own_forward = {}  # accelerate's device-map hooks install an instance-level forward
+        originals = {index: layer.forward for index, layer in enumerate(self.layers)}
 
-        def shared_prefix(layer, index):
+        def shared_prefix(index):
             def forward(*args, **kwargs):
                 out = prefix_cache.get(index) if prefix_cache is not None else None
                 if out is None:
                     args1, _ = _split(args, rows, half)
                     kwargs1, _ = _split(kwargs, rows, half)
-                    out = originals[id(layer)](*args1, **kwargs1)
+                    out = originals[index](*args1, **kwargs1)
                     if prefix_cache is not None:
                         prefix_cache[index] = out
                 return _join(out, out)
             return forward
 
-        def branched(layer, names):
+        def branched(index, names):
+            layer = self.layers[index]
             plus_local = {local: plus[name] for name, local in names.items()}
             minus_local = {local: minus[name] for name, local in names.items()}
 
             def forward(*args, **kwargs):
                 (args1, args2), (kwargs1, kwargs2) = _split(args, rows, half), _split(kwargs, rows, half)
                 with swapped_tensors(layer, plus_local):
-                    out1 = originals[id(layer)](*args1, **kwargs1)
+                    out1 = originals[index](*args1, **kwargs1)
                 with swapped_tensors(layer, minus_local):
-                    out2 = originals[id(layer)](*args2, **kwargs2)
+                    out2 = originals[index](*args2, **kwargs2)
                 return _join(out1, out2)
             return forward
 
-        for index, layer in enumerate(self.layers):
-            if index < self.first_tuned or index in self.local_names:
-                originals[id(layer)] = layer.forward
-                had_own_forward[id(layer)] = "forward" in layer.__dict__
-                tuned = self.local_names.get(index)
-                layer.forward = branched(layer, tuned) if tuned else shared_prefix(layer, index)
-        try:
+        replacements = {index: branched(index, names) for index, names in self.local_names.items()}
+        if self.frozen is None:  # with a frozen prefix, dlzo.prefix replaces the layers below
+            replacements.update({index: shared_prefix(index) for index in range(self.first_tuned)})
+        with replaced_forwards(self.layers, replacements):
             yield
-        finally:
-            for layer in self.layers:
-                if had_own_forward.get(id(layer)):
-                    layer.forward = originals[id(layer)]
-                elif id(layer) in originals:
-                    del layer.forward  # the class's forward shows again
 
     @torch.no_grad()
     def loss_pair(self, batch: EncodedBatch, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
@@ -132,10 +126,26 @@ class BranchedForward:
         """`prefix_cache`: a dict kept by the caller for one batch and unchanged weights below the tuned
         layers; a prefix layer's output is computed once and reused by later calls on that batch."""
         doubled = batch.doubled()
-        with self._patched(doubled.input_ids.shape[0], plus, minus, prefix_cache):
+        frozen = self.frozen.applied(doubled) if self.frozen is not None else contextlib.nullcontext()
+        with frozen, self._patched(doubled.input_ids.shape[0], plus, minus, prefix_cache):
             logprobs = token_logprobs(self.model, doubled)
         tokens = batch.token_row.shape[0]
         return (loss_from_logprobs(batch, logprobs[:tokens]), loss_from_logprobs(batch, logprobs[tokens:]))
+
+    @torch.no_grad()
+    def loss_at(self, batch: EncodedBatch, tensors: dict[str, torch.Tensor] | None,
+                frozen: FrozenPrefix | None = None) -> torch.Tensor:
+        """L on the batch's B rows with the tuned tensors `tensors` swapped in (None: the model's own): one
+        branch, for the one-sided estimator. The layers below come from `frozen` (else the run's cache, else
+        they run)."""
+        frozen = frozen if frozen is not None else self.frozen
+        with contextlib.ExitStack() as stack:
+            if frozen is not None:
+                stack.enter_context(frozen.applied(batch))
+            for index, names in self.local_names.items() if tensors is not None else ():
+                local = {local: tensors[name] for name, local in names.items()}
+                stack.enter_context(swapped_tensors(self.layers[index], local))
+            return loss_from_logprobs(batch, token_logprobs(self.model, batch))
 
     @torch.no_grad()
     def pair_model_loss(self, model_kwargs: dict, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],

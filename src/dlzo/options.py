@@ -95,6 +95,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     device_map: str = option("", "'auto' spreads one model over this machine's GPUs (forward only, all ZO needs)")
     weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
     distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
+    estimator: str = option("two-sided", "ZO gradient estimate: two-sided ((L(θ+εz) - L(θ-εz))/2ε, MeZO) or one-sided "
+                                         "((L(θ+εz) - L(θ))/ε, L(θ) shared by the --q directions: q+1 forwards a "
+                                         "step instead of 2q)")
     zo_update: str = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
                                    "g·z) or adam (ZO-AdaMM); state only over the tuned tensors, rebuilt by replay")
     beta1: float = option(0.9, "--zo-update momentum / adam: the first-moment decay")
@@ -110,6 +113,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     eval_every: int = option(100, "evaluate dev loss (and save) every N steps; 0: only at the end")
     eval_batch_size: int = option(32, "batch size for dev loss and test evaluation")
     fast_path: bool = option(True, "shared prefix, batched ±ε branches, answer-only logits, packed candidates")
+    prefix_cache_mb: int = option(2048, "fast path: cache the frozen layers' output below the tuned layer for "
+                                        "every train/dev sequence (computed once; dlzo.prefix) up to this many MB; "
+                                        "0: off")
     exact_restore_fraction: float = option(0.1, "restore by copy when the scope is at most this fraction of the model")
     max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
     lora_r: int = option(8, "LoRA rank for --scope lora / dominant-lora")
@@ -133,7 +139,7 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise DlzoError(f"--{name} must be a positive finite number, not {value}")
-        for name in ("eval_every", "warmup_steps", "weight_decay", "num_train", "num_test"):
+        for name in ("eval_every", "warmup_steps", "weight_decay", "num_train", "num_test", "prefix_cache_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise DlzoError(f"--{name.replace('_', '-')} must not be negative, not {value}")
@@ -149,6 +155,12 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError(f"--parallel {self.parallel!r} is not data or perturbation")
         if self.distribution not in ("gaussian", "rademacher"):
             raise DlzoError(f"--distribution {self.distribution!r} is not gaussian or rademacher")
+        if self.estimator not in ("two-sided", "one-sided"):
+            raise DlzoError(f"--estimator {self.estimator!r} is not two-sided or one-sided")
+        if self.estimator == "one-sided" and self.scope == "full" and self.exact_restore_fraction < 1:
+            raise DlzoError("--estimator one-sided: --scope full perturbs the weights in place with MeZO's round "
+                            "trip, which has no unperturbed evaluation to share; pass --exact-restore-fraction 1 "
+                            "(a copy of the weights) or use the two-sided estimator")
         if self.zo_update not in ("sgd", "momentum", "adam"):
             raise DlzoError(f"--zo-update {self.zo_update!r} is not sgd, momentum or adam")
         for name in ("beta1", "beta2"):

@@ -55,7 +55,7 @@ def make_zo_optimizer(prepared: Prepared, exact_restore: bool = True) -> ZOOptim
                        weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
                        exact_restore=exact_restore, layer_groups=scope.layer_groups,
                        sampled_layers=scope.sampled_layers, update_rule=config.zo_update, beta1=config.beta1,
-                       beta2=config.beta2)
+                       beta2=config.beta2, estimator=config.estimator)
 
 
 def tuned_tensors(model: nn.Module, scope: Scope) -> dict[str, torch.Tensor]:

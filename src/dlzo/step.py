@@ -12,6 +12,7 @@ from torch import nn
 
 from dlzo import distributed as dist
 from dlzo.fastpath import BranchedForward
+from dlzo.prefix import FrozenPrefix
 from dlzo.scope import Scope
 from dlzo.scoring import EncodedBatch, batch_loss, encode, loss_from_logprobs, token_logprobs
 from dlzo.tasks import Example
@@ -38,13 +39,28 @@ def step_batches(tokenizer, examples: list[Example], grad_accum: int, device: to
 class StepRunner:
     """Evaluates the training loss of a step's micro-batches, plain or through the fast path."""
 
-    def __init__(self, model: nn.Module, scope: Scope, fast_path: bool, average_across_ranks: bool = True):
+    def __init__(self, model: nn.Module, scope: Scope, fast_path: bool, average_across_ranks: bool = True,
+                 frozen: FrozenPrefix | None = None):
         self.model, self.fast, self.average = model, fast_path, average_across_ranks
-        self.branched = BranchedForward(model, scope.names) if fast_path and scope.layers else None
+        self.branched = BranchedForward(model, scope.names, frozen) if fast_path and scope.layers else None
 
     def loss(self, batches: list[EncodedBatch]) -> float:
         losses = [float(batch_loss(self.model, b, full_logits=not self.fast)) for b in batches]
         local = sum(losses) / len(losses)
+        return dist.mean_across_ranks(local) if self.average else local
+
+    def step_prefix(self, batches: list[EncodedBatch]) -> FrozenPrefix | None:
+        """The frozen layers' output for a step's batches: the run's cache, else one computed for this step
+        only (its q+1 one-sided evaluations then share it); None when the first tuned layer is layer 0."""
+        if self.branched.frozen is not None or self.branched.first_tuned < 1:
+            return self.branched.frozen
+        local = FrozenPrefix(self.model, self.branched.first_tuned, limit_bytes=2**62)
+        for batch in batches:
+            local.fill(batch)
+        return local
+
+    def loss_at(self, batches: list[EncodedBatch], tensors: dict | None, frozen: FrozenPrefix | None) -> float:
+        local = sum(float(self.branched.loss_at(b, tensors, frozen)) for b in batches) / len(batches)
         return dist.mean_across_ranks(local) if self.average else local
 
     def loss_pair(self, batches: list[EncodedBatch], plus: dict, minus: dict) -> tuple[float, float]:
@@ -55,12 +71,15 @@ class StepRunner:
 
 def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch],
             directions: list[int] | None = None) -> StepResult:
-    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z.
+    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z (one-sided: L(θ+εz) and L(θ)).
 
     With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
     direction's (g, L+, L-) and apply the same updates in direction order."""
     update = directions is None
-    if runner.branched is not None:
+    if runner.branched is not None and optimizer.estimator == "one-sided":
+        frozen = runner.step_prefix(batches)
+        result = optimizer.step_one_sided(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update)
+    elif runner.branched is not None:
         pair: Callable = lambda plus, minus: runner.loss_pair(batches, plus, minus)  # noqa: E731
         result = optimizer.step_functional(pair, directions, update)
     else:

@@ -24,6 +24,7 @@ from dlzo.eval import EvalResult, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
 from dlzo.models import load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
+from dlzo.prefix import FrozenPrefix
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
 from dlzo.scalars import ScalarLogger
@@ -152,6 +153,9 @@ class Session:
         self.is_main = dist.is_main_process()
         self.tensors = tuned_tensors(self.model, self.prepared.scope)
         self.perturbation = perturbation_kind(config, self.prepared)
+        if config.estimator == "one-sided" and self.perturbation == "arithmetic":
+            raise DlzoError(f"--estimator one-sided: {self.prepared.scope.description} is perturbed in place "
+                            f"(more than --exact-restore-fraction of the model); raise --exact-restore-fraction")
         self.zo = make_zo_optimizer(self.prepared, self.perturbation == "copy") if config.optimizer == "zo" else None
         self.adam = (torch.optim.AdamW(list(self.tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
                      if self.zo is None else None)
@@ -163,20 +167,42 @@ class Session:
         self.layout = fast_layout(self.model, self.tokenizer, config.fast_path)
         self.rank, self.world = dist.rank(), dist.world_size()
         split_directions = config.parallel == "perturbation" and self.world > 1
+        self.frozen_note = ""
+        self.frozen = self.frozen_prefix()
         self.runner = StepRunner(self.model, self.prepared.scope, config.fast_path,
-                                 average_across_ranks=not split_directions)
+                                 average_across_ranks=not split_directions, frozen=self.frozen)
         self.directions = ([d for d in range(config.q) if d % self.world == self.rank] if split_directions else None)
         if self.is_main:
             announce(config, self.prepared, data.splits, self.point, previous)
+            if self.frozen_note:
+                print(self.frozen_note)
             record = run_record(config, self.prepared, data.splits, self.perturbation, self.device)
+            record["frozen_prefix"] = self.frozen_note or None
             if data.user is not None:
                 record.update(data=data.info, split_record=data.user.split_record)
             run.write_record(record)
 
+    def frozen_prefix(self) -> FrozenPrefix | None:
+        """The cache of the layers below the tuned one (dlzo.prefix), filled from every training example in
+        fixed chunks before step 0, so a resumed run holds the same tensors; None where it does not apply
+        (not the fast path, a scope starting at layer 0, --prefix-cache-mb 0) or would pass its limit."""
+        config, scope = self.config, self.prepared.scope
+        if self.perturbation != "functional" or not config.prefix_cache_mb or not scope.layers or min(scope.layers) < 1:
+            return None
+        frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20)
+        train = self.data.splits.train
+        for start in range(0, len(train), config.batch_size):
+            for batch in step_batches(self.tokenizer, train[start : start + config.batch_size], 1, self.device,
+                                      fast_path=True, max_length=self.max_length,
+                                      generation=self.data.task.generation, layout=self.layout):
+                frozen.fill(batch)
+        self.frozen_note = frozen.summary()
+        return None if frozen.dropped else frozen
+
     def evaluate_dev(self) -> float:
         splits = self.data.splits
         return dev_loss(self.model, self.tokenizer, splits.dev or splits.train[:100], self.config.eval_batch_size,
-                        self.data.task.generation, self.max_length, per_token=self.data.per_token)
+                        self.data.task.generation, self.max_length, per_token=self.data.per_token, frozen=self.frozen)
 
     def save(self, name: str, step: int, best: float) -> None:
         if self.is_main:

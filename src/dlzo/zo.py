@@ -2,6 +2,9 @@
 
     L+ = L(θ + εz),  L- = L(θ - εz),  g = (L+ - L-) / 2ε,  θ <- θ - lr·(g·z + wd·θ)
 
+or, with `estimator="one-sided"`, g = (L(θ + εz) - L(θ)) / ε with L(θ) evaluated once per step and shared
+by the q directions (q+1 evaluations instead of 2q; the estimate FZOO, arXiv 2506.09034, batches).
+
 `update_rule` turns the estimate d = mean g·z (+ wd·θ) into a step: sgd (the line above, the default),
 momentum (m <- β1·m + d, θ <- θ - lr·m) or adam (ZO-AdaMM: Adam's moments of d, bias-corrected). Their state
 lives over the tuned tensors only and is a pure function of the logged (seeds, grads, lr), so `replay_step`
@@ -16,9 +19,10 @@ Two ways to evaluate the perturbed losses:
   whose last +εz draws the z that the update then uses (three noise passes per step, not four).
 - `step_functional(pair_loss)`: pair_loss(plus, minus) gets the perturbed tensors and returns (L+, L-),
   e.g. from one batched forward (dlzo.fastpath); the model's weights are never perturbed in place.
+- `step_one_sided(loss_at)`: loss_at(tensors or None) returns L at those tuned tensors (None: θ).
 
 The public contract, which every other module uses (none reaches into private methods): `step`,
-`step_functional`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
+`step_functional`, `step_one_sided`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
 `restore_and_update` and `replay_step` (re-apply a logged step: replay and resume).
 """
 
@@ -34,6 +38,7 @@ from torch import nn
 
 _MASK64 = (1 << 64) - 1
 UPDATE_RULES = ("sgd", "momentum", "adam")
+ESTIMATORS = ("two-sided", "one-sided")
 
 
 def _mix(*values: int) -> int:
@@ -88,6 +93,7 @@ class ZOOptimizer:
         beta1: float = 0.9,
         beta2: float = 0.999,
         adam_eps: float = 1e-8,
+        estimator: str = "two-sided",
     ):
         self.named = list(params)
         if not self.named:
@@ -100,6 +106,9 @@ class ZOOptimizer:
         if update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}, not {update_rule!r}")
         self.update_rule, self.beta1, self.beta2, self.adam_eps = update_rule, beta1, beta2, adam_eps
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+        self.estimator = estimator
         self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
         self.updates = 0  # applied (not skipped) updates: Adam's bias-correction step
         # LeZO (arXiv 2410.09823): each direction perturbs and updates only `sampled_layers` of the layer
@@ -223,6 +232,10 @@ class ZOOptimizer:
 
         `directions` evaluates only some of the q directions and `update=False` leaves θ and the step count
         alone: perturbation-parallel training evaluates its share, gathers all (seed, g), then calls finish()."""
+        if self.estimator == "one-sided":
+            if not self.exact_restore:
+                raise ValueError("the one-sided estimator in place needs exact_restore (θ copied back)")
+            return self._step_one_sided_in_place(closure, directions, update)
         seeds = self.seeds_for_step(self.step_count)
         chosen = range(self.q) if directions is None else directions
         plus, minus, grads = [], [], []
@@ -279,6 +292,45 @@ class ZOOptimizer:
             return result
         return self.finish(result, zs=[zs] if len(seeds) == 1 else None)
 
+    @torch.no_grad()
+    def step_one_sided(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
+                       directions: list[int] | None = None, update: bool = True) -> StepResult:
+        """The one-sided estimator: L0 = loss_at(None) (θ itself) once, then for each direction
+        g = (loss_at(θ+εz) - L0) / ε. q directions cost q+1 evaluations instead of 2q; replay and resume
+        need only the logged (seeds, g), as for the two-sided estimate."""
+        all_seeds = self.seeds_for_step(self.step_count)
+        seeds = all_seeds if directions is None else [all_seeds[d] for d in directions]
+        base = float(loss_at(None))
+        plus, grads, kept = [], [], None
+        for seed in seeds:
+            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+            loss_plus = float(loss_at({n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}))
+            plus.append(loss_plus)
+            grads.append((loss_plus - base) / self.eps)
+            kept = zs if len(seeds) == 1 else None
+        result = StepResult(seeds, grads, plus, [base] * len(seeds))
+        if not update:
+            return result
+        return self.finish(result, zs=[kept] if kept is not None else None)
+
+    def _step_one_sided_in_place(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None,
+                                 update: bool) -> StepResult:
+        """step_one_sided with the loss of the model's current weights: θ+εz written in, θ copied back."""
+        backup = [p.detach().clone() for _, p in self.named]
+
+        def loss_at(tensors: dict[str, torch.Tensor] | None) -> float:
+            if tensors is None:
+                return float(closure())
+            for name, param in self.named:
+                param.data.copy_(tensors[name])
+            try:
+                return float(closure())
+            finally:
+                for (_, param), saved in zip(self.named, backup):
+                    param.data.copy_(saved)
+
+        return self.step_one_sided(loss_at, directions, update)
+
     def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None,
                restore_seed: int | None = None) -> StepResult:
         """Apply the update of an evaluated step (all its directions, in order) and advance the step count.
@@ -316,7 +368,7 @@ class ZOOptimizer:
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,
                 "weight_decay": self.weight_decay, "distribution": self.distribution, "update_rule": self.update_rule,
-                "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates}
+                "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates, "estimator": self.estimator}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])

@@ -1,0 +1,132 @@
+"""The frozen-prefix cache (dlzo.prefix): same losses as the uncached fast path and the plain path, the layers
+below really skipped, exact resume with the cache on, and the limit."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA, tiny_model
+from dlzo.eval import dev_loss
+from dlzo.fastpath import BranchedForward
+from dlzo.layers import layer_parameters
+from dlzo.options import TrainConfig
+from dlzo.prefix import FrozenPrefix, sequence_spans
+from dlzo.scoring import batch_loss, encode, supports_packing
+from dlzo.tasks import Example, load_task
+from dlzo.train import train
+
+
+def _examples():
+    examples = load_task("copa", DATA).splits(num_train=6, num_dev=0, num_test=1).train
+    return examples + [Example("Once upon a time there was", [" a", " the"], 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_cached_prefix_gives_the_uncached_losses(arch, layout, stories_tokenizer):
+    model = tiny_model(arch, layers=4)
+    if layout == "packed" and not supports_packing(model, stories_tokenizer):
+        pytest.skip(f"{arch} refuses packed sequences")
+    examples = _examples()
+    named = layer_parameters(model, 2)
+    torch.manual_seed(0)
+    plus = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in named}
+    minus = {n: 2 * p.detach() - plus[n] for n, p in named}
+    frozen = FrozenPrefix(model, 2, 2**30)
+    # filled from other batch shapes than the one read below: three examples at a time
+    for start in range(0, len(examples), 3):
+        frozen.fill(encode(stories_tokenizer, examples[start : start + 3], layout=layout))
+    batch = encode(stories_tokenizer, examples, layout=layout)
+    cached = BranchedForward(model, list(plus), frozen).loss_pair(batch, plus, minus)
+    uncached = BranchedForward(model, list(plus)).loss_pair(batch, plus, minus)
+    assert abs(float(cached[0] - cached[1])) > 1e-6
+    for c, u in zip(cached, uncached):
+        assert float(c) == pytest.approx(float(u), abs=1e-5)
+    # a plain (unperturbed) forward through the cache: the model's own loss
+    with frozen.applied(batch):
+        through = float(batch_loss(model, batch))
+    assert through == pytest.approx(float(batch_loss(model, batch)), abs=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in frozen.layers)
+
+
+def test_cached_layers_do_not_run(stories_tokenizer):
+    """The layers below the tuned one are not called once the cache holds the batch."""
+    model = tiny_model("llama", layers=4)
+    batch = encode(stories_tokenizer, _examples())
+    frozen = FrozenPrefix(model, 3, 2**30)
+    frozen.fill(batch)
+    calls = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in
+             enumerate(frozen.layers)]
+    named = layer_parameters(model, 3)
+    tensors = {n: p.detach() for n, p in named}
+    BranchedForward(model, list(tensors), frozen).loss_pair(batch, tensors, tensors)
+    for hook in hooks:
+        hook.remove()
+    # the three frozen layers' work never runs; the tuned layer runs once per branch
+    assert calls == [3, 3]
+
+
+def test_sequence_spans_of_packed_and_padded_rows(stories_tokenizer):
+    examples = [Example("Hello there", [" a", " b"], 0), Example("Once upon a time", [" x", " y"], 1)]
+    padded = encode(stories_tokenizer, examples, layout="padded", padding_side="left")
+    lengths = padded.attention_mask.sum(-1).tolist()
+    assert [(end - start) for _, start, end in sequence_spans(padded)] == lengths
+    packed = encode(stories_tokenizer, examples, layout="packed")
+    spans = sequence_spans(packed)
+    assert sum(end - start for _, start, end in spans) == packed.input_ids.numel()
+    for row, start, end in spans:
+        assert packed.position_ids[row, start:end].tolist() == list(range(end - start))
+
+
+def test_a_cache_over_its_limit_is_dropped(stories_tokenizer):
+    model = tiny_model("llama", layers=4)
+    batch = encode(stories_tokenizer, _examples())
+    frozen = FrozenPrefix(model, 2, limit_bytes=1000)
+    frozen.fill(batch)
+    assert frozen.dropped and not frozen.entries
+    with frozen.applied(batch):  # runs the layers instead
+        assert float(batch_loss(model, batch)) == pytest.approx(float(batch_loss(model, batch)), abs=0)
+
+
+def test_dev_loss_through_the_cache(stories_tokenizer):
+    model = tiny_model("llama", layers=4)
+    examples = _examples()
+    frozen = FrozenPrefix(model, 2, 2**30)
+    plain = dev_loss(model, stories_tokenizer, examples, batch_size=4)
+    first = dev_loss(model, stories_tokenizer, examples, batch_size=4, frozen=frozen)
+    again = dev_loss(model, stories_tokenizer, examples, batch_size=4, frozen=frozen)
+    assert first == pytest.approx(plain, abs=1e-6) and again == first
+
+
+def _config(tmp_path, stories_path, name, **extra):
+    return TrainConfig(model=stories_path, task="copa", data_dir=str(DATA), scope="layer:2", steps=12, lr=1e-3,
+                       batch_size=4, num_train=16, num_dev=8, num_test=4, eval_every=4, quiet=True,
+                       out=str(tmp_path / name), **extra)
+
+
+def test_training_with_and_without_the_cache(tmp_path, stories_path, capsys):
+    cached = train(_config(tmp_path, stories_path, "cached"))
+    assert "frozen prefix: layers 0-1 cached for" in capsys.readouterr().out
+    uncached = train(_config(tmp_path, stories_path, "uncached", prefix_cache_mb=0))
+    assert cached["dev_loss_best"] == pytest.approx(uncached["dev_loss_best"], abs=1e-4)
+    grads = [[json.loads(line)["grads"][0] for line in (tmp_path / name / "trajectory.jsonl").read_text().splitlines()]
+             for name in ("cached", "uncached")]
+    assert grads[0] == pytest.approx(grads[1], rel=1e-2, abs=1e-3)
+
+
+def test_resume_with_the_cache_is_exact(tmp_path, stories_path):
+    """Stopped after step 8 and resumed: the same tuned tensors as an uninterrupted run (cache on)."""
+    from safetensors.torch import load_file
+
+    train(_config(tmp_path, stories_path, "whole"))
+    first = _config(tmp_path, stories_path, "resumed")
+    first.steps = 8
+    train(first)
+    rest = _config(tmp_path, stories_path, "resumed", resume=str(tmp_path / "resumed"))
+    train(rest)
+    whole = load_file(tmp_path / "whole" / "final.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
