@@ -72,7 +72,8 @@ def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkey
         assert not full["reached"] and full["steps"] == 4 and [p["step"] for p in full["curve"]] == [0, 2, 4]
         assert dom["reached"] and dom["steps_to_target"] == 2 and dom["steps"] == 2
         for run in (full, dom):
-            assert run["curve"][0]["seconds"] == 0.0  # the step-0 scoring is not training time
+            # the step-0 scoring is not training time; building the frozen-prefix cache is
+            assert run["curve"][0]["seconds"] == pytest.approx(run["prefix_cache_seconds"], abs=1e-3)
             assert run["eval_seconds"] >= SLEEP * run["evaluations"] > run["curve"][-1]["seconds"] - run["train_seconds"]
             assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"], abs=1e-3)
             assert run["peak_mem_bytes"] > 0 and run["mem_vs_inference"] > 0.5
@@ -102,3 +103,21 @@ def test_race_command_scores_for_real_with_the_lever_and_dev_loss(tmp_path, caps
     assert all(0 <= p["metric"] <= 1 and p["dev_loss"] > 0 for p in run["curve"])
     assert saved["upstream_full"]["0"] is None and "lever" in capsys.readouterr().out
     assert main(args) == 2  # the folder already holds a race
+
+
+def test_a_killed_race_resumes_from_its_finished_recipes(tmp_path, monkeypatch):
+    """Finished recipes (and the upstream timing) are read back; a recipe killed midway starts over."""
+    config = dict(TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3", seeds="0",
+                  target=0.99, max_steps=2, eval_every=1, upstream_repeats=1, out=str(tmp_path / "race"))
+    first = race(RaceConfig(**config))
+    seed = tmp_path / "race" / "seed0"
+    (tmp_path / "race" / "race.json").unlink()
+    (seed / "dominant" / "race-recipe.json").unlink()  # as if killed during this recipe
+    ran = []
+    original = race_module.RecipeRun.run
+    monkeypatch.setattr(race_module.RecipeRun, "run", lambda self: ran.append(self.config.out) or original(self))
+    monkeypatch.setattr(race_module, "upstream_step", lambda *a: pytest.fail("the upstream timing was kept"))
+    again = race(RaceConfig(**config))
+    assert ran == [str(seed / "dominant")]
+    assert again["results"]["0"]["full"] == json.loads(json.dumps(first["results"]["0"]["full"]))
+    assert again["upstream_full"] == json.loads(json.dumps(first["upstream_full"]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict
@@ -100,7 +102,10 @@ class RecipeRun:
         run.path.mkdir(parents=True, exist_ok=True)
         self.session = Session(config, run, None, data)
         self.device = self.session.device
-        self.step, self.train_s, self.eval_s, self.peak = 0, 0.0, 0.0, 0
+        frozen = self.session.frozen
+        # the frozen-prefix cache is built before step 0: training time, so it counts
+        self.cache_s, self.cache_bytes = (frozen.seconds, frozen.bytes) if frozen is not None else (0.0, 0)
+        self.step, self.train_s, self.eval_s, self.peak = 0, self.cache_s, 0.0, 0
         self.curve: list[dict] = []
         self.reached: dict | None = None
 
@@ -157,6 +162,8 @@ class RecipeRun:
         config, s, reached = self.config, self.session, self.reached
         return {"scope": s.prepared.scope.description, "optimizer": config.optimizer, "lr": config.lr,
                 "zo_update": config.zo_update if config.optimizer == "zo" else None,
+                "estimator": config.estimator if config.optimizer == "zo" else None, "q": config.q,
+                "prefix_cache_seconds": round(self.cache_s, 3), "prefix_cache_bytes": self.cache_bytes,
                 "tuned_parameters": s.prepared.scope.tuned, "reached": reached is not None,
                 "steps_to_target": reached["step"] if reached else None,
                 "seconds_to_target": reached["seconds"] if reached else None,
@@ -238,19 +245,35 @@ def summarise(per_seed: dict[str, dict], ratios: dict[str, dict]) -> dict:
 
 
 def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tuple[dict, dict]:
-    """Every recipe of one seed, then the upstream step: (results by recipe, upstream_full timing)."""
-    results, data = {}, None
+    """Every recipe of one seed, then the upstream step: (results by recipe, upstream_full timing).
+    Resumable: each finished recipe (and the upstream timing) is kept in its folder and read back when the
+    same race runs again; a recipe killed midway starts over (its seconds must come from one run)."""
+    results, data, folder = {}, None, Path(race.out) / f"seed{seed}"
     for name, overrides in recipes:
-        config = recipe_config(race, overrides, seed, Path(race.out) / f"seed{seed}" / name)
+        config = recipe_config(race, overrides, seed, folder / name)
         data = load_data(config)
+        done = folder / name / "race-recipe.json"
+        if done.exists():
+            results[name] = json.loads(done.read_text())
+            print(f"race seed {seed}: {name}: finished before, read from {done}", flush=True)
+            continue
+        if (folder / name).exists():
+            shutil.rmtree(folder / name)
         print(f"race seed {seed}: {name} ({' '.join(f'{k}={v}' for k, v in overrides.items())})", flush=True)
         results[name] = RecipeRun(race, config, data).run()
+        atomic_write_json(done, results[name])
         gc.collect()
         r = results[name]
         print(f"  {'reached' if r['reached'] else 'missed'} {race.target} at step {r['steps_to_target']} "
               f"({r['seconds_to_target']} s of training); {r['steps']} steps, {r['train_seconds']:.1f} s training, "
               f"{r['eval_seconds']:.1f} s evaluation, best {r['best_metric']:.4f}", flush=True)
-    upstream = upstream_step(race, data, seed) if race.upstream_repeats > 0 else None
+    kept = folder / "upstream-step.json"
+    if race.upstream_repeats <= 0:
+        return results, None
+    if kept.exists():
+        return results, json.loads(kept.read_text())
+    upstream = upstream_step(race, data, seed)
+    atomic_write_json(kept, upstream)
     return results, upstream
 
 
