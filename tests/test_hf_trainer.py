@@ -372,6 +372,32 @@ def test_layers_params_full_and_lora_scopes(stories_path, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+
+def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_path, tmp_path, monkeypatch):
+    """dominant-lora: the layer is probed on the base model, the adapters go on that layer alone, and only they
+    train; with no massive activations and no layer given it says what to pass."""
+    import dlzo
+    import dlzo.hf_trainer
+
+    given = make_trainer(stories_path, tmp_path / "given", max_steps=2,
+                         zo=dlzo.ZOArguments(scope="dominant-lora", layer=2))
+    lora_names = [n for n, _ in given.model.named_parameters() if "lora_" in n]
+    assert lora_names and all(".layers.2." in n for n in lora_names) and given.zo_scope.names == lora_names
+    assert given._branched is not None and given.zo_layer_reason == "layer given by ZOArguments.layer"
+    base = weights(given.model)
+    given.train()
+    changed = {n for n, p in given.model.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and changed <= set(lora_names)
+
+    with pytest.raises(ValueError, match="dominant-lora: probe found no massive activations.*layer=K"):
+        make_trainer(stories_path, tmp_path / "none", zo=dlzo.ZOArguments(scope="dominant-lora"))
+    stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
+    monkeypatch.setattr(dlzo.hf_trainer, "find_dominant_layer",
+                        lambda model, tokenizer: SimpleNamespace(dominant_layer=1, layers=stats))
+    probed = make_trainer(stories_path, tmp_path / "probed", zo=dlzo.ZOArguments(scope="dominant-lora"))
+    assert all(".layers.1." in n for n in probed.zo_scope.names) and "probe" in probed.zo_layer_reason
+
+
 # ------------------------------------------------------------------------------------ the example and the docs
 
 

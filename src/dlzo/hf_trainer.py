@@ -52,9 +52,10 @@ class ZOArguments:
     scope: str = field(default="dominant", metadata={"help": (
         "Which tensors to tune: dominant (the probe's layer: the first decoder layer with massive "
         "activations; when the probe finds none, the layer whose perturbation moves the training loss most) "
-        "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections)")})
+        "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections) "
+        "| dominant-lora (LoRA adapters on the dominant layer only)")})
     layer: int | None = field(default=None, metadata={"help": (
-        "With scope=dominant: tune this decoder layer (0-based) instead of probing for it")})
+        "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead of probing for it")})
     eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation scale ε: losses at θ ± εz"})
     q: int = field(default=1, metadata={"help": "Random directions z per optimizer step (their estimates are averaged)"})
     distribution: str = field(default="gaussian", metadata={"help": "Distribution of z: gaussian | rademacher"})
@@ -68,14 +69,33 @@ class ZOArguments:
 
     def __post_init__(self):
         spec = parse_scope(self.scope)  # raises on an unknown scope
-        if spec.kind == "dominant-lora":
-            raise ValueError("ZOArguments.scope: dominant-lora is not supported by ZOTrainer; use lora or a layer scope")
-        if self.layer is not None and spec.kind != "dominant":
-            raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant, not {self.scope!r}")
+        if self.layer is not None and spec.kind not in ("dominant", "dominant-lora"):
+            raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant or dominant-lora, "
+                             f"not {self.scope!r}")
         if self.distribution not in ("gaussian", "rademacher"):
             raise ValueError(f"ZOArguments.distribution must be gaussian or rademacher, not {self.distribution!r}")
         if self.q < 1 or not self.eps > 0:
             raise ValueError("ZOArguments needs q >= 1 and eps > 0")
+
+
+def _tokenizer_of(processing_class, data_collator):
+    """The tokenizer a Trainer was given: processing_class (a processor wraps one), else the collator's."""
+    candidate = getattr(processing_class, "tokenizer", processing_class)
+    if candidate is None or not callable(candidate):
+        candidate = getattr(data_collator, "tokenizer", None)
+    return candidate
+
+
+def _probed_layer(model: nn.Module, tokenizer) -> tuple[int | None, str]:
+    """(the probe's dominant layer, why) or (None, why not) on the probe's built-in calibration text."""
+    if tokenizer is None:
+        return None, "no tokenizer for the probe"
+    result = find_dominant_layer(model, tokenizer)
+    if result.dominant_layer is None:
+        return None, f"probe found no massive activations (its closest layer was {result.closest_layer.index})"
+    s = result.layers[result.dominant_layer]
+    return result.dominant_layer, (f"probe: first layer with massive activations (max|h| {s.max_abs:.3g}, "
+                                   f"{s.ratio:.3g}x the median)")
 
 
 class ZOStepOptimizer(torch.optim.Optimizer):
@@ -152,12 +172,22 @@ class ZOTrainer(Trainer):
         if optimizers[1] is not None:
             raise ValueError("ZOTrainer builds the lr scheduler from args.lr_scheduler_type; pass no scheduler")
         spec = parse_scope(zo_args.scope)
+        layers, self.zo_layer_reason = spec.layers, ""
+        if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
+            tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
+                                      trainer_kwargs.get("data_collator"))
+            layer, self.zo_layer_reason = (zo_args.layer, "layer given by ZOArguments.layer") \
+                if zo_args.layer is not None else _probed_layer(model, tokenizer)
+            if layer is None:
+                raise ValueError(f"scope=dominant-lora: {self.zo_layer_reason}; pass ZOArguments(layer=K), or use "
+                                 f"scope=dominant, whose fallback measures layer sensitivity on the training data")
+            layers = [layer]
         if spec.uses_lora:
-            model = add_lora(model, None, r=zo_args.lora_r, alpha=zo_args.lora_alpha)
+            model = add_lora(model, layers if spec.kind == "dominant-lora" else None, r=zo_args.lora_r,
+                             alpha=zo_args.lora_alpha)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._check_args()
 
-        layers, self.zo_layer_reason = spec.layers, ""
         if spec.kind == "dominant":
             layers, self.zo_layer_reason = self._dominant_layer()
             layers = [layers]
@@ -198,35 +228,22 @@ class ZOTrainer(Trainer):
             if changed:
                 warnings.warn(f"ZOTrainer ignores TrainingArguments.{name}={value!r}: {why}", UserWarning, stacklevel=3)
 
-    def _tokenizer(self):
-        candidate = self.processing_class
-        candidate = getattr(candidate, "tokenizer", candidate)  # a processor wraps its tokenizer
-        if candidate is None or not callable(candidate):
-            candidate = getattr(self.data_collator, "tokenizer", None)
-        return candidate
-
     def _dominant_layer(self) -> tuple[int, str]:
         """ZOArguments.layer; else the probe's layer (massive activations, on the probe's calibration text);
         else the layer whose perturbation changes the model's loss most on the first training batches."""
         if self.zo_args.layer is not None:
             return self.zo_args.layer, "layer given by ZOArguments.layer"
-        tokenizer = self._tokenizer()
-        closest = None
-        if tokenizer is not None:
-            result = find_dominant_layer(self.model, tokenizer)
-            if result.dominant_layer is not None:
-                s = result.layers[result.dominant_layer]
-                return result.dominant_layer, (f"probe: first layer with massive activations (max|h| {s.max_abs:.3g}, "
-                                               f"{s.ratio:.3g}x the median)")
-            closest = result.closest_layer.index
+        tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
+        layer, why = _probed_layer(self.model, tokenizer)
+        if layer is not None:
+            return layer, why
         if self.train_dataset is None:
             raise ValueError("scope=dominant: the probe found no massive activations and there is no train_dataset "
                              "to measure layer sensitivity on; pass ZOArguments(layer=K)")
         layer, values = self.layer_sensitivity()
-        reason = ("probe found no massive activations" if tokenizer is not None else "no tokenizer for the probe")
-        reason += (f"; fell back to the most perturbation-sensitive layer on the first {FALLBACK_SENSITIVITY['batches']} "
-                   f"training batches (mean |L+ - L-|/2eps: " + ", ".join(f"{i}:{v:.3g}" for i, v in enumerate(values))
-                   + ")" + (f"; the probe's closest layer was {closest}" if closest is not None else ""))
+        measured = ", ".join(f"{i}:{v:.3g}" for i, v in enumerate(values))
+        reason = (f"{why}; fell back to the most perturbation-sensitive layer on the first "
+                  f"{FALLBACK_SENSITIVITY['batches']} training batches (mean |L+ - L-|/2eps: {measured})")
         logger.warning("ZOTrainer: layer %d chosen; %s", layer, reason)
         return layer, reason
 
