@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import DATA, STORIES
-from dlzo.bench import TimedOptimizer, bench, synthetic_batches
+from dlzo.bench import TimedOptimizer, bench, run_variant, synthetic_batches
 from dlzo.errors import DlzoError
+from dlzo.models import load_model
 from dlzo.options import BenchConfig
 
 VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "lora", "floor", "inference"]
@@ -55,3 +56,19 @@ def test_upstream_variant_keeps_mezo_four_noise_passes(upstream, passes):
     optimizer.sample = lambda *args: sampled.append(args[:2]) or original(*args)
     optimizer.step(lambda: (weight ** 2).sum())
     assert len(sampled) == passes and optimizer.update_s > 0
+
+
+def test_hf_trainer_variant_steps_the_layer_and_reports_its_memory_ratio(tmp_path):
+    """The ZOTrainer step really updates the tuned layer (and only it) and the ratio is its peak over the
+    inference forward's, from the same run."""
+    model = load_model(str(STORIES))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    packed, separate = synthetic_batches(batch=2, seq=8, vocab=model.config.vocab_size)
+    result = run_variant("hf_trainer", model, packed, separate, 1, 1, torch.device("cpu"))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".layers.1." in n for n in changed) and result["peak_mem_bytes"] > 0
+    report = bench(BenchConfig(model=str(STORIES), batch=2, seq=8, layer=1, repeats=1,
+                               variants="hf_inference,hf_trainer", out=str(tmp_path)))
+    variants = report["variants"]
+    assert report["ratios"]["hf_trainer_mem_vs_inference"] == pytest.approx(
+        variants["hf_trainer"]["peak_mem_bytes"] / variants["hf_inference"]["peak_mem_bytes"])

@@ -10,6 +10,9 @@ Variants, all on the same inputs in the same process:
   lora           ZO-LoRA (r=8 on q/v of every layer) through the fast path
   floor          the forward a layer-restricted step cannot avoid (layer_fast without noise or update)
   inference      one plain forward of the batch (for the memory ratio)
+  hf_trainer     one dlzo.ZOTrainer step on the tuned layer: a causal-LM batch (labels = tokens, -100 on
+                 padding) of the padded rows, training_step and the optimizer step (issue 15's memory figure)
+  hf_inference   the model's own forward with labels on that batch (what a Trainer evaluation step runs)
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, TrainingArguments
 
 from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
+from dlzo.hf_trainer import ZOArguments, ZOTrainer
 from dlzo.layers import layer_parameters
 from dlzo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dlzo.options import BenchConfig
@@ -144,6 +149,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def causal_lm_inputs(batch: EncodedBatch) -> dict[str, torch.Tensor]:
+    """The batch as an ordinary causal-LM fine-tuning batch: labels are the tokens, -100 on padding."""
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
+
+
+def hf_step(name: str, model: nn.Module, batch: EncodedBatch, layer: int, device: torch.device):
+    """hf_trainer: one dlzo.ZOTrainer step (training_step and the optimizer step that applies the update) on
+    layer `layer`; hf_inference: the model's own forward with labels on the same batch (its loss, as an
+    evaluation step computes it). The memory of the first against the second is issue 15's figure."""
+    inputs = causal_lm_inputs(batch)
+    if name == "hf_inference":
+        return lambda: model(**inputs).loss
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(output_dir=folder, per_device_train_batch_size=batch.input_ids.shape[0],
+                                 max_steps=1, learning_rate=1e-7, report_to="none", save_strategy="no",
+                                 use_cpu=device.type == "cpu", disable_tqdm=True)
+        trainer = ZOTrainer(model=model, args=args, zo_args=ZOArguments(scope=f"layer:{layer}"))
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before its training_step calls
+    return lambda: (trainer.training_step(model, inputs), optimizer.step())
+
+
 def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: EncodedBatch, layer: int,
                 repeats: int, device: torch.device) -> dict:
     """Time `repeats` steps (after one warm-up) and return the medians."""
@@ -187,6 +215,9 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
     elif name == "inference":
         optimizer = None
         step = timed(lambda: model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits)
+    elif name in ("hf_trainer", "hf_inference"):
+        optimizer = None
+        step = timed(hf_step(name, model, separate, layer, device))
     else:
         raise DlzoError(f"unknown bench variant {name!r}")
 
@@ -251,6 +282,9 @@ def bench(config: BenchConfig) -> dict:
         "dominant_vs_floor": (results["layer_fast"]["step_s"] / results["floor"]["step_s"]
                               if {"layer_fast", "floor"} <= set(results) else None),
         "peak_mem_vs_inference": ratio("layer_fast", "inference", "peak_mem_bytes"),
+        "hf_trainer_mem_vs_inference": ratio("hf_trainer", "hf_inference", "peak_mem_bytes"),
+        "hf_trainer_step_vs_inference": (results["hf_trainer"]["step_s"] / results["hf_inference"]["step_s"]
+                                         if {"hf_trainer", "hf_inference"} <= set(results) else None),
     }
     report = {
         "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
