@@ -339,12 +339,18 @@ def test_dominant_scope_falls_back_to_the_most_sensitive_layer(stories_path, tmp
 
 def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tmp_path, monkeypatch):
     import dlzo
-    import dlzo.hf_trainer
+    import dlzo.layers
 
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
-    monkeypatch.setattr(dlzo.hf_trainer, "find_dominant_layer",
-                        lambda model, tokenizer: SimpleNamespace(dominant_layer=3, layers=stats))
+    rules = []
+    monkeypatch.setattr(dlzo.layers, "find_dominant_layer",
+                        lambda model, tokenizer, texts, rule: rules.append(rule) or SimpleNamespace(dominant_layer=3,
+                                                                                                   layers=stats))
     assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments()).zo_scope.layers == [3]
+    onset = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="onset"))
+    assert rules == ["sun", "onset"] and onset.zo_scope.layers == [3]
+    with pytest.raises(ValueError, match="rule must be sun or onset"):
+        dlzo.ZOArguments(rule="largest")
     given = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(layer=1))
     assert given.zo_scope.layers == [1] and all(".layers.1." in n for n in given.zo_scope.names)
 
@@ -377,7 +383,7 @@ def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_pa
     """dominant-lora: the layer is probed on the base model, the adapters go on that layer alone, and only they
     train; with no massive activations and no layer given it says what to pass."""
     import dlzo
-    import dlzo.hf_trainer
+    import dlzo.layers
 
     given = make_trainer(stories_path, tmp_path / "given", max_steps=2,
                          zo=dlzo.ZOArguments(scope="dominant-lora", layer=2))
@@ -392,8 +398,8 @@ def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_pa
     with pytest.raises(ValueError, match="dominant-lora: probe found no massive activations.*layer=K"):
         make_trainer(stories_path, tmp_path / "none", zo=dlzo.ZOArguments(scope="dominant-lora"))
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
-    monkeypatch.setattr(dlzo.hf_trainer, "find_dominant_layer",
-                        lambda model, tokenizer: SimpleNamespace(dominant_layer=1, layers=stats))
+    monkeypatch.setattr(dlzo.layers, "find_dominant_layer",
+                        lambda *args, **kwargs: SimpleNamespace(dominant_layer=1, layers=stats))
     probed = make_trainer(stories_path, tmp_path / "probed", zo=dlzo.ZOArguments(scope="dominant-lora"))
     assert all(".layers.1." in n for n in probed.zo_scope.names) and "probe" in probed.zo_layer_reason
 

@@ -34,7 +34,7 @@ from transformers import Trainer, TrainingArguments
 
 from dlzo.fastpath import BranchedForward
 from dlzo.layers import layer_sensitivity as layers_sensitivity
-from dlzo.probe import find_dominant_layer
+from dlzo.layers import probed_layer
 from dlzo.scope import Scope, add_lora, parse_scope, select
 from dlzo.zo import StepResult, ZOOptimizer
 
@@ -56,6 +56,9 @@ class ZOArguments:
         "| dominant-lora (LoRA adapters on the dominant layer only)")})
     layer: int | None = field(default=None, metadata={"help": (
         "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead of probing for it")})
+    rule: str = field(default="sun", metadata={"help": (
+        "How the probe picks the dominant layer: sun (the first layer with max|h| > 100 and >= 1000x the median) "
+        "| onset (the largest persistent jump of max|h|, no absolute threshold; see docs/rules.md)")})
     eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation scale ε: losses at θ ± εz"})
     q: int = field(default=1, metadata={"help": "Random directions z per optimizer step (their estimates are averaged)"})
     distribution: str = field(default="gaussian", metadata={"help": "Distribution of z: gaussian | rademacher"})
@@ -72,6 +75,8 @@ class ZOArguments:
         if self.layer is not None and spec.kind not in ("dominant", "dominant-lora"):
             raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant or dominant-lora, "
                              f"not {self.scope!r}")
+        if self.rule not in ("sun", "onset"):
+            raise ValueError(f"ZOArguments.rule must be sun or onset, not {self.rule!r}")
         if self.distribution not in ("gaussian", "rademacher"):
             raise ValueError(f"ZOArguments.distribution must be gaussian or rademacher, not {self.distribution!r}")
         if self.q < 1 or not self.eps > 0:
@@ -84,18 +89,6 @@ def _tokenizer_of(processing_class, data_collator):
     if candidate is None or not callable(candidate):
         candidate = getattr(data_collator, "tokenizer", None)
     return candidate
-
-
-def _probed_layer(model: nn.Module, tokenizer) -> tuple[int | None, str]:
-    """(the probe's dominant layer, why) or (None, why not) on the probe's built-in calibration text."""
-    if tokenizer is None:
-        return None, "no tokenizer for the probe"
-    result = find_dominant_layer(model, tokenizer)
-    if result.dominant_layer is None:
-        return None, f"probe found no massive activations (its closest layer was {result.closest_layer.index})"
-    s = result.layers[result.dominant_layer]
-    return result.dominant_layer, (f"probe: first layer with massive activations (max|h| {s.max_abs:.3g}, "
-                                   f"{s.ratio:.3g}x the median)")
 
 
 class ZOStepOptimizer(torch.optim.Optimizer):
@@ -177,7 +170,7 @@ class ZOTrainer(Trainer):
             tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
                                       trainer_kwargs.get("data_collator"))
             layer, self.zo_layer_reason = (zo_args.layer, "layer given by ZOArguments.layer") \
-                if zo_args.layer is not None else _probed_layer(model, tokenizer)
+                if zo_args.layer is not None else probed_layer(model, tokenizer, rule=zo_args.rule)
             if layer is None:
                 raise ValueError(f"scope=dominant-lora: {self.zo_layer_reason}; pass ZOArguments(layer=K), or use "
                                  f"scope=dominant, whose fallback measures layer sensitivity on the training data")
@@ -234,7 +227,7 @@ class ZOTrainer(Trainer):
         if self.zo_args.layer is not None:
             return self.zo_args.layer, "layer given by ZOArguments.layer"
         tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
-        layer, why = _probed_layer(self.model, tokenizer)
+        layer, why = probed_layer(self.model, tokenizer, rule=self.zo_args.rule)
         if layer is not None:
             return layer, why
         if self.train_dataset is None:

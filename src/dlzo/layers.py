@@ -142,18 +142,29 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return cov / norm if norm else 0.0
 
 
+def probed_layer(model: nn.Module, tokenizer, texts: list[str] | None = None,
+                 rule: str = "sun") -> tuple[int | None, str]:
+    """(the probe's layer by `rule`, why) or (None, why not): the first step of choosing the dominant layer,
+    shared by `dlzo train` and `dlzo.ZOTrainer`."""
+    if tokenizer is None:
+        return None, "no tokenizer for the probe"
+    result = find_dominant_layer(model, tokenizer, texts, rule=rule)
+    if result.dominant_layer is None:
+        return None, f"probe found no massive activations (its closest layer was {result.closest_layer.index})"
+    if rule == "sun":  # the wording of earlier runs' run.json, kept
+        s = result.layers[result.dominant_layer]
+        return result.dominant_layer, (f"probe: first layer with massive activations "
+                                       f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
+    return result.dominant_layer, f"probe, {rule} rule: {result.reason}"
+
+
 def choose_dominant_layer(model: nn.Module, tokenizer, train: list[Example], eps: float,
                           device: torch.device | None = None, rule: str = "sun") -> tuple[int, str]:
     """The probe's layer by `rule` (sun or onset, dlzo.probe); when the rule finds none, the most
     perturbation-sensitive layer of a quick measurement."""
-    texts = [e.prompt + e.continuations[e.label] for e in train[:64]]
-    result = find_dominant_layer(model, tokenizer, texts, rule=rule)
-    if result.dominant_layer is not None:
-        if rule == "sun":  # the wording of earlier runs' run.json, kept
-            s = result.layers[result.dominant_layer]
-            return result.dominant_layer, (f"probe: first layer with massive activations "
-                                           f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
-        return result.dominant_layer, f"probe, {rule} rule: {result.reason}"
+    layer, why = probed_layer(model, tokenizer, [e.prompt + e.continuations[e.label] for e in train[:64]], rule)
+    if layer is not None:
+        return layer, why
     batches = leading_batches(model, tokenizer, train, QUICK_SENSITIVITY["batch_size"], QUICK_SENSITIVITY["batches"],
                               device)
     sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=QUICK_SENSITIVITY["seeds"])

@@ -87,11 +87,10 @@ class FrozenPrefix:
         self._returns_tuple = False
 
     @staticmethod
-    def _key(batch: EncodedBatch, row: int, start: int, end: int) -> bytes:
-        return batch.input_ids[row, start:end].cpu().numpy().tobytes()
-
-    def _missing(self, batch: EncodedBatch) -> list[tuple[int, int, int]]:
-        return [s for s in sequence_spans(batch) if self._key(batch, *s) not in self.entries]
+    def _keyed_spans(batch: EncodedBatch) -> list[tuple[int, int, int, bytes]]:
+        """(row, start, end, key) of every sequence; the ids come to the host once per batch."""
+        ids = batch.input_ids.cpu().numpy()
+        return [(row, start, end, ids[row, start:end].tobytes()) for row, start, end in sequence_spans(batch)]
 
     @torch.no_grad()
     def fill(self, batch: EncodedBatch) -> None:
@@ -99,13 +98,12 @@ class FrozenPrefix:
         whole cache is dropped (a run then goes on uncached: `dropped`)."""
         if self.dropped:
             return
-        missing = self._missing(batch)
+        missing = [s for s in self._keyed_spans(batch) if s[3] not in self.entries]
         if not missing:
             return
         started = time.perf_counter()
         captured = self._prefix_output(batch)
-        for row, start, end in missing:
-            key = self._key(batch, row, start, end)
+        for row, start, end, key in missing:
             if key not in self.entries:
                 self.entries[key] = captured[row, start:end].clone()
                 self.bytes += self.entries[key].numel() * self.entries[key].element_size()
@@ -135,15 +133,14 @@ class FrozenPrefix:
         return out["hidden"]
 
     def states(self, batch: EncodedBatch) -> torch.Tensor:
-        """The first tuned layer's input for the batch, assembled from the cache (filled first where needed)."""
-        self.fill(batch)
+        """The first tuned layer's input for the batch, assembled from the cache (after `fill(batch)`)."""
         if self.dropped:
             raise RuntimeError("the frozen-prefix cache was dropped (over its limit)")
         hidden = next(iter(self.entries.values()))
         rows, width = batch.input_ids.shape
         states = torch.zeros(rows, width, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        for row, start, end in sequence_spans(batch):
-            states[row, start:end] = self.entries[self._key(batch, row, start, end)]
+        for row, start, end, key in self._keyed_spans(batch):
+            states[row, start:end] = self.entries[key]
         return states
 
     @contextlib.contextmanager
