@@ -343,9 +343,12 @@ def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tm
 
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
     rules = []
-    monkeypatch.setattr(dlzo.layers, "find_dominant_layer",
-                        lambda model, tokenizer, texts, rule: rules.append(rule) or SimpleNamespace(dominant_layer=3,
-                                                                                                   layers=stats))
+
+    def planted(model, tokenizer, texts, rule):
+        rules.append(rule)
+        return SimpleNamespace(dominant_layer=3, reason="a planted jump", layers=stats)
+
+    monkeypatch.setattr(dlzo.layers, "find_dominant_layer", planted)
     assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments()).zo_scope.layers == [3]
     onset = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="onset"))
     assert rules == ["sun", "onset"] and onset.zo_scope.layers == [3]

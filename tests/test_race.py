@@ -77,7 +77,8 @@ def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkey
             assert run["eval_seconds"] >= SLEEP * run["evaluations"] > run["curve"][-1]["seconds"] - run["train_seconds"]
             assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"], abs=1e-3)
             assert run["peak_mem_bytes"] > 0 and run["mem_vs_inference"] > 0.5
-        assert dom["seconds_to_target"] == dom["curve"][1]["seconds"] < SLEEP
+        # two steps of stories260K, none of the scoring's sleeps (the cache's build is training time)
+        assert dom["seconds_to_target"] == dom["curve"][1]["seconds"] < dom["prefix_cache_seconds"] + SLEEP
         upstream = saved["upstream_full"][seed]["step_s"]
         ratios = saved["ratios"][seed]["recipes"]["dominant"]
         assert ratios["vs_upstream_full"] == pytest.approx(upstream * full["steps"] / dom["seconds_to_target"])
