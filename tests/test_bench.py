@@ -9,7 +9,7 @@ from dlzo.errors import DlzoError
 from dlzo.models import load_model
 from dlzo.options import BenchConfig
 
-VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "lora", "floor", "inference"]
+VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "layer_cached", "lora", "floor", "inference"]
 
 
 @pytest.mark.parametrize("task", ["", "sst2"])
@@ -27,6 +27,7 @@ def test_bench_writes_every_variant_and_ratios_from_the_same_run(tmp_path, task)
     assert ratios["dominant_vs_upstream_full"] == pytest.approx(
         variants["upstream_full"]["step_s"] / variants["layer_fast"]["step_s"])
     assert ratios["dominant_vs_floor"] == pytest.approx(variants["layer_fast"]["step_s"] / variants["floor"]["step_s"])
+    assert ratios["cached_vs_fast"] == pytest.approx(variants["layer_fast"]["step_s"] / variants["layer_cached"]["step_s"])
     assert ratios["peak_mem_vs_inference"] == pytest.approx(
         variants["layer_fast"]["peak_mem_bytes"] / variants["inference"]["peak_mem_bytes"])
     # the noise of a one-layer step covers that layer only; full MeZO perturbs all 260k weights

@@ -7,6 +7,8 @@ Variants, all on the same inputs in the same process:
                  restore and the update share one z)
   layer_plain    one layer, in-place perturbation restored by copy, MeZO-style forwards (no fast path)
   layer_fast     one layer, fast path: shared prefix, both branches in one forward, answer-only logits
+  layer_cached   layer_fast with the frozen prefix cached across steps (dlzo.prefix; dlzo train's default):
+                 the layers below run no more
   lora           ZO-LoRA (r=8 on q/v of every layer) through the fast path
   floor          the forward a layer-restricted step cannot avoid (layer_fast without noise or update)
   inference      one plain forward of the batch (for the memory ratio)
@@ -36,6 +38,7 @@ from dlzo.hf_trainer import ZOArguments, ZOTrainer
 from dlzo.layers import layer_parameters
 from dlzo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dlzo.options import BenchConfig
+from dlzo.prefix import FrozenPrefix
 from dlzo.scope import add_lora
 from dlzo.scoring import EncodedBatch, batch_loss, encode, fast_layout
 from dlzo.tasks import load_task
@@ -196,7 +199,8 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
     elif name == "layer_plain":
         optimizer = TimedOptimizer(layer_parameters(model, layer), lr=1e-7, eps=1e-3, exact_restore=True)
         step = lambda: optimizer.step(timed(lambda: batch_loss(model, separate, full_logits=True)))  # noqa: E731
-    elif name in ("layer_fast", "lora", "floor"):
+    elif name in ("layer_fast", "layer_cached", "lora", "floor"):
+        frozen = None
         if name == "lora":
             torch.manual_seed(0)
             lora_model = add_lora(model, None)
@@ -204,7 +208,10 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
             target = lora_model
         else:
             named, target = layer_parameters(model, layer), model
-        runner = BranchedForward(target, [n for n, _ in named])
+        if name == "layer_cached":  # the frozen prefix filled once, as dlzo train does before step 0
+            frozen = FrozenPrefix(target, layer, limit_bytes=2**62)
+            frozen.fill(packed)
+        runner = BranchedForward(target, [n for n, _ in named], frozen)
         optimizer = TimedOptimizer(named, lr=1e-7, eps=1e-3)
         pair = timed(lambda plus, minus: runner.loss_pair(packed, plus, minus))
         if name == "floor":
@@ -279,6 +286,7 @@ def bench(config: BenchConfig) -> dict:
     ratios = {
         "dominant_vs_upstream_full": ratio("layer_fast", "upstream_full"),
         "dominant_vs_full": ratio("layer_fast", "full"),
+        "cached_vs_fast": ratio("layer_cached", "layer_fast"),
         "dominant_vs_floor": (results["layer_fast"]["step_s"] / results["floor"]["step_s"]
                               if {"layer_fast", "floor"} <= set(results) else None),
         "peak_mem_vs_inference": ratio("layer_fast", "inference", "peak_mem_bytes"),

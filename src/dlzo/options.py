@@ -337,7 +337,8 @@ class BenchConfig(TaskOptions):
     dtype: str = same_as(TrainConfig, "dtype")
     device: str = same_as(TrainConfig, "device")
     out: str = option("out/bench", "folder for bench.json")
-    variants: str = option("upstream_full,full,layer_plain,layer_fast,lora,floor,inference", "variants to run")
+    variants: str = option("upstream_full,full,layer_plain,layer_fast,layer_cached,lora,floor,inference",
+                           "variants to run")
 
 
 @dataclass
