@@ -33,6 +33,11 @@ from dlzo.step import StepRunner, adamw_step, batch_indices, step_batches, zo_st
 from dlzo.tasks import Splits, Task, load_task, task_splits
 
 
+# Examples per forward when the frozen prefix is built: a constant, so the cached tensors do not depend on
+# --batch-size; 64 built SmolLM2's SST-2 cache 1.37x faster than 16 (bigger matrix products).
+PREFIX_CHUNK = 64
+
+
 @dataclass
 class Data:
     task: Task | UserTask
@@ -191,8 +196,8 @@ class Session:
             return None
         frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20)
         train = self.data.splits.train
-        for start in range(0, len(train), config.batch_size):
-            for batch in step_batches(self.tokenizer, train[start : start + config.batch_size], 1, self.device,
+        for start in range(0, len(train), PREFIX_CHUNK):
+            for batch in step_batches(self.tokenizer, train[start : start + PREFIX_CHUNK], 1, self.device,
                                       fast_path=True, max_length=self.max_length,
                                       generation=self.data.task.generation, layout=self.layout):
                 frozen.fill(batch)
