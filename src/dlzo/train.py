@@ -32,7 +32,6 @@ from dlzo.scoring import context_limit, fast_layout
 from dlzo.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
 from dlzo.tasks import Splits, Task, load_task, task_splits
 
-
 # Examples per forward when the frozen prefix is built: a constant, so the cached tensors do not depend on
 # --batch-size; 64 built SmolLM2's SST-2 cache 1.37x faster than 16 (bigger matrix products).
 PREFIX_CHUNK = 64
