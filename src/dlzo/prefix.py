@@ -92,13 +92,16 @@ class FrozenPrefix:
         ids = batch.input_ids.cpu().numpy()
         return [(row, start, end, ids[row, start:end].tobytes()) for row, start, end in sequence_spans(batch)]
 
-    @torch.no_grad()
     def fill(self, batch: EncodedBatch) -> None:
         """Run the frozen layers once on the batch and keep every sequence not cached yet. Beyond the limit the
         whole cache is dropped (a run then goes on uncached: `dropped`)."""
+        self._fill(batch, self._keyed_spans(batch))
+
+    @torch.no_grad()
+    def _fill(self, batch: EncodedBatch, spans: list[tuple[int, int, int, bytes]]) -> None:
         if self.dropped:
             return
-        missing = [s for s in self._keyed_spans(batch) if s[3] not in self.entries]
+        missing = [s for s in spans if s[3] not in self.entries]
         if not missing:
             return
         started = time.perf_counter()
@@ -132,14 +135,12 @@ class FrozenPrefix:
             handle.remove()
         return out["hidden"]
 
-    def states(self, batch: EncodedBatch) -> torch.Tensor:
-        """The first tuned layer's input for the batch, assembled from the cache (after `fill(batch)`)."""
-        if self.dropped:
-            raise RuntimeError("the frozen-prefix cache was dropped (over its limit)")
+    def _states(self, batch: EncodedBatch, spans: list[tuple[int, int, int, bytes]]) -> torch.Tensor:
+        """The first tuned layer's input for the batch, assembled from the cache (after `_fill`)."""
         hidden = next(iter(self.entries.values()))
         rows, width = batch.input_ids.shape
         states = torch.zeros(rows, width, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        for row, start, end, key in self._keyed_spans(batch):
+        for row, start, end, key in spans:
             states[row, start:end] = self.entries[key]
         return states
 
@@ -147,11 +148,12 @@ class FrozenPrefix:
     def applied(self, batch: EncodedBatch) -> Iterator[None]:
         """Within the block, a forward of `batch` (the same input ids) skips the frozen layers (runs them, when
         the cache was dropped)."""
-        self.fill(batch)
+        spans = self._keyed_spans(batch)  # once per forward: this runs at every step
+        self._fill(batch, spans)
         if self.dropped:
             yield
             return
-        states = self.states(batch)
+        states = self._states(batch, spans)
         result = (states,) if self._returns_tuple else states
 
         def passthrough(*args, **kwargs):

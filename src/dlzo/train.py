@@ -171,17 +171,17 @@ class Session:
         self.layout = fast_layout(self.model, self.tokenizer, config.fast_path)
         self.rank, self.world = dist.rank(), dist.world_size()
         split_directions = config.parallel == "perturbation" and self.world > 1
-        self.frozen_note = ""
-        self.frozen = self.frozen_prefix()
+        built = self.frozen_prefix()
+        self.frozen = built if built is not None and not built.dropped else None
         self.runner = StepRunner(self.model, self.prepared.scope, config.fast_path,
                                  average_across_ranks=not split_directions, frozen=self.frozen)
         self.directions = ([d for d in range(config.q) if d % self.world == self.rank] if split_directions else None)
         if self.is_main:
             announce(config, self.prepared, data.splits, self.point, previous)
-            if self.frozen_note:
-                print(self.frozen_note)
+            if built is not None:
+                print(built.summary())
             record = run_record(config, self.prepared, data.splits, self.perturbation, self.device)
-            record["frozen_prefix"] = self.frozen_note or None
+            record["frozen_prefix"] = built.summary() if built is not None else None
             if data.user is not None:
                 record.update(data=data.info, split_record=data.user.split_record)
             run.write_record(record)
@@ -189,7 +189,8 @@ class Session:
     def frozen_prefix(self) -> FrozenPrefix | None:
         """The cache of the layers below the tuned one (dlzo.prefix), filled from every training example in
         fixed chunks before step 0, so a resumed run holds the same tensors; None where it does not apply
-        (not the fast path, a scope starting at layer 0, --prefix-cache-mb 0) or would pass its limit."""
+        (not the fast path, a scope starting at layer 0, --prefix-cache-mb 0). A cache that passed its limit
+        comes back `dropped`."""
         config, scope = self.config, self.prepared.scope
         if self.perturbation != "functional" or not config.prefix_cache_mb or not scope.layers or min(scope.layers) < 1:
             return None
@@ -200,8 +201,9 @@ class Session:
                                       fast_path=True, max_length=self.max_length,
                                       generation=self.data.task.generation, layout=self.layout):
                 frozen.fill(batch)
-        self.frozen_note = frozen.summary()
-        return None if frozen.dropped else frozen
+            if frozen.dropped:  # over the limit: the rest need not be encoded
+                break
+        return frozen
 
     def evaluate_dev(self) -> float:
         splits = self.data.splits
