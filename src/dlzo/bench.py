@@ -287,12 +287,10 @@ def bench(config: BenchConfig) -> dict:
         "dominant_vs_upstream_full": ratio("layer_fast", "upstream_full"),
         "dominant_vs_full": ratio("layer_fast", "full"),
         "cached_vs_fast": ratio("layer_cached", "layer_fast"),
-        "dominant_vs_floor": (results["layer_fast"]["step_s"] / results["floor"]["step_s"]
-                              if {"layer_fast", "floor"} <= set(results) else None),
+        "dominant_vs_floor": ratio("floor", "layer_fast"),
         "peak_mem_vs_inference": ratio("layer_fast", "inference", "peak_mem_bytes"),
         "hf_trainer_mem_vs_inference": ratio("hf_trainer", "hf_inference", "peak_mem_bytes"),
-        "hf_trainer_step_vs_inference": (results["hf_trainer"]["step_s"] / results["hf_inference"]["step_s"]
-                                         if {"hf_trainer", "hf_inference"} <= set(results) else None),
+        "hf_trainer_step_vs_inference": ratio("hf_inference", "hf_trainer"),
     }
     report = {
         "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""),

@@ -91,6 +91,14 @@ def _tokenizer_of(processing_class, data_collator):
     return candidate
 
 
+def _given_or_probed_layer(zo_args: ZOArguments, model: nn.Module, tokenizer) -> tuple[int | None, str]:
+    """The first two ways both dominant scopes choose their layer: ZOArguments.layer, else the probe's rule
+    ((None, why not) when it finds none)."""
+    if zo_args.layer is not None:
+        return zo_args.layer, "layer given by ZOArguments.layer"
+    return probed_layer(model, tokenizer, rule=zo_args.rule)
+
+
 class ZOStepOptimizer(torch.optim.Optimizer):
     """The optimizer transformers' loop steps. It holds one placeholder tensor (torch optimizers need one),
     no model parameter and no state: `param_groups[0]["lr"]` is where the lr scheduler writes the current
@@ -169,8 +177,7 @@ class ZOTrainer(Trainer):
         if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
             tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
                                       trainer_kwargs.get("data_collator"))
-            layer, self.zo_layer_reason = (zo_args.layer, "layer given by ZOArguments.layer") \
-                if zo_args.layer is not None else probed_layer(model, tokenizer, rule=zo_args.rule)
+            layer, self.zo_layer_reason = _given_or_probed_layer(zo_args, model, tokenizer)
             if layer is None:
                 raise ValueError(f"scope=dominant-lora: {self.zo_layer_reason}; pass ZOArguments(layer=K), or use "
                                  f"scope=dominant, whose fallback measures layer sensitivity on the training data")
@@ -224,10 +231,8 @@ class ZOTrainer(Trainer):
     def _dominant_layer(self) -> tuple[int, str]:
         """ZOArguments.layer; else the probe's layer (massive activations, on the probe's calibration text);
         else the layer whose perturbation changes the model's loss most on the first training batches."""
-        if self.zo_args.layer is not None:
-            return self.zo_args.layer, "layer given by ZOArguments.layer"
         tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
-        layer, why = probed_layer(self.model, tokenizer, rule=self.zo_args.rule)
+        layer, why = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
         if layer is not None:
             return layer, why
         if self.train_dataset is None:
