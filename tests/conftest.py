@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from dlzo.options import TrainConfig
+from dlzo.replay import replay
+from dlzo.train import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -76,3 +81,24 @@ def stories_path() -> str:
     if not STORIES.exists():
         pytest.skip("../shared/models/stories260K is not beside the checkout")
     return str(STORIES)
+
+
+def assert_replay_and_resume_exact(tmp_path: Path, options: dict, stops: list[int]) -> tuple[dict, Path]:
+    """Train `options` uninterrupted into tmp_path/whole and check that `dlzo replay` rebuilds its tensors bit
+    for bit; train it again into tmp_path/stopped, stopped after each step count in `stops` and resumed each
+    time (the last stop's final.safetensors and results.json removed, so the resumed run must write them), and
+    check that it ends with the same tensors. Returns (the uninterrupted run's tensors, the stopped folder)."""
+    train(TrainConfig(**options, out=str(tmp_path / "whole")))
+    whole = load_file(tmp_path / "whole" / "final.safetensors")
+    rebuilt = replay(tmp_path / "whole")
+    assert all(torch.equal(rebuilt[n], whole[n]) for n in whole)
+    stopped = tmp_path / "stopped"
+    for i, steps in enumerate(stops):
+        resume = {"resume": str(stopped)} if i else {}
+        train(TrainConfig(**{**options, "steps": steps}, out=str(stopped), **resume))
+    for name in ("final.safetensors", "results.json"):
+        (stopped / name).unlink()
+    train(TrainConfig(**options, out=str(stopped), resume=str(stopped)))
+    resumed = load_file(stopped / "final.safetensors")
+    assert all(torch.equal(resumed[n], whole[n]) for n in whole)
+    return whole, stopped

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES, tiny_model
+from conftest import DATA, STORIES, assert_replay_and_resume_exact, tiny_model
 from dlzo.errors import DlzoError
 from dlzo.options import TrainConfig
 from dlzo.replay import replay
@@ -227,15 +227,7 @@ def test_device_map_auto_loads_through_accelerate_and_trains_the_same(tmp_path):
 @pytest.mark.parametrize("fast", [True, False])
 def test_lezo_run_replays_and_resumes_bit_exactly(tmp_path, fast):
     options = dict(**SMALL, steps=8, eval_every=3, scope="lezo:2", fast_path=fast)
-    train(TrainConfig(**options, out=str(tmp_path / "whole")))
-    trained = load_file(tmp_path / "whole" / "final.safetensors")
-    rebuilt = replay(tmp_path / "whole")
-    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
-    part = tmp_path / "part"
-    train(TrainConfig(**{**options, "steps": 5}, out=str(part)))
-    train(TrainConfig(**options, out=str(part), resume=str(part)))
-    resumed = load_file(part / "final.safetensors")
-    assert all(torch.equal(resumed[n], trained[n]) for n in trained)
+    trained, _ = assert_replay_and_resume_exact(tmp_path, options, stops=[5])
     base = load_file(STORIES / "model.safetensors")
     untouched = [n for n in trained if torch.equal(trained[n], base[n])]
     assert len(untouched) < len(trained)  # some layers moved; with 8 steps x 2 of 5 layers most did

@@ -5,10 +5,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import DATA, STORIES
+from conftest import DATA, STORIES, assert_replay_and_resume_exact
 from dlzo.errors import DlzoError
 from dlzo.options import TrainConfig
-from dlzo.replay import replay
 from dlzo.train import train
 from dlzo.zo import ZOOptimizer, direction_seed
 
@@ -249,19 +248,8 @@ def test_stateful_run_replays_and_resumes_bit_exactly(tmp_path, rule, scope, fas
     (the last checkpoint at 5) resumes to the weights and log of an uninterrupted run."""
     options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=10, eval_every=5, scope=scope,
                    fast_path=fast, zo_update=rule, lr=1e-3 if rule == "adam" else 1e-2, weight_decay=0.01)
-    train(TrainConfig(**options, out=str(tmp_path / "reference")))
-    trained = load_file(tmp_path / "reference" / "final.safetensors")
-    rebuilt = replay(tmp_path / "reference")
-    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
-    killed = tmp_path / "killed"
-    train(TrainConfig(**{**options, "steps": 5}, out=str(killed)))
-    train(TrainConfig(**{**options, "steps": 7}, out=str(killed), resume=str(killed)))
-    for name in ("final.safetensors", "results.json"):
-        (killed / name).unlink()
-    train(TrainConfig(**options, out=str(killed), resume=str(killed)))
-    resumed = load_file(killed / "final.safetensors")
-    assert all(torch.equal(resumed[n], trained[n]) for n in trained)
-    assert (killed / "trajectory.jsonl").read_text() == (tmp_path / "reference" / "trajectory.jsonl").read_text()
+    trained, killed = assert_replay_and_resume_exact(tmp_path, options, stops=[5, 7])
+    assert (killed / "trajectory.jsonl").read_text() == (tmp_path / "whole" / "trajectory.jsonl").read_text()
     sgd = dict(options, zo_update="sgd")
     train(TrainConfig(**sgd, out=str(tmp_path / "sgd")))
     assert not all(torch.equal(load_file(tmp_path / "sgd" / "final.safetensors")[n], trained[n]) for n in trained)
@@ -312,16 +300,7 @@ def test_one_sided_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
     options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=8, eval_every=4, scope="layer:1",
                    fast_path=fast, estimator="one-sided", q=3, lr=1e-2, prefix_cache_mb=cache,
                    exact_restore_fraction=0.1 if fast else 1.0)
-    train(TrainConfig(**options, out=str(tmp_path / "reference")))
-    trained = load_file(tmp_path / "reference" / "final.safetensors")
-    rebuilt = replay(tmp_path / "reference")
-    assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
-    killed = tmp_path / "killed"
-    train(TrainConfig(**{**options, "steps": 6}, out=str(killed)))
-    for name in ("final.safetensors", "results.json"):
-        (killed / name).unlink()
-    train(TrainConfig(**options, out=str(killed), resume=str(killed)))
-    assert all(torch.equal(load_file(killed / "final.safetensors")[n], trained[n]) for n in trained)
+    assert_replay_and_resume_exact(tmp_path, options, stops=[6])
 
 
 def test_one_sided_with_the_full_scope_in_place_is_refused():
