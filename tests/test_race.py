@@ -31,10 +31,13 @@ def test_recipes_parse_typed_and_bad_ones_name_the_recipe():
             parse_recipes(bad)
 
 
-def test_the_smollm2_recipe_file_loads():
+def test_the_smollm2_recipe_files_load():
     values = load_recipe("configs/smollm2-135m/race-sst2.toml", RaceConfig)
     names = [n for n, _ in parse_recipes(values["recipes"])]
     assert {"adamw", "full", "dominant"} <= set(names) and values["target"] == 0.7
+    values = load_recipe("configs/smollm2-135m/race-cb.toml", RaceConfig)
+    assert [n for n, _ in parse_recipes(values["recipes"])] == ["dominant", "full"]
+    assert values["dev_loss"] and not values["stop_at_target"] and values["task"] == "cb"
 
 
 def test_ratio_arithmetic():
@@ -49,6 +52,40 @@ def test_ratio_arithmetic():
     assert dom["vs_upstream_full"] == pytest.approx(3.0 * 40 / 4.0) and dom["vs_full"] == pytest.approx(20.0)
     assert dom["vs_adamw"] == pytest.approx(7.5) and dom["bounds"]["vs_adamw"] == "at least"
     assert dom["bounds"]["vs_full"] == "exact" and ratios["recipes"]["adamw"]["vs_full"] is None
+
+
+def test_time_to_full_mezos_best_dev_loss():
+    """Full MeZO's best dev loss (0.55, first at 60 s) is the bar; dom gets under it at 20 s, lazy never."""
+    def run(points):
+        return {"reached": False, "steps_to_target": None, "seconds_to_target": None, "steps": 3,
+                "train_seconds": points[-1][0], "curve": [{"step": i, "seconds": t, "metric": 0.5, "dev_loss": d}
+                                                          for i, (t, d) in enumerate(points)]}
+    results = {"full": run([(0.0, 0.7), (30.0, 0.6), (60.0, 0.55), (90.0, 0.55), (120.0, 0.58)]),
+               "dom": run([(1.0, 0.7), (10.0, 0.56), (20.0, 0.54), (30.0, 0.50)]),
+               "lazy": run([(1.0, 0.7), (50.0, 0.69)])}
+    ratios = race_ratios(results, None, "full", "adamw")
+    assert ratios["references"]["full_best_dev_loss"] == {"dev_loss": 0.55, "seconds": 60.0, "step": 2}
+    assert ratios["recipes"]["dom"]["seconds_to_full_best_dev_loss"] == 20.0
+    assert ratios["recipes"]["dom"]["vs_full_best_dev_loss"] == pytest.approx(3.0)
+    assert ratios["recipes"]["full"]["vs_full_best_dev_loss"] == pytest.approx(1.0)
+    assert ratios["recipes"]["lazy"]["seconds_to_full_best_dev_loss"] is None
+    assert "full_best_dev_loss" not in race_ratios({"dom": results["dom"]}, None, "full", "adamw")["references"]
+
+
+def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, monkeypatch):
+    """--no-stop-at-target: a recipe that reached the target keeps training to --max-steps, its reach kept."""
+    monkeypatch.setattr(race_module, "evaluate",
+                        lambda *a, **k: EvalResult("sst2", "accuracy", 0.9, 8))
+    report = race(RaceConfig(**TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3", seeds="0",
+                             target=0.7, max_steps=3, eval_every=1, upstream_repeats=0, dev_loss=True,
+                             stop_at_target=False, out=str(tmp_path / "race")))
+    for run in report["results"]["0"].values():
+        assert run["steps"] == 3 and run["steps_to_target"] == 0 and len(run["curve"]) == 4
+    best = report["ratios"]["0"]["references"]["full_best_dev_loss"]
+    full_devs = [p["dev_loss"] for p in report["results"]["0"]["full"]["curve"]]
+    assert best["dev_loss"] == min(full_devs) and best["step"] == full_devs.index(min(full_devs))
+    assert "vs_full_best_dev_loss" in report["summary"]["dominant"]["ratios"]
+    assert (tmp_path / "race" / "race.png").exists()
 
 
 def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkeypatch):

@@ -153,7 +153,7 @@ class RecipeRun:
     def run(self) -> dict:
         inference = self.inference_memory()
         self.score()
-        while self.reached is None and not self.done():
+        while (self.reached is None or not self.race.stop_at_target) and not self.done():
             self.train_chunk()
             self.score()
         return self.record(inference)
@@ -215,7 +215,30 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
             f"vs_{k}": (s / mine if mine else None) for k, (s, _) in references.items()}
         ratios["recipes"][name]["bounds"] = {f"vs_{k}": "exact" if ok else "at least"
                                              for k, (_, ok) in references.items()}
+    best_dev = full_best_dev_loss(results, full)
+    if best_dev is not None:
+        ratios["references"]["full_best_dev_loss"] = best_dev
+        for name, r in results.items():
+            mine = seconds_to_dev_loss(r.get("curve", []), best_dev["dev_loss"])
+            ratios["recipes"][name]["seconds_to_full_best_dev_loss"] = mine
+            ratios["recipes"][name]["vs_full_best_dev_loss"] = best_dev["seconds"] / mine if mine else None
     return ratios
+
+
+def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:
+    """Training seconds at the first scoring whose dev loss is at or below `level` (None: never)."""
+    return next((p["seconds"] for p in curve if p.get("dev_loss") is not None and p["dev_loss"] <= level), None)
+
+
+def full_best_dev_loss(results: dict[str, dict], full: str) -> dict | None:
+    """Full MeZO's lowest dev loss over its run and the training seconds at which it first got there: the
+    reference of 'time to full MeZO's own best dev loss' (None without full MeZO or dev losses; step 0 counts,
+    so a full MeZO that never improves sets the bar at the untrained model)."""
+    curve = [p for p in results.get(full, {}).get("curve", []) if p.get("dev_loss") is not None]
+    if not curve:
+        return None
+    best = min(curve, key=lambda p: p["dev_loss"])
+    return {"dev_loss": best["dev_loss"], "seconds": best["seconds"], "step": best["step"]}
 
 
 def _spread(values: list[float]) -> dict:
@@ -305,8 +328,10 @@ def race(config: RaceConfig) -> dict:
 
 
 def format_race(report: dict) -> str:
+    dev = any("vs_full_best_dev_loss" in row["ratios"] for row in report["summary"].values())
     lines = [f"{'recipe':>12}  {'reached':>7}  {'s to target':>11}  {'steps':>6}  {'s/step':>7}  {'best':>6}  "
-             f"{'mem/inf':>7}  {'vs upstream':>11}  {'vs full':>7}  {'vs adamw':>8}"]
+             f"{'mem/inf':>7}  {'vs upstream':>11}  {'vs full':>7}  {'vs adamw':>8}"
+             + (f"  {'s to full best dev':>18}  {'vs full dev':>11}" if dev else "")]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for name, row in report["summary"].items():
         r = row["ratios"]
@@ -315,7 +340,10 @@ def format_race(report: dict) -> str:
                      f"{fmt(row['seconds_per_step']['mean'], '7.3f')}  {fmt(row['best_metric']['mean'], '6.3f')}  "
                      f"{fmt(row['mem_vs_inference'], '7.3f')}  "
                      + "  ".join(fmt(r.get(k, {}).get("mean"), w) for k, w in
-                                 (("vs_upstream_full", "11.2f"), ("vs_full", "7.2f"), ("vs_adamw", "8.2f"))))
+                                 (("vs_upstream_full", "11.2f"), ("vs_full", "7.2f"), ("vs_adamw", "8.2f")))
+                     + ("  " + "  ".join(fmt(r.get(k, {}).get("mean"), w) for k, w in
+                                         (("seconds_to_full_best_dev_loss", "18.1f"),
+                                          ("vs_full_best_dev_loss", "11.2f"))) if dev else ""))
     return "\n".join(lines)
 
 

@@ -112,14 +112,20 @@ def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
 
 def plot_race(report: dict, path) -> None:
     """Test metric against training seconds, one line per recipe and seed (dlzo race), the target dashed and
-    the upstream-style full MeZO estimate of time to target marked."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    the upstream-style full MeZO estimate of time to target marked; with --dev-loss a second panel draws the
+    dev loss against the same seconds, full MeZO's best dev loss dashed."""
+    dev = any("dev_loss" in p for seed in report["results"].values() for r in seed.values() for p in r["curve"])
+    fig, axes = plt.subplots(1, 2 if dev else 1, figsize=(14 if dev else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, name in enumerate(report["recipes"]):
         for number, results in enumerate(report["results"].values()):
             curve = results[name]["curve"]
-            ax.plot([p["seconds"] for p in curve], [p["metric"] for p in curve], "o-", ms=3, lw=1.2, alpha=0.85,
-                    color=colors[index % len(colors)], label=name if number == 0 else None)
+            style = dict(ms=3, lw=1.2, alpha=0.85, color=colors[index % len(colors)],
+                         label=name if number == 0 else None)
+            ax.plot([p["seconds"] for p in curve], [p["metric"] for p in curve], "o-", **style)
+            if dev:
+                axes[0][1].plot([p["seconds"] for p in curve], [p.get("dev_loss") for p in curve], "o-", **style)
     ax.axhline(report["target"], ls="--", color="grey", lw=1, label=f"target {report['target']}")
     for number, ratios in enumerate(report["ratios"].values()):
         upstream = ratios["references"].get("upstream_full")
@@ -127,11 +133,16 @@ def plot_race(report: dict, path) -> None:
             mark = "" if upstream["reached"] else " (at least)"
             ax.plot([upstream["seconds"]], [report["target"]], "x", color="black", ms=8,
                     label=f"upstream full MeZO, estimated{mark}" if number == 0 else None)
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("training seconds (evaluation excluded)")
-    ax.set_ylabel("test metric (fixed subset)")
+        best = ratios["references"].get("full_best_dev_loss")
+        if dev and best:
+            axes[0][1].axhline(best["dev_loss"], ls="--", color="grey", lw=1,
+                               label="full MeZO's best dev loss" if number == 0 else None)
+    for axis, label in zip(axes[0], ("test metric (fixed subset)", "dev loss")):
+        axis.set_xscale("symlog", linthresh=1.0)
+        axis.set_xlabel("training seconds (evaluation excluded)")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
     ax.set_title("Time to accuracy")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
