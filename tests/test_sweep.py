@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -50,3 +51,43 @@ def test_sweep_of_references_only(tmp_path):
     summary = sweep(SweepConfig(**FAST, out=str(tmp_path), layers="none", references="full", steps=1, eval_every=0))
     assert [e["name"] for e in summary["runs"]] == ["full"] and summary["verdict"] == "no single-layer runs"
     assert (tmp_path / "sweep.png").exists()
+
+
+def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp_path, monkeypatch):
+    """Grid runs have no test examples and the grid seed; the chosen rate is the argmin of the dev loss at the
+    last grid step (read back from each run's metrics), the full runs of every seed train at it, and a second
+    sweep reruns no grid run."""
+    import dlzo.lr_grid as lr_grid
+    from dlzo.run import RunFolder
+
+    trained = []
+    original = lr_grid.train
+    monkeypatch.setattr(lr_grid, "train", lambda config: trained.append(config) or original(config))
+    config = SweepConfig(**FAST, out=str(tmp_path), layers="1", references="full", steps=2, eval_every=0,
+                         seeds="0,1", lr_grid="1e-2,1e-4", grid_steps=2, grid_seed=5)
+    summary = sweep(config)
+    assert len(trained) == 4 and {(c.seed, c.num_test, c.steps) for c in trained} == {(5, 0, 2)}
+    grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
+    for name in ("layer01", "full"):
+        losses = {lr: RunFolder(tmp_path / "grid" / f"{name}-lr{lr:g}").dev_losses()[2] for lr in (1e-2, 1e-4)}
+        assert grid["chosen"][name]["lr"] == min(losses, key=losses.get)
+        assert grid["chosen"][name]["dev_loss_at_last_step"] == {f"{lr:g}": v for lr, v in losses.items()}
+        for seed in (0, 1):
+            run = json.loads((tmp_path / f"seed{seed}" / "runs" / name / "run.json").read_text())
+            assert run["config"]["lr"] == grid["chosen"][name]["lr"] and run["config"]["seed"] == seed
+    assert sorted(summary["runs"]) == ["full", "layer01"]
+    sweep(config)
+    assert len(trained) == 4
+    # a finished run at another rate is not reported under the grid's rate
+    other = 1e-2 if grid["chosen"]["full"]["lr"] == 1e-4 else 1e-4
+    with pytest.raises(DlzoError, match=f"trained at lr {grid['chosen']['full']['lr']:g}.*runs full at {other:g}"):
+        sweep(replace(config, seeds="", seed=0, out=str(tmp_path / "seed0"), lr_grid="",
+                      lr=grid["chosen"]["layer01"]["lr"], full_lr=other))
+
+
+def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
+    for grid, message in (("fast", "--lr-grid 'fast'"), ("0,1e-3", "positive"), ("1e-3", "--grid-steps")):
+        with pytest.raises(DlzoError, match=message):
+            sweep(SweepConfig(**FAST, out=str(tmp_path / "s"), layers="1", references="", steps=1, lr_grid=grid,
+                              grid_steps=0 if grid == "1e-3" else 60))
+    assert not (tmp_path / "s").exists()

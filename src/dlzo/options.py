@@ -287,6 +287,13 @@ class SweepConfig(TaskOptions, DataOptions):
     full_lr: float = option(-1.0, "learning rate of full MeZO (-1: same as --lr)")
     lora_lr: float = option(-1.0, "learning rate of ZO-LoRA (-1: same as --lr)")
     adamw_lr: float = option(1e-5, "learning rate of the first-order reference")
+    lr_grid: str = option("", "choose each ZO scope's learning rate on dev loss first: comma-separated rates (e.g. "
+                               "1e-4,1e-3), each trained --grid-steps steps with --grid-seed and no test examples; "
+                               "the rate with the lowest dev loss at the last grid step is used for every seed "
+                               "(grid.json); empty: --lr, --full-lr, --lora-lr as given")
+    grid_steps: int = option(60, "--lr-grid: steps of each grid run")
+    grid_seed: int = option(0, "--lr-grid: run seed of the grid runs")
+    grid_out: str = option("", "--lr-grid: folder of the grid runs and grid.json (empty: OUT/grid)")
     eps: float = same_as(TrainConfig, "eps")
     seed: int = option(0, "run seed, the same for every run")
     seeds: str = option("", "repeat the whole sweep for each of these run seeds (e.g. 0,1,2) in OUT/seed<S>/ and "

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
+from dlzo.lr_grid import choose_rates, parse_grid
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SweepConfig, TrainConfig
 from dlzo.probe import find_dominant_layer
@@ -67,6 +68,9 @@ def sweep(config: SweepConfig) -> dict:
         return sweep_seeds(config)
     out = Path(config.out)
     probe_file = out / "probe.json"
+    rates = parse_grid(config.lr_grid) if config.lr_grid else None  # a bad flag is reported before any run
+    if rates and config.grid_steps < 1:
+        raise DlzoError(f"--grid-steps must be at least 1, not {config.grid_steps}")
     train_examples = None
     if config.data:  # the rows are read and checked before the sweep folder is made
         config.validate_data_options()
@@ -88,6 +92,12 @@ def sweep(config: SweepConfig) -> dict:
     # every rule's pick is swept (sun: the probe's layer; onset: the largest persistent jump; docs/rules.md)
     rule_layers = {rule: layer for rule, layer in probe.get("picks", {}).items() if layer is not None}
     runs = _sweep_runs(config, len(probe["layers"]), probe_layer, sorted(set(rule_layers.values())))
+    grid = None
+    if rates:  # each ZO scope's rate chosen on dev loss (dlzo.lr_grid), the same for every seed
+        base = TrainConfig(**{**shared_train_options(config), "seed": config.grid_seed})
+        grid = choose_rates(base, runs, rates, config.grid_steps, Path(config.grid_out or out / "grid"))
+        runs = [(name, {**overrides, "lr": grid["chosen"][name]["lr"]} if name in grid["chosen"] else overrides)
+                for name, overrides in runs]
     entries = []
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
@@ -97,6 +107,10 @@ def sweep(config: SweepConfig) -> dict:
             if (run_dir / "run.json").exists():
                 train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped
             train(train_config)
+        trained_at = json.loads((run_dir / "run.json").read_text())["config"]["lr"]
+        if trained_at != overrides["lr"]:  # e.g. a run finished before --lr-grid chose another rate
+            raise DlzoError(f"{run_dir} was trained at lr {trained_at:g}, but this sweep runs {name} at "
+                            f"{overrides['lr']:g}; move that folder away or give --out another folder")
         results = json.loads(results_file.read_text())
         metric, value = results["test_metric"], results["test_value"]
         if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
@@ -108,7 +122,7 @@ def sweep(config: SweepConfig) -> dict:
                         "steps": results["steps"], "seconds": results["train_seconds"],
                         "seconds_per_step": results["seconds_per_step"]})
         summary = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
-                   "rule_layers": rule_layers, "config": asdict(config),
+                   "rule_layers": rule_layers, "config": asdict(config), "lr_grid": grid,
                    "runs": entries}
         atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
     summary["verdict"] = sweep_verdict(summary)
@@ -127,8 +141,11 @@ def sweep_seeds(config: SweepConfig) -> dict:
     except ValueError:
         raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
     out = Path(config.out)
-    for seed in seeds:
-        sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}")))
+    if config.lr_grid:
+        parse_grid(config.lr_grid)
+    for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds
+        sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
+                      grid_out=config.grid_out or str(out / "grid")))
     summary = {"config": asdict(config), "runs": seed_summary(out)}
     atomic_write_json(out / "seeds.json", summary)
     print(format_seed_summary(summary["runs"]))

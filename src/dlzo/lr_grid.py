@@ -1,0 +1,73 @@
+"""The learning rate of each scope, chosen on dev loss from a small grid before a sweep's runs (`dlzo sweep
+--lr-grid`): never on test.
+
+    for each ZO scope, for each rate: a short `dlzo train` run (--grid-steps, the grid seed, no test examples)
+    -> its dev loss at the last step -> the rate with the lowest one -> grid.json; the sweep then trains every
+    seed at that rate
+
+The criterion is the dev loss at the *last* grid step, not the lowest one seen on the way: a rate too large
+for the model first drops the dev loss fastest and then diverges (SmolLM2-135M, layer 11, SST-2: lr 4e-3 had
+the lowest dev loss at step 40 of every rate tried and 1.46 at step 80, docs/results/study.md), and the best
+seen would pick it. Resumable: finished grid runs are read back; an interrupted one continues.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from dlzo.checkpoint import atomic_write_json
+from dlzo.errors import DlzoError
+from dlzo.options import TrainConfig
+from dlzo.run import RunFolder
+from dlzo.train import train
+
+
+def parse_grid(text: str) -> list[float]:
+    """'1e-4,1e-3' -> [1e-4, 1e-3] (sorted, each once); errors name the flag."""
+    try:
+        rates = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise DlzoError(f"--lr-grid {text!r} is not comma-separated learning rates like 1e-4,1e-3") from None
+    if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
+        raise DlzoError(f"--lr-grid {text!r}: needs at least one positive learning rate")
+    return rates
+
+
+def grid_run_name(name: str, lr: float) -> str:
+    return f"{name}-lr{lr:g}"
+
+
+def final_dev_loss(folder: Path, steps: int) -> float:
+    """The dev loss logged at the grid run's last step; a diverged run (non-finite) counts as infinitely bad
+    (grid.json writes it as null)."""
+    loss = RunFolder(folder).dev_losses().get(steps, math.inf)
+    return loss if math.isfinite(loss) else math.inf
+
+
+def choose_rates(base: TrainConfig, runs: list[tuple[str, dict]], rates: list[float], steps: int,
+                 folder: Path) -> dict:
+    """For each (name, overrides) ZO run: the grid's dev losses and the chosen rate (ties: the smaller rate).
+    First-order runs keep their given rate. Writes and returns FOLDER/grid.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = {}
+    for name, overrides in runs:
+        if overrides.get("optimizer", "zo") != "zo":
+            continue
+        losses = {}
+        for lr in rates:
+            run_dir = folder / grid_run_name(name, lr)
+            if not (run_dir / "results.json").exists():
+                config = replace(base, **{**overrides, "lr": lr}, steps=steps, num_test=0,
+                                 eval_every=base.eval_every if 0 < base.eval_every < steps else steps,
+                                 out=str(run_dir), resume=str(run_dir) if (run_dir / "run.json").exists() else "")
+                train(config)
+            losses[lr] = final_dev_loss(run_dir, steps)
+        best = min(rates, key=lambda lr: (losses[lr], lr))
+        chosen[name] = {"lr": best, "dev_loss_at_last_step": {f"{lr:g}": losses[lr] if math.isfinite(losses[lr])
+                                                              else None for lr in rates}}
+    record = {"rates": rates, "steps": steps, "seed": base.seed,
+              "criterion": "dev loss at the last grid step (lowest wins; ties: the smaller rate)", "chosen": chosen}
+    atomic_write_json(folder / "grid.json", record)
+    return record
