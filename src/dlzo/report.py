@@ -139,6 +139,7 @@ def plot_race(report: dict, path) -> None:
                                label="full MeZO's best dev loss" if number == 0 else None)
     for axis, label in zip(axes[0], ("test metric (fixed subset)", "dev loss")):
         axis.set_xscale("symlog", linthresh=1.0)
+        axis.set_xlim(left=0)  # no negative seconds in the margin symlog would add
         axis.set_xlabel("training seconds (evaluation excluded)")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
