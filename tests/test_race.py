@@ -70,6 +70,8 @@ def test_time_to_full_mezos_best_dev_loss():
     assert ratios["recipes"]["full"]["vs_full_best_dev_loss"] == pytest.approx(1.0)
     assert ratios["recipes"]["lazy"]["seconds_to_full_best_dev_loss"] is None
     assert "full_best_dev_loss" not in race_ratios({"dom": results["dom"]}, None, "full", "adamw")["references"]
+    never = {"full": run([(0.0, 0.7), (30.0, 0.75), (60.0, float("nan"))]), "dom": results["dom"]}
+    assert "full_best_dev_loss" not in race_ratios(never, None, "full", "adamw")["references"]  # no improvement
 
 
 def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, monkeypatch):
@@ -81,6 +83,12 @@ def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, mo
                              stop_at_target=False, out=str(tmp_path / "race")))
     for run in report["results"]["0"].values():
         assert run["steps"] == 3 and run["steps_to_target"] == 0 and len(run["curve"]) == 4
+    # the finished recipes are kept under the same race options only
+    (tmp_path / "race" / "race.json").unlink()
+    with pytest.raises(DlzoError, match="ran with --budget-s 240.0, the race now asks for 100.0"):
+        race(RaceConfig(**TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3", seeds="0",
+                        target=0.7, max_steps=3, eval_every=1, upstream_repeats=0, dev_loss=True,
+                        stop_at_target=False, budget_s=100.0, out=str(tmp_path / "race")))
     best = report["ratios"]["0"]["references"]["full_best_dev_loss"]
     full_devs = [p["dev_loss"] for p in report["results"]["0"]["full"]["curve"]]
     assert best["dev_loss"] == min(full_devs) and best["step"] == full_devs.index(min(full_devs))

@@ -1,11 +1,12 @@
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
 from conftest import DATA, STORIES
 from dlzo.errors import DlzoError
-from dlzo.options import SweepConfig
+from dlzo.options import SweepConfig, TrainConfig
 from dlzo.sweep import sweep
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
@@ -91,3 +92,44 @@ def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
             sweep(SweepConfig(**FAST, out=str(tmp_path / "s"), layers="1", references="", steps=1, lr_grid=grid,
                               grid_steps=0 if grid == "1e-3" else 60))
     assert not (tmp_path / "s").exists()
+
+
+def _scripted_train(curves: dict[float, list[float] | None], calls: list):
+    """A stand-in for dlzo.train.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
+    curves[lr] are the dev losses at steps 0, 1, ..., None makes the run diverge."""
+    from dlzo.errors import Diverged
+
+    def fake(config):
+        calls.append(config.lr)
+        folder = Path(config.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "run.json").write_text(json.dumps({"config": asdict(config)}))
+        if curves[config.lr] is None:
+            raise Diverged("5 non-finite losses in a row")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "dev_loss": v}) + "\n"
+                                                      for i, v in enumerate(curves[config.lr])))
+        (folder / "results.json").write_text("{}")
+    return fake
+
+
+def test_the_grid_judges_the_last_step_not_the_best_seen_and_marks_diverged_rates(tmp_path, monkeypatch):
+    """1e-2 has the lowest dev loss seen (0.2 at step 1) but the worst at the last step; 1e-1 diverges; 1e-3
+    wins at the last step. Rerunning trains nothing; other grid options are refused; all-diverged is one line."""
+    import dlzo.lr_grid as lr_grid
+
+    calls = []
+    monkeypatch.setattr(lr_grid, "train", _scripted_train({1e-3: [0.9, 0.5, 0.4], 1e-2: [0.9, 0.2, 0.8],
+                                                           1e-1: None}, calls))
+    base = TrainConfig(model="m", task="sst2", eval_every=0)
+    runs = [("layer01", {"scope": "layer:1", "lr": 5.0}), ("adamw", {"scope": "full", "optimizer": "adamw",
+                                                                      "lr": 1e-5})]
+    record = lr_grid.choose_rates(base, runs, [1e-3, 1e-2, 1e-1], 2, tmp_path)
+    assert record["chosen"] == {"layer01": {"lr": 1e-3, "dev_loss_at_last_step": {"0.001": 0.4, "0.01": 0.8,
+                                                                                   "0.1": None}}}
+    assert (tmp_path / "layer01-lr0.1" / lr_grid.DIVERGED).exists() and sorted(calls) == [1e-3, 1e-2, 1e-1]
+    lr_grid.choose_rates(base, runs, [1e-3, 1e-2, 1e-1], 2, tmp_path)
+    assert len(calls) == 3
+    with pytest.raises(DlzoError, match="trained with steps=2, the grid now asks for 3"):
+        lr_grid.choose_rates(base, runs, [1e-3], 3, tmp_path)
+    with pytest.raises(DlzoError, match="every rate diverged for layer01"):
+        lr_grid.choose_rates(base, runs, [1e-1], 2, tmp_path)

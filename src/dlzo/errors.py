@@ -3,3 +3,8 @@
 
 class DlzoError(Exception):
     """A mistake in the user's input (a flag, a file, a model name), not a bug in dlzo."""
+
+
+class Diverged(DlzoError):
+    """Training stopped because the loss stayed non-finite (--max-nonfinite steps in a row): the rate, eps or
+    dtype is wrong for this model. A learning-rate grid counts such a rate as infinitely bad."""

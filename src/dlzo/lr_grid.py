@@ -1,5 +1,5 @@
 """The learning rate of each scope, chosen on dev loss from a small grid before a sweep's runs (`dlzo sweep
---lr-grid`): never on test.
+--lr-grid`): never on a task's test split (with --data the dev rows are also what the sweep reports on).
 
     for each ZO scope, for each rate: a short `dlzo train` run (--grid-steps, the grid seed, no test examples)
     -> its dev loss at the last step -> the rate with the lowest one -> grid.json; the sweep then trains every
@@ -8,20 +8,27 @@
 The criterion is the dev loss at the *last* grid step, not the lowest one seen on the way: a rate too large
 for the model first drops the dev loss fastest and then diverges (SmolLM2-135M, layer 11, SST-2: lr 4e-3 had
 the lowest dev loss at step 40 of every rate tried and 1.46 at step 80, docs/results/study.md), and the best
-seen would pick it. Resumable: finished grid runs are read back; an interrupted one continues.
+seen would pick it. A run whose loss stays non-finite (dlzo.errors.Diverged) counts as infinitely bad and is
+marked so. Grid runs take the sweep's other options as they are, a schedule included (its horizon is then the
+grid's steps). Resumable: finished grid runs are read back, after checking they were trained with the options
+the grid would use now; an interrupted one continues.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from dlzo.checkpoint import atomic_write_json
-from dlzo.errors import DlzoError
+from dlzo.errors import Diverged, DlzoError
 from dlzo.options import TrainConfig
 from dlzo.run import RunFolder
 from dlzo.train import train
+
+DIVERGED = "diverged.json"  # marks a grid run stopped by non-finite losses
+_NOT_COMPARED = ("out", "resume", "quiet", "report_to")
 
 
 def parse_grid(text: str) -> list[float]:
@@ -40,10 +47,34 @@ def grid_run_name(name: str, lr: float) -> str:
 
 
 def final_dev_loss(folder: Path, steps: int) -> float:
-    """The dev loss logged at the grid run's last step; a diverged run (non-finite) counts as infinitely bad
-    (grid.json writes it as null)."""
+    """The dev loss logged at the grid run's last step; a diverged run (non-finite loss or dev loss) counts as
+    infinitely bad (grid.json writes it as null)."""
+    if (folder / DIVERGED).exists():
+        return math.inf
     loss = RunFolder(folder).dev_losses().get(steps, math.inf)
     return loss if math.isfinite(loss) else math.inf
+
+
+def _check_same_options(folder: Path, config: TrainConfig) -> None:
+    """A grid run kept from an earlier sweep must have been trained as this grid would train it (steps, seed,
+    eps, batch, ...), or its dev loss answers another question."""
+    was = json.loads((folder / "run.json").read_text())["config"]
+    for key, now in asdict(config).items():
+        if key not in _NOT_COMPARED and key in was and was[key] != now:
+            raise DlzoError(f"{folder}: this grid run was trained with {key}={was[key]!r}, the grid now asks for "
+                            f"{now!r}; move the grid folder away or give --grid-out another folder")
+
+
+def _train_grid_run(config: TrainConfig, run_dir: Path) -> None:
+    finished = (run_dir / "results.json").exists() or (run_dir / DIVERGED).exists()
+    if (run_dir / "run.json").exists():
+        _check_same_options(run_dir, config)
+    if finished:
+        return
+    try:
+        train(replace(config, resume=str(run_dir) if (run_dir / "run.json").exists() else ""))
+    except Diverged as err:
+        atomic_write_json(run_dir / DIVERGED, {"reason": str(err)})
 
 
 def choose_rates(base: TrainConfig, runs: list[tuple[str, dict]], rates: list[float], steps: int,
@@ -58,12 +89,13 @@ def choose_rates(base: TrainConfig, runs: list[tuple[str, dict]], rates: list[fl
         losses = {}
         for lr in rates:
             run_dir = folder / grid_run_name(name, lr)
-            if not (run_dir / "results.json").exists():
-                config = replace(base, **{**overrides, "lr": lr}, steps=steps, num_test=0,
-                                 eval_every=base.eval_every if 0 < base.eval_every < steps else steps,
-                                 out=str(run_dir), resume=str(run_dir) if (run_dir / "run.json").exists() else "")
-                train(config)
+            config = replace(base, **{**overrides, "lr": lr}, steps=steps, num_test=0,
+                             eval_every=base.eval_every if 0 < base.eval_every < steps else steps, out=str(run_dir))
+            _train_grid_run(config, run_dir)
             losses[lr] = final_dev_loss(run_dir, steps)
+        if all(math.isinf(v) for v in losses.values()):
+            raise DlzoError(f"--lr-grid: every rate diverged for {name} ({', '.join(f'{r:g}' for r in rates)}); "
+                            f"add smaller rates")
         best = min(rates, key=lambda lr: (losses[lr], lr))
         chosen[name] = {"lr": best, "dev_loss_at_last_step": {f"{lr:g}": losses[lr] if math.isfinite(losses[lr])
                                                               else None for lr in rates}}

@@ -363,8 +363,8 @@ class RaceConfig(TaskOptions):
     max_steps: int = option(100000, "steps per recipe at most")
     eval_every: int = option(10, "score the fixed test subset every N steps")
     num_test: int = option(200, "the fixed test subset: this many examples of the validation split")
-    dev_loss: bool = option(False, "also record the dev loss at every evaluation (with full MeZO among the recipes: "
-                                   "each recipe's time to full MeZO's own best dev loss)")
+    dev_loss: bool = option(False, "also record the dev loss at every evaluation (with full MeZO among the recipes "
+                                   "and --no-stop-at-target: each recipe's time to full MeZO's own best dev loss)")
     stop_at_target: bool = option(True, "stop a recipe when it reaches --target (false: every recipe trains for the "
                                         "whole budget, for the dev-loss comparison)")
     full_recipe: str = option("full", "the recipe that is full MeZO (the upstream estimate uses its steps)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import shutil
 import statistics
 import time
@@ -175,6 +176,23 @@ class RecipeRun:
                 "final_metric": self.curve[-1]["metric"], "curve": self.curve}
 
 
+# The race options a finished recipe's figures depend on: a resumed race must not mix recipes run under others.
+_RACE_OPTIONS = ("target", "stop_at_target", "budget_s", "max_steps", "eval_every", "num_test", "dev_loss")
+
+
+def race_options(race: RaceConfig) -> dict:
+    return {name: getattr(race, name) for name in _RACE_OPTIONS}
+
+
+def check_same_race(record: dict, race: RaceConfig, path: Path) -> None:
+    """A recipe finished before is reused only under the same race options (records older than this check
+    carry none and are taken as they are)."""
+    for name, was in record.get("race_options", {}).items():
+        if was != getattr(race, name):
+            raise DlzoError(f"{path}: this recipe ran with --{name.replace('_', '-')} {was!r}, the race now asks for "
+                            f"{getattr(race, name)!r}; give --out another folder")
+
+
 def upstream_step(race: RaceConfig, data: Data, seed: int) -> dict:
     """One upstream-style full MeZO step (dlzo.bench's upstream_full: a padded row per candidate, full-vocabulary
     logits, four noise passes) on the race's first batch, timed here; a fresh model, since it moves the weights."""
@@ -232,12 +250,16 @@ def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:
 
 def full_best_dev_loss(results: dict[str, dict], full: str) -> dict | None:
     """Full MeZO's lowest dev loss over its run and the training seconds at which it first got there: the
-    reference of 'time to full MeZO's own best dev loss' (None without full MeZO or dev losses; step 0 counts,
-    so a full MeZO that never improves sets the bar at the untrained model)."""
-    curve = [p for p in results.get(full, {}).get("curve", []) if p.get("dev_loss") is not None]
+    reference of 'time to full MeZO's own best dev loss' (None without full MeZO or finite dev losses, and
+    None when its best is the untrained model's, step 0). Meant for races run with --no-stop-at-target: a
+    recipe stopped at the target has a best dev loss of a shortened run."""
+    curve = [p for p in results.get(full, {}).get("curve", [])
+             if p.get("dev_loss") is not None and math.isfinite(p["dev_loss"])]
     if not curve:
         return None
     best = min(curve, key=lambda p: p["dev_loss"])
+    if best["step"] == 0:  # full MeZO never improved: no time to compare against
+        return None
     return {"dev_loss": best["dev_loss"], "seconds": best["seconds"], "step": best["step"]}
 
 
@@ -278,12 +300,13 @@ def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tu
         done = folder / name / "race-recipe.json"
         if done.exists():
             results[name] = json.loads(done.read_text())
+            check_same_race(results[name], race, done)
             print(f"race seed {seed}: {name}: finished before, read from {done}", flush=True)
             continue
         if (folder / name).exists():
             shutil.rmtree(folder / name)
         print(f"race seed {seed}: {name} ({' '.join(f'{k}={v}' for k, v in overrides.items())})", flush=True)
-        results[name] = RecipeRun(race, config, data).run()
+        results[name] = {**RecipeRun(race, config, data).run(), "race_options": race_options(race)}
         atomic_write_json(done, results[name])
         gc.collect()
         r = results[name]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dlzo import distributed as dist
 from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
-from dlzo.errors import DlzoError
+from dlzo.errors import Diverged, DlzoError
 from dlzo.eval import EvalResult, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
 from dlzo.models import load_tokenizer, resolve_model_source
@@ -274,7 +274,7 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
             loss, skipped, grad = session.train_step(step, lr)
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
             if nonfinite_in_a_row >= config.max_nonfinite:
-                raise DlzoError(
+                raise Diverged(
                     f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: the forward overflowed, most "
                     f"likely float16 collapse; use --dtype bfloat16 or float32, or a smaller --lr / --eps")
             done, elapsed = step + 1, time.time() - started
