@@ -16,9 +16,8 @@ the grid would use now; an interrupted one continues.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from dlzo.checkpoint import atomic_write_json
@@ -28,7 +27,7 @@ from dlzo.run import RunFolder
 from dlzo.train import train
 
 DIVERGED = "diverged.json"  # marks a grid run stopped by non-finite losses
-_NOT_COMPARED = ("out", "resume", "quiet", "report_to")
+_NOT_COMPARED = ("out", "resume", "quiet", "report_to")  # unlike a resume, steps must match
 
 
 def parse_grid(text: str) -> list[float]:
@@ -58,11 +57,11 @@ def final_dev_loss(folder: Path, steps: int) -> float:
 def _check_same_options(folder: Path, config: TrainConfig) -> None:
     """A grid run kept from an earlier sweep must have been trained as this grid would train it (steps, seed,
     eps, batch, ...), or its dev loss answers another question."""
-    was = json.loads((folder / "run.json").read_text())["config"]
-    for key, now in asdict(config).items():
-        if key not in _NOT_COMPARED and key in was and was[key] != now:
-            raise DlzoError(f"{folder}: this grid run was trained with {key}={was[key]!r}, the grid now asks for "
-                            f"{now!r}; move the grid folder away or give --grid-out another folder")
+    changed = RunFolder(folder).changed_option(config, _NOT_COMPARED)
+    if changed:
+        key, was, now = changed
+        raise DlzoError(f"{folder}: this grid run was trained with {key}={was!r}, the grid now asks for "
+                        f"{now!r}; move the grid folder away or give --grid-out another folder")
 
 
 def _train_grid_run(config: TrainConfig, run_dir: Path) -> None:

@@ -351,10 +351,13 @@ def race(config: RaceConfig) -> dict:
 
 
 def format_race(report: dict) -> str:
-    dev = any("vs_full_best_dev_loss" in row["ratios"] for row in report["summary"].values())
+    ratios = [("vs upstream", "vs_upstream_full", "11.2f"), ("vs full", "vs_full", "7.2f"),
+              ("vs adamw", "vs_adamw", "8.2f")]
+    if any("vs_full_best_dev_loss" in row["ratios"] for row in report["summary"].values()):
+        ratios += [("s to full best dev", "seconds_to_full_best_dev_loss", "18.1f"),
+                   ("vs full dev", "vs_full_best_dev_loss", "11.2f")]
     lines = [f"{'recipe':>12}  {'reached':>7}  {'s to target':>11}  {'steps':>6}  {'s/step':>7}  {'best':>6}  "
-             f"{'mem/inf':>7}  {'vs upstream':>11}  {'vs full':>7}  {'vs adamw':>8}"
-             + (f"  {'s to full best dev':>18}  {'vs full dev':>11}" if dev else "")]
+             f"{'mem/inf':>7}  " + "  ".join(f"{title:>{spec.split('.')[0]}}" for title, _, spec in ratios)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for name, row in report["summary"].items():
         r = row["ratios"]
@@ -362,11 +365,7 @@ def format_race(report: dict) -> str:
                      f"{fmt(row['seconds_to_target']['mean'], '11.1f')}  {fmt(row['steps_to_target']['mean'], '6.0f')}  "
                      f"{fmt(row['seconds_per_step']['mean'], '7.3f')}  {fmt(row['best_metric']['mean'], '6.3f')}  "
                      f"{fmt(row['mem_vs_inference'], '7.3f')}  "
-                     + "  ".join(fmt(r.get(k, {}).get("mean"), w) for k, w in
-                                 (("vs_upstream_full", "11.2f"), ("vs_full", "7.2f"), ("vs_adamw", "8.2f")))
-                     + ("  " + "  ".join(fmt(r.get(k, {}).get("mean"), w) for k, w in
-                                         (("seconds_to_full_best_dev_loss", "18.1f"),
-                                          ("vs_full_best_dev_loss", "11.2f"))) if dev else ""))
+                     + "  ".join(fmt(r.get(key, {}).get("mean"), spec) for _, key, spec in ratios))
     return "\n".join(lines)
 
 

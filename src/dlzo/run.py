@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -91,14 +92,24 @@ class RunFolder:
         if not self.run_file.exists():
             raise DlzoError(f"--resume {self.path}: no run.json there, nothing to resume")
         previous = json.loads(self.run_file.read_text())
+        # with a schedule the step count shapes every lr, so it must stay
+        free = [k for k in _FREE_ON_RESUME if k != "steps" or config.lr_scheduler == "constant"]
+        changed = self.changed_option(config, free)
+        if changed:
+            key, was, now = changed
+            raise DlzoError(f"--resume {self.path}: --{key.replace('_', '-')} was {was!r} in that run, now {now!r}")
+        return previous
+
+    def changed_option(self, config: TrainConfig, free: Iterable[str]) -> tuple[str, object, object] | None:
+        """The first option of `config`, `free` ones aside, that differs from this folder's run.json: (name,
+        then, now); None when all agree. Keys added after that run was written hold their default in it."""
+        recorded = json.loads(self.run_file.read_text())["config"]
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key, now in asdict(config).items():
-            # keys added after that run was written hold their default in it
-            was = previous["config"].get(key, defaults.get(key))
-            fixed = key not in _FREE_ON_RESUME or (key == "steps" and config.lr_scheduler != "constant")
-            if fixed and was != now:
-                raise DlzoError(f"--resume {self.path}: --{key.replace('_', '-')} was {was!r} in that run, now {now!r}")
-        return previous
+            was = recorded.get(key, defaults.get(key))
+            if key not in free and was != now:
+                return key, was, now
+        return None
 
     def lock(self) -> None:
         """Hold the folder for this process: a second run on it fails at once naming the holder; a lock left

@@ -141,8 +141,6 @@ def sweep_seeds(config: SweepConfig) -> dict:
     except ValueError:
         raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
     out = Path(config.out)
-    if config.lr_grid:
-        parse_grid(config.lr_grid)
     for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds
         sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
                       grid_out=config.grid_out or str(out / "grid")))
