@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -306,3 +307,90 @@ def test_one_sided_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
 def test_one_sided_with_the_full_scope_in_place_is_refused():
     with pytest.raises(DlzoError, match="--estimator one-sided"):
         TrainConfig(model=str(STORIES), scope="full", estimator="one-sided").validate()
+
+
+def test_hizoo_step_matches_a_brute_force_reference():
+    """Three HiZOO steps on a quadratic, in place (θ copied back), against the formulas in float64."""
+    opt, weight, bias = make(torch.float64, lr=0.05, eps=1e-2, seed=6, update_rule="hizoo", hessian_smooth=0.1)
+    target = [torch.zeros_like(weight), torch.ones_like(bias)]
+    theta = [weight.detach().double().clone(), bias.detach().double().clone()]
+    hessian = [torch.ones_like(t) for t in theta]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return quadratic([weight, bias], target)
+
+    for _ in range(3):
+        result = opt.step(closure)
+        zs = [opt.sample(result.seeds[0], i, t) for i, t in enumerate(theta)]
+        us = [z / h.sqrt() for z, h in zip(zs, hessian)]
+        loss = lambda ts: float(quadratic(ts, target))  # noqa: E731
+        base = loss(theta)
+        plus, minus = loss([t + 1e-2 * u for t, u in zip(theta, us)]), loss([t - 1e-2 * u for t, u in zip(theta, us)])
+        g, c = (plus - minus) / 2e-2, abs(plus + minus - 2 * base) / (2 * 1e-2**2)
+        assert result.projected_grads[0] == pytest.approx(g, rel=1e-9)
+        assert result.curvatures[0] == pytest.approx(c, rel=1e-6)
+        hessian = [h * (1 - 0.1 + 0.1 * c * z * z) for h, z in zip(hessian, zs)]
+        theta = [t - 0.05 * g * z / h.sqrt() for t, z, h in zip(theta, zs, hessian)]
+    assert len(calls) == 9  # L(θ), L(θ+εu), L(θ-εu) a step
+    torch.testing.assert_close(weight.detach(), theta[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(opt.hessian[0], hessian[0], rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(opt.hessian[0], torch.ones_like(opt.hessian[0]))
+
+
+def test_hizoo_learns_a_planted_diagonal_curvature():
+    """On L = Σ h_i θ_i² with h = 1 on half the elements and 100 on the other half, D ends up ordered like h
+    (the estimate's fixed point is proportional to h). Float64: in float32 the rounding of L+ + L- - 2·L0
+    is a curvature of its own, which the |.| turns into growth of D."""
+    torch.manual_seed(0)
+    theta = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    curvature = torch.tensor([1.0] * 4 + [100.0] * 4, dtype=torch.float64)
+    opt = ZOOptimizer([("theta", theta)], lr=1e-4, eps=1e-3, seed=1, update_rule="hizoo", hessian_smooth=0.005)
+    for _ in range(2000):
+        opt.step(lambda: (curvature * theta**2).sum())
+    low, high = opt.hessian[0][:4].mean(), opt.hessian[0][4:].mean()
+    assert high / low > 10
+    assert opt.hessian[0][4:].min() > opt.hessian[0][:4].max()
+
+
+def test_hizoo_replays_bit_exactly_and_needs_its_curvatures():
+    target = [torch.zeros(6, 5), torch.ones(5)]
+    opt, weight, bias = make(lr=0.05, eps=1e-2, q=2, seed=4, update_rule="hizoo", hessian_smooth=0.05, weight_decay=0.1)
+    log = [opt.step(lambda: quadratic([weight, bias], target)) for _ in range(5)]
+    ref, r_weight, r_bias = make(lr=0.05, eps=1e-2, q=2, seed=4, update_rule="hizoo", hessian_smooth=0.05,
+                                 weight_decay=0.1)
+    for result in log:
+        ref.replay_step(result.seeds, result.projected_grads, 0.05, result.skipped, curvatures=result.curvatures)
+    assert torch.equal(r_weight, weight) and torch.equal(r_bias, bias)
+    sgd, s_weight, _ = make(lr=0.05, eps=1e-2, q=2, seed=4, weight_decay=0.1)
+    for result in log:
+        sgd.replay_step(result.seeds, result.projected_grads, 0.05, result.skipped)
+    assert not torch.equal(s_weight, weight)
+    with pytest.raises(ValueError, match="curvature"):
+        make(update_rule="hizoo")[0].replay_step(log[0].seeds, log[0].projected_grads, 0.05, False)
+    with pytest.raises(ValueError, match="step_hizoo"):
+        opt.step_functional(lambda p, m: (0.0, 0.0))
+
+
+@pytest.mark.parametrize("fast,cache", [(True, 2048), (False, 0)])
+def test_hizoo_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
+    """The fast path with the prefix cache, and in place; the Hessian estimate is rebuilt by replaying the log."""
+    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=8, eval_every=4, scope="layer:1",
+                   fast_path=fast, zo_update="hizoo", hessian_smooth=1e-3, lr=1e-2, prefix_cache_mb=cache,
+                   exact_restore_fraction=0.1 if fast else 1.0)
+    trained, stopped = assert_replay_and_resume_exact(tmp_path, options, stops=[3, 6])
+    entries = [json.loads(line) for line in (stopped / "trajectory.jsonl").read_text().splitlines()]
+    assert len(entries) == 8 and all(len(e["curvatures"]) == 1 and e["curvatures"][0] >= 0 for e in entries)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(zo_update="hizoo", estimator="one-sided"), "--estimator two-sided"),
+    (dict(zo_update="hizoo", parallel="perturbation"), "--parallel perturbation"),
+    (dict(zo_update="hizoo", hessian_smooth=1.5), "--hessian-smooth"),
+    (dict(zo_update="lion"), "--zo-update"),
+    (dict(zo_update="hizoo", scope="full"), "--exact-restore-fraction 1"),
+])
+def test_hizoo_bad_options_name_their_flag(options, message):
+    with pytest.raises(DlzoError, match=message):
+        TrainConfig(model=str(STORIES), **options).validate()

@@ -99,9 +99,13 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                                          "((L(θ+εz) - L(θ))/ε, L(θ) shared by the --q directions: q+1 forwards a "
                                          "step instead of 2q)")
     zo_update: str = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
-                                   "g·z) or adam (ZO-AdaMM); state only over the tuned tensors, rebuilt by replay")
+                                   "g·z), adam (ZO-AdaMM) or hizoo (HiZOO's diagonal Hessian estimate scales the "
+                                   "perturbation and the step; three forwards a step); state only over the tuned "
+                                   "tensors, rebuilt by replay")
     beta1: float = option(0.9, "--zo-update momentum / adam: the first-moment decay")
     beta2: float = option(0.999, "--zo-update adam: the second-moment decay")
+    hessian_smooth: float = option(1e-6, "--zo-update hizoo: the weight of each step's curvature sample in the "
+                                         "Hessian estimate (HiZOO's alpha)")
     seed: int = option(0, "run seed: ZO directions and data order")
     data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed; --data: of the "
                                "held-out rows)")
@@ -161,8 +165,18 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError("--estimator one-sided: --scope full perturbs the weights in place with MeZO's round "
                             "trip, which has no unperturbed evaluation to share; pass --exact-restore-fraction 1 "
                             "(a copy of the weights) or use the two-sided estimator")
-        if self.zo_update not in ("sgd", "momentum", "adam"):
-            raise DlzoError(f"--zo-update {self.zo_update!r} is not sgd, momentum or adam")
+        if self.zo_update not in ("sgd", "momentum", "adam", "hizoo"):
+            raise DlzoError(f"--zo-update {self.zo_update!r} is not sgd, momentum, adam or hizoo")
+        if self.zo_update == "hizoo" and self.scope == "full" and self.exact_restore_fraction < 1:
+            raise DlzoError("--zo-update hizoo: --scope full perturbs the weights in place with MeZO's round trip, "
+                            "which cannot scale z by the Hessian estimate; pass --exact-restore-fraction 1 (a "
+                            "copy of the weights)")
+        if self.zo_update == "hizoo" and self.estimator != "two-sided":
+            raise DlzoError("--zo-update hizoo needs --estimator two-sided (its curvature uses L+, L- and L(θ))")
+        if self.zo_update == "hizoo" and self.parallel == "perturbation":
+            raise DlzoError("--zo-update hizoo: --parallel perturbation does not gather the curvatures; use data")
+        if not (math.isfinite(self.hessian_smooth) and 0 <= self.hessian_smooth < 1):
+            raise DlzoError(f"--hessian-smooth must be in [0, 1), not {self.hessian_smooth}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise DlzoError(f"--{name} must be in [0, 1), not {getattr(self, name)}")

@@ -55,7 +55,8 @@ def make_zo_optimizer(prepared: Prepared, exact_restore: bool = True) -> ZOOptim
                        weight_decay=config.weight_decay, seed=config.seed, distribution=config.distribution,
                        exact_restore=exact_restore, layer_groups=scope.layer_groups,
                        sampled_layers=scope.sampled_layers, update_rule=config.zo_update, beta1=config.beta1,
-                       beta2=config.beta2, estimator=config.estimator)
+                       beta2=config.beta2, estimator=config.estimator,
+                       hessian_smooth=config.hessian_smooth)
 
 
 def tuned_tensors(model: nn.Module, scope: Scope) -> dict[str, torch.Tensor]:

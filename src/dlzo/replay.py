@@ -23,7 +23,8 @@ def replay(run: str | Path, base_model: str | None = None, upto: int | None = No
     for entry in read_jsonl(run / "trajectory.jsonl"):
         if upto is not None and entry["step"] >= upto:
             break
-        zo.replay_step([int(s) for s in entry["seeds"]], entry["grads"], entry["lr"], entry["skipped"], round_trip)
+        zo.replay_step([int(s) for s in entry["seeds"]], entry["grads"], entry["lr"], entry["skipped"], round_trip,
+                       entry.get("curvatures"))
     return {name: t.detach().clone() for name, t in tensors.items()}
 
 

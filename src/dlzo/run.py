@@ -190,7 +190,7 @@ class RunFolder:
                 if entry["step"] != step:
                     break  # a gap cannot be bridged
                 optimizer.replay_step([int(s) for s in entry["seeds"]], entry["grads"], entry["lr"],
-                                      entry["skipped"], round_trip)
+                                      entry["skipped"], round_trip, entry.get("curvatures"))
                 step, replayed = step + 1, replayed + 1
         self._truncate(self.trajectory, lambda r: r["step"] < step)
         self._truncate(self.metrics, lambda r: r["step"] < step or (r["step"] == step and "dev_loss" in r))

@@ -71,14 +71,17 @@ class StepRunner:
 
 def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch],
             directions: list[int] | None = None) -> StepResult:
-    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z (one-sided: L(θ+εz) and L(θ)).
+    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z (one-sided: L(θ+εz) and L(θ);
+    hizoo: L(θ) and L(θ±εz/sqrt(D))).
 
     With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
     direction's (g, L+, L-) and apply the same updates in direction order."""
     update = directions is None
-    if runner.branched is not None and optimizer.estimator == "one-sided":
+    if runner.branched is not None and (optimizer.estimator == "one-sided" or optimizer.update_rule == "hizoo"):
         frozen = runner.step_prefix(batches)
-        result = optimizer.step_one_sided(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update)
+        loss_at: Callable = lambda tensors: runner.loss_at(batches, tensors, frozen)  # noqa: E731
+        stepper = optimizer.step_hizoo if optimizer.update_rule == "hizoo" else optimizer.step_one_sided
+        result = stepper(loss_at, directions, update)
     elif runner.branched is not None:
         pair: Callable = lambda plus, minus: runner.loss_pair(batches, plus, minus)  # noqa: E731
         result = optimizer.step_functional(pair, directions, update)

@@ -157,8 +157,9 @@ class Session:
         self.is_main = dist.is_main_process()
         self.tensors = tuned_tensors(self.model, self.prepared.scope)
         self.perturbation = perturbation_kind(config, self.prepared)
-        if config.estimator == "one-sided" and self.perturbation == "arithmetic":
-            raise DlzoError(f"--estimator one-sided: {self.prepared.scope.description} is perturbed in place "
+        if (config.estimator == "one-sided" or config.zo_update == "hizoo") and self.perturbation == "arithmetic":
+            flag = "--zo-update hizoo" if config.zo_update == "hizoo" else "--estimator one-sided"
+            raise DlzoError(f"{flag}: {self.prepared.scope.description} is perturbed in place "
                             f"(more than --exact-restore-fraction of the model); raise --exact-restore-fraction")
         self.zo = make_zo_optimizer(self.prepared, self.perturbation == "copy") if config.optimizer == "zo" else None
         self.adam = (torch.optim.AdamW(list(self.tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
@@ -253,8 +254,11 @@ class Session:
         self.zo.lr = lr
         result = zo_step(self.zo, self.runner, batches, self.directions)
         if self.is_main:
-            self.run.log_step({"step": step, "seeds": [str(s) for s in result.seeds], "grads": result.projected_grads,
-                               "lr": lr, "skipped": result.skipped})
+            entry = {"step": step, "seeds": [str(s) for s in result.seeds], "grads": result.projected_grads,
+                     "lr": lr, "skipped": result.skipped}
+            if result.curvatures is not None:
+                entry["curvatures"] = result.curvatures
+            self.run.log_step(entry)
         return result.loss, result.skipped, _mean_abs(result.projected_grads)
 
 

@@ -6,9 +6,19 @@ or, with `estimator="one-sided"`, g = (L(θ + εz) - L(θ)) / ε with L(θ) eval
 by the q directions (q+1 evaluations instead of 2q; the estimate FZOO, arXiv 2506.09034, batches).
 
 `update_rule` turns the estimate d = mean g·z (+ wd·θ) into a step: sgd (the line above, the default),
-momentum (m <- β1·m + d, θ <- θ - lr·m) or adam (ZO-AdaMM: Adam's moments of d, bias-corrected). Their state
-lives over the tuned tensors only and is a pure function of the logged (seeds, grads, lr), so `replay_step`
-from the base weights rebuilds it bit for bit (resume of a stateful run replays the whole log).
+momentum (m <- β1·m + d, θ <- θ - lr·m), adam (ZO-AdaMM: Adam's moments of d, bias-corrected) or hizoo
+(HiZOO, arXiv 2402.15173: a diagonal Hessian estimate D, per element of the tuned tensors, shapes both the
+perturbation and the step; below). Their state lives over the tuned tensors only and is a pure function of the
+logged (seeds, grads, lr; hizoo also the curvatures), so `replay_step` from the base weights rebuilds it bit for
+bit (resume of a stateful run replays the whole log).
+
+hizoo, per step (D starts at 1; α = `hessian_smooth`):
+
+    u = z / sqrt(D),  L0 = L(θ),  L± = L(θ ± εu),  g = (L+ - L-) / 2ε,  c = |L+ + L- - 2·L0| / 2ε²
+    D <- D·(1 - α + α·c·z²),  θ <- θ - lr·(g·z / sqrt(D) + wd·θ)
+
+c is the loss's curvature along u, and c·z²·D is HiZOO's one-sample estimate of the Hessian's diagonal (its
+Σ'^-1), smoothed into D; a step costs three forwards instead of two, so it only pays if it needs fewer steps.
 
 z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
 from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
@@ -22,7 +32,7 @@ Two ways to evaluate the perturbed losses:
 - `step_one_sided(loss_at)`: loss_at(tensors or None) returns L at those tuned tensors (None: θ).
 
 The public contract, which every other module uses (none reaches into private methods): `step`,
-`step_functional`, `step_one_sided`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
+`step_functional`, `step_one_sided`, `step_hizoo`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
 `restore_and_update` and `replay_step` (re-apply a logged step: replay and resume).
 """
 
@@ -37,7 +47,7 @@ import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
-UPDATE_RULES = ("sgd", "momentum", "adam")
+UPDATE_RULES = ("sgd", "momentum", "adam", "hizoo")
 ESTIMATORS = ("two-sided", "one-sided")
 
 
@@ -68,6 +78,7 @@ class StepResult:
     loss_plus: list[float]
     loss_minus: list[float]
     skipped: bool = False
+    curvatures: list[float] | None = None  # hizoo: |L+ + L- - 2·L0| / 2ε² per direction, logged for replay
 
     @property
     def loss(self) -> float:
@@ -94,6 +105,7 @@ class ZOOptimizer:
         beta2: float = 0.999,
         adam_eps: float = 1e-8,
         estimator: str = "two-sided",
+        hessian_smooth: float = 1e-6,
     ):
         self.named = list(params)
         if not self.named:
@@ -109,6 +121,10 @@ class ZOOptimizer:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
         self.estimator = estimator
+        if update_rule == "hizoo" and estimator != "two-sided":
+            raise ValueError("update_rule hizoo needs the two-sided estimator (its curvature uses L+, L- and L0)")
+        self.hessian_smooth = hessian_smooth
+        self.hessian: dict[int, torch.Tensor] = {}  # hizoo: tensor index -> D, the diagonal Hessian estimate
         self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
         self.updates = 0  # applied (not skipped) updates: Adam's bias-correction step
         # LeZO (arXiv 2410.09823): each direction perturbs and updates only `sampled_layers` of the layer
@@ -161,16 +177,39 @@ class ZOOptimizer:
 
     # -------------------------------------------------------------------------------- update
 
-    def apply_update(self, seeds: list[int], grads: list[float], zs: list[list[torch.Tensor]] | None = None) -> None:
+    def apply_update(self, seeds: list[int], grads: list[float], zs: list[list[torch.Tensor]] | None = None,
+                     curvatures: list[float] | None = None) -> None:
         """θ <- θ - lr·(mean_d g_d·z_d + wd·θ). Replay calls this with the logged seeds and grads, so
         training and replay run the same arithmetic and give bit-identical weights."""
+        if self.update_rule == "hizoo" and curvatures is None:
+            raise ValueError("update_rule hizoo needs each direction's curvature (a log without them is not hizoo's)")
         self.updates += 1
         for index, (name, param) in enumerate(self.named):
             if zs is not None:
                 noise = [zs[d][index] for d in range(len(seeds))]
             else:  # sampled one at a time: a full-model step never holds more than one z per tensor
                 noise = (self.sample(seed, index, param) for seed in seeds)
-            self._update_tensor(index, name, param, noise, grads, owned=zs is None)
+            if self.update_rule == "hizoo":
+                noise = self._hizoo_directions(index, param, list(noise), curvatures)
+            self._update_tensor(index, name, param, noise, grads, owned=zs is None or self.update_rule == "hizoo")
+
+    def inverse_sqrt_hessian(self, index: int, like: torch.Tensor) -> torch.Tensor | None:
+        """hizoo: 1/sqrt(D) of tensor `index`, the scale of its perturbation (None: D is still 1)."""
+        hessian = self.hessian.get(index)
+        return None if hessian is None else hessian.rsqrt()
+
+    def _hizoo_directions(self, index: int, param: torch.Tensor, zs: list[torch.Tensor],
+                          curvatures: list[float]) -> list[torch.Tensor]:
+        """D <- D·(1 - α + α·c_d·z_d²) for each direction in order, then z_d / sqrt(D) with the new D."""
+        hessian = self.hessian.get(index)
+        if hessian is None:
+            # kept in at least float32: half-precision weights would round a 1e-6 smoothing step away
+            dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+            hessian = self.hessian[index] = torch.ones_like(param, dtype=dtype)
+        for z, curvature in zip(zs, curvatures):
+            hessian.mul_(z.to(hessian.dtype).square().mul_(self.hessian_smooth * curvature).add_(1 - self.hessian_smooth))
+        scale = hessian.rsqrt().to(param.dtype)
+        return [z * scale for z in zs]
 
     @property
     def stateful(self) -> bool:
@@ -186,7 +225,7 @@ class ZOOptimizer:
             direction = term if direction is None else direction.add_(term)
         if self.weight_decay and not no_decay(name):
             direction.add_(param.data, alpha=self.weight_decay)
-        if self.update_rule == "sgd":
+        if self.update_rule in ("sgd", "hizoo"):
             param.data.sub_(direction, alpha=self.lr)
         elif self.update_rule == "momentum":
             state = self.moments.get(index)
@@ -214,6 +253,8 @@ class ZOOptimizer:
     def restore_and_update(self, seed: int, grad: float) -> None:
         """The last +εz of MeZO's round trip and the update, from one z per tensor: the same arithmetic
         as restoring and then calling apply_update, with one noise pass over the weights instead of two."""
+        if self.update_rule == "hizoo":
+            raise ValueError("update_rule hizoo perturbs by copy (exact_restore), never by MeZO's round trip")
         self.updates += 1
         for index, (name, param) in enumerate(self.named):
             z = self.sample(seed, index, param)
@@ -232,10 +273,14 @@ class ZOOptimizer:
 
         `directions` evaluates only some of the q directions and `update=False` leaves θ and the step count
         alone: perturbation-parallel training evaluates its share, gathers all (seed, g), then calls finish()."""
-        if self.estimator == "one-sided":
+        if self.estimator == "one-sided" or self.update_rule == "hizoo":
             if not self.exact_restore:
-                raise ValueError("the one-sided estimator in place needs exact_restore (θ copied back)")
-            return self._step_one_sided_in_place(closure, directions, update)
+                raise ValueError(f"{'hizoo' if self.update_rule == 'hizoo' else 'the one-sided estimator'} in place "
+                                 f"needs exact_restore (θ copied back)")
+            loss_at = self._in_place_loss_at(closure)
+            if self.update_rule == "hizoo":
+                return self.step_hizoo(loss_at, directions, update)
+            return self.step_one_sided(loss_at, directions, update)
         seeds = self.seeds_for_step(self.step_count)
         chosen = range(self.q) if directions is None else directions
         plus, minus, grads = [], [], []
@@ -278,6 +323,8 @@ class ZOOptimizer:
         directions: list[int] | None = None, update: bool = True,
     ) -> StepResult:
         """Evaluate pair_loss(θ+εz, θ-εz) for each direction without touching θ, then update θ."""
+        if self.update_rule == "hizoo":
+            raise ValueError("update_rule hizoo also needs L(θ): use step_hizoo")
         all_seeds = self.seeds_for_step(self.step_count)
         seeds = all_seeds if directions is None else [all_seeds[d] for d in directions]
         plus, minus, grads = [], [], []
@@ -313,9 +360,38 @@ class ZOOptimizer:
             return result
         return self.finish(result, zs=[kept] if kept is not None else None)
 
-    def _step_one_sided_in_place(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None,
-                                 update: bool) -> StepResult:
-        """step_one_sided with the loss of the model's current weights: θ+εz written in, θ copied back."""
+    @torch.no_grad()
+    def step_hizoo(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
+                   directions: list[int] | None = None, update: bool = True) -> StepResult:
+        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)),
+        g = (L+ - L-)/2ε and the curvature c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update)."""
+        if self.update_rule != "hizoo":
+            raise ValueError(f"step_hizoo is the hizoo update rule's step, not {self.update_rule}'s")
+        all_seeds = self.seeds_for_step(self.step_count)
+        seeds = all_seeds if directions is None else [all_seeds[d] for d in directions]
+        base = float(loss_at(None))
+        plus, minus, grads, curvatures, kept = [], [], [], [], []
+        for seed in seeds:
+            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+            steps = []
+            for index, ((_, param), z) in enumerate(zip(self.named, zs)):
+                scale = self.inverse_sqrt_hessian(index, param)
+                steps.append(z * self.eps if scale is None else z * scale.to(param.dtype) * self.eps)
+            loss_plus = float(loss_at({n: p.detach() + s for (n, p), s in zip(self.named, steps)}))
+            loss_minus = float(loss_at({n: p.detach() - s for (n, p), s in zip(self.named, steps)}))
+            plus.append(loss_plus)
+            minus.append(loss_minus)
+            grads.append((loss_plus - loss_minus) / (2 * self.eps))
+            curvatures.append(abs(loss_plus + loss_minus - 2 * base) / (2 * self.eps**2))
+            kept.append(zs)
+        result = StepResult(seeds, grads, plus, minus, curvatures=curvatures)
+        if not update:
+            return result
+        return self.finish(result, zs=kept)
+
+    def _in_place_loss_at(self, closure: Callable[[], float | torch.Tensor]
+                          ) -> Callable[[dict[str, torch.Tensor] | None], float]:
+        """loss_at over the model's own weights: the given tensors written in, θ copied back after."""
         backup = [p.detach().clone() for _, p in self.named]
 
         def loss_at(tensors: dict[str, torch.Tensor] | None) -> float:
@@ -329,7 +405,7 @@ class ZOOptimizer:
                 for (_, param), saved in zip(self.named, backup):
                     param.data.copy_(saved)
 
-        return self.step_one_sided(loss_at, directions, update)
+        return loss_at
 
     def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None,
                restore_seed: int | None = None) -> StepResult:
@@ -337,20 +413,21 @@ class ZOOptimizer:
         `zs`: the step's z, when the caller still holds them (one direction), so the update need not
         draw them again; the weights are the same either way. `restore_seed`: the in-place round trip of
         that one direction still owes its last +εz, added here from the z the update uses."""
-        if not all(math.isfinite(v) for v in result.loss_plus + result.loss_minus + result.projected_grads):
+        values = result.loss_plus + result.loss_minus + result.projected_grads + (result.curvatures or [])
+        if not all(math.isfinite(v) for v in values):
             result.skipped = True  # a non-finite loss must never reach the weights
             if restore_seed is not None:
                 self.add_noise(restore_seed, self.eps)
         elif restore_seed is not None:
             self.restore_and_update(restore_seed, result.projected_grads[0])
         else:
-            self.apply_update(result.seeds, result.projected_grads, zs)
+            self.apply_update(result.seeds, result.projected_grads, zs, result.curvatures)
         self.step_count += 1
         return result
 
     @torch.no_grad()
     def replay_step(self, seeds: list[int], grads: list[float], lr: float, skipped: bool,
-                    round_trip: bool = False) -> None:
+                    round_trip: bool = False, curvatures: list[float] | None = None) -> None:
         """Re-apply a logged step from its (seeds, projected grads, lr) alone: replay and resume.
         `round_trip`: the run perturbed in place with MeZO's +ε, -2ε, +ε arithmetic, whose float rounding
         the weights carry, so it is repeated here; the fused last +ε and update of `restore_and_update`
@@ -362,13 +439,14 @@ class ZOOptimizer:
                 self.add_noise(seed, self.eps)
         if not skipped:
             self.lr = lr
-            self.apply_update(seeds, grads)
+            self.apply_update(seeds, grads, curvatures=curvatures)
         self.step_count += 1
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,
                 "weight_decay": self.weight_decay, "distribution": self.distribution, "update_rule": self.update_rule,
-                "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates, "estimator": self.estimator}
+                "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates, "estimator": self.estimator,
+                "hessian_smooth": self.hessian_smooth}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
