@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import DATA, STORIES
-from dlzo.bench import TimedOptimizer, bench, run_variant, synthetic_batches
+from dlzo.bench import TimedOptimizer, bench, repeated_batch, run_variant, synthetic_batches
 from dlzo.errors import DlzoError
+from dlzo.fastpath import BranchedForward
+from dlzo.layers import layer_parameters
 from dlzo.models import load_model
 from dlzo.options import BenchConfig
 
@@ -73,3 +75,25 @@ def test_hf_trainer_variant_steps_the_layer_and_reports_its_memory_ratio(tmp_pat
     variants = report["variants"]
     assert report["ratios"]["hf_trainer_mem_vs_inference"] == pytest.approx(
         variants["hf_trainer"]["peak_mem_bytes"] / variants["hf_inference"]["peak_mem_bytes"])
+
+
+def test_rows_variants_repeat_the_batch_and_report_the_per_direction_ratio(tmp_path):
+    """rows_xN runs the cached pair forward over N copies of the batch: the same examples, so the same mean
+    loss; bench.json gives each copy count's forward time per copy against rows_x1's."""
+    model = load_model(str(STORIES), dtype=torch.float32, device=torch.device("cpu"))
+    packed, _ = synthetic_batches(batch=3, seq=10, vocab=model.config.vocab_size)
+    four = repeated_batch(packed, "rows_x4")
+    assert four.num_examples == 12 and four.input_ids.shape[0] == 4 * packed.input_ids.shape[0]
+    names = [n for n, _ in layer_parameters(model, 1)]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    runner = BranchedForward(model, names)
+    torch.testing.assert_close(torch.stack(runner.loss_pair(four, fixed, fixed)),
+                               torch.stack(runner.loss_pair(packed, fixed, fixed)))
+    report = bench(BenchConfig(model=str(STORIES), batch=3, seq=10, layer=1, repeats=1, out=str(tmp_path),
+                               variants="rows_x1,rows_x2,rows_x4"))
+    variants = report["variants"]
+    for copies in (2, 4):
+        assert report["ratios"][f"rows_x{copies}_per_direction_vs_x1"] == pytest.approx(
+            variants[f"rows_x{copies}"]["step_s"] / copies / variants["rows_x1"]["step_s"])
+    with pytest.raises(DlzoError, match="power of two"):
+        repeated_batch(packed, "rows_x3")

@@ -394,3 +394,15 @@ def test_hizoo_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
 def test_hizoo_bad_options_name_their_flag(options, message):
     with pytest.raises(DlzoError, match=message):
         TrainConfig(model=str(STORIES), **options).validate()
+
+
+def test_hizoo_pair_loss_gives_the_same_step_as_two_evaluations():
+    """The fast path hands step_hizoo both branches in one call (one batched forward); same losses, same step."""
+    target = [torch.zeros(6, 5), torch.ones(5)]
+    a, wa, ba = make(lr=0.05, eps=1e-2, seed=8, update_rule="hizoo", hessian_smooth=0.05)
+    b, wb, bb = make(lr=0.05, eps=1e-2, seed=8, update_rule="hizoo", hessian_smooth=0.05)
+    loss = lambda w, t: quadratic([w, bb] if t is None else [t["layer.weight"], t["layer.bias"]], target)  # noqa: E731
+    for _ in range(3):
+        a.step_hizoo(lambda t: quadratic([wa, ba] if t is None else [t["layer.weight"], t["layer.bias"]], target))
+        b.step_hizoo(lambda t: loss(wb, t), pair_loss=lambda plus, minus: (loss(wb, plus), loss(wb, minus)))
+    assert torch.equal(wa, wb) and torch.equal(ba, bb) and torch.equal(a.hessian[0], b.hessian[0])

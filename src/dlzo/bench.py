@@ -11,6 +11,10 @@ Variants, all on the same inputs in the same process:
                  the layers below run no more
   lora           ZO-LoRA (r=8 on q/v of every layer) through the fast path
   floor          the forward a layer-restricted step cannot avoid (layer_fast without noise or update)
+  rows_xN        layer_cached's pair forward (no noise, no update) over the batch repeated N times (N a power
+                 of two): what N directions batched into one forward of 2NB rows would cost at best (every
+                 copy runs the same tuned weights here); rows_xN / N against rows_x1 says how much a bigger
+                 forward saves per direction on this machine (1.0: nothing)
   inference      one plain forward of the batch (for the memory ratio)
   hf_trainer     one dlzo.ZOTrainer step on the tuned layer: a causal-LM batch (labels = tokens, -100 on
                  padding) of the padded rows, training_step and the optimizer step (issue 15's memory figure)
@@ -175,6 +179,18 @@ def hf_step(name: str, model: nn.Module, batch: EncodedBatch, layer: int, device
     return lambda: (trainer.training_step(model, inputs), optimizer.step())
 
 
+def repeated_batch(batch: EncodedBatch, variant: str) -> EncodedBatch:
+    """The batch of variant rows_xN: N copies of `batch` (N a power of two, so doubling builds it)."""
+    count = variant.removeprefix("rows_x")
+    copies = int(count) if count.isdigit() else 0
+    if copies < 1 or copies & (copies - 1):
+        raise DlzoError(f"--variants {variant}: N in rows_xN must be a power of two")
+    repeated = batch
+    for _ in range(copies.bit_length() - 1):
+        repeated = repeated.doubled()
+    return repeated
+
+
 def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: EncodedBatch, layer: int,
                 repeats: int, device: torch.device) -> dict:
     """Time `repeats` steps (after one warm-up) and return the medians."""
@@ -219,6 +235,15 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
             step = lambda: pair(fixed, fixed)  # noqa: E731
         else:
             step = lambda: optimizer.step_functional(pair)  # noqa: E731
+    elif name.startswith("rows_x"):
+        optimizer = None
+        named = layer_parameters(model, layer)
+        repeated = repeated_batch(packed, name)
+        frozen = FrozenPrefix(model, layer, limit_bytes=2**62)
+        frozen.fill(packed)  # the copies are the same sequences: every one is a cache hit
+        runner = BranchedForward(model, [n for n, _ in named], frozen)
+        fixed = {n: p.detach().clone() for n, p in named}
+        step = timed(lambda: runner.loss_pair(repeated, fixed, fixed))
     elif name == "inference":
         optimizer = None
         step = timed(lambda: model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits)
@@ -292,6 +317,10 @@ def bench(config: BenchConfig) -> dict:
         "hf_trainer_mem_vs_inference": ratio("hf_trainer", "hf_inference", "peak_mem_bytes"),
         "hf_trainer_step_vs_inference": ratio("hf_inference", "hf_trainer"),
     }
+    for name in results:  # per direction: rows_xN's forward / N against rows_x1's (below 1: batching saves)
+        if name.startswith("rows_x") and name != "rows_x1" and "rows_x1" in results:
+            copies = int(name.removeprefix("rows_x"))
+            ratios[f"{name}_per_direction_vs_x1"] = results[name]["step_s"] / copies / results["rows_x1"]["step_s"]
     report = {
         "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "batch": config.batch, "inputs": inputs,

@@ -362,9 +362,12 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def step_hizoo(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
-                   directions: list[int] | None = None, update: bool = True) -> StepResult:
-        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)),
-        g = (L+ - L-)/2ε and the curvature c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update)."""
+                   directions: list[int] | None = None, update: bool = True,
+                   pair_loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[float, float]]
+                   | None = None) -> StepResult:
+        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)) (or
+        both from pair_loss(plus, minus), e.g. one batched forward), g = (L+ - L-)/2ε and the curvature
+        c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update)."""
         if self.update_rule != "hizoo":
             raise ValueError(f"step_hizoo is the hizoo update rule's step, not {self.update_rule}'s")
         all_seeds = self.seeds_for_step(self.step_count)
@@ -377,8 +380,12 @@ class ZOOptimizer:
             for index, ((_, param), z) in enumerate(zip(self.named, zs)):
                 scale = self.inverse_sqrt_hessian(index, param)
                 steps.append(z * self.eps if scale is None else z * scale.to(param.dtype) * self.eps)
-            loss_plus = float(loss_at({n: p.detach() + s for (n, p), s in zip(self.named, steps)}))
-            loss_minus = float(loss_at({n: p.detach() - s for (n, p), s in zip(self.named, steps)}))
+            theta_plus = {n: p.detach() + s for (n, p), s in zip(self.named, steps)}
+            theta_minus = {n: p.detach() - s for (n, p), s in zip(self.named, steps)}
+            if pair_loss is not None:
+                loss_plus, loss_minus = (float(v) for v in pair_loss(theta_plus, theta_minus))
+            else:
+                loss_plus, loss_minus = float(loss_at(theta_plus)), float(loss_at(theta_minus))
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
