@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import DATA, STORIES, assert_replay_and_resume_exact
 from dlzo.errors import DlzoError
-from dlzo.options import TrainConfig
+from dlzo.options import ReplayConfig, TrainConfig
+from dlzo.replay import hessian_summary, replay_command
 from dlzo.train import train
 from dlzo.zo import ZOOptimizer, direction_seed
 
@@ -382,6 +383,29 @@ def test_hizoo_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
     trained, stopped = assert_replay_and_resume_exact(tmp_path, options, stops=[3, 6])
     entries = [json.loads(line) for line in (stopped / "trajectory.jsonl").read_text().splitlines()]
     assert len(entries) == 8 and all(len(e["curvatures"]) == 1 and e["curvatures"][0] >= 0 for e in entries)
+    replay_command(ReplayConfig(run=str(stopped)))
+    summary = json.loads((stopped / "hessian.json").read_text())
+    assert summary["steps"] == 8 and summary["elements"] == sum(t.numel() for t in trained.values())
+
+
+def _hizoo_on_a_quadratic(curvature: torch.Tensor, alpha: float, steps: int) -> dict:
+    torch.manual_seed(0)
+    theta = nn.Parameter(torch.randn(curvature.numel(), dtype=torch.float64))
+    opt = ZOOptimizer([("theta", theta)], lr=1e-4, eps=1e-3, seed=1, update_rule="hizoo", hessian_smooth=alpha)
+    logged = [c for _ in range(steps) for c in opt.step(lambda: (curvature * theta**2).sum()).curvatures]
+    return hessian_summary(opt, logged)
+
+
+def test_hessian_summary_tells_learned_curvature_from_noise():
+    """Isotropic curvature over 20,000 elements: every difference between elements of D is z² noise, and the
+    spread of log D is the one predicted from the logged curvatures alone (to 5%). A planted 100x curvature
+    difference over 8 elements: the spread is well above it."""
+    isotropic = _hizoo_on_a_quadratic(torch.ones(20_000, dtype=torch.float64), alpha=1e-5, steps=200)
+    assert isotropic["log_D_std"] == pytest.approx(isotropic["log_D_std_if_noise_only"], rel=0.05)
+    assert isotropic["D_mean"] > 2 and isotropic["step_scale_mean"] < 0.5  # D grew: the step shrank
+    planted = _hizoo_on_a_quadratic(torch.tensor([1.0] * 4 + [100.0] * 4, dtype=torch.float64), alpha=0.005,
+                                    steps=2000)
+    assert planted["log_D_std"] > 1.3 * planted["log_D_std_if_noise_only"]
 
 
 @pytest.mark.parametrize("options,message", [

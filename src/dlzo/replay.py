@@ -1,4 +1,5 @@
-"""`dlzo replay`: rebuild a run's tuned tensors from the base model and its trajectory log alone."""
+"""`dlzo replay`: rebuild a run's tuned tensors from the base model and its trajectory log alone; for a hizoo run,
+also what its diagonal Hessian estimate learned (`hessian_summary`)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,22 @@ from pathlib import Path
 
 import torch
 
-from dlzo.checkpoint import load_tensors, save_tensors
+from dlzo.checkpoint import atomic_write_json, load_tensors, save_tensors
 from dlzo.errors import DlzoError
 from dlzo.options import ReplayConfig
 from dlzo.prepare import make_zo_optimizer, tuned_tensors
 from dlzo.run import build_for_run, read_jsonl
+from dlzo.zo import ZOOptimizer
 
 
 def replay(run: str | Path, base_model: str | None = None, upto: int | None = None) -> dict[str, torch.Tensor]:
     """The tuned tensors after the logged steps (all, or those before `upto`), bit-identical to training."""
+    return replay_with_optimizer(run, base_model, upto)[0]
+
+
+def replay_with_optimizer(run: str | Path, base_model: str | None = None, upto: int | None = None
+                          ) -> tuple[dict[str, torch.Tensor], ZOOptimizer]:
+    """replay, and the ZOOptimizer that re-applied the steps (its state: momentum, Adam's moments, HiZOO's D)."""
     run = Path(run)
     prepared, record = build_for_run(run, base_model)
     tensors = tuned_tensors(prepared.model, prepared.scope)
@@ -25,16 +33,42 @@ def replay(run: str | Path, base_model: str | None = None, upto: int | None = No
             break
         zo.replay_step([int(s) for s in entry["seeds"]], entry["grads"], entry["lr"], entry["skipped"], round_trip,
                        entry.get("curvatures"))
-    return {name: t.detach().clone() for name, t in tensors.items()}
+    return {name: t.detach().clone() for name, t in tensors.items()}, zo
+
+
+def hessian_summary(zo: ZOOptimizer, curvatures: list[float], samples: int = 200_000) -> dict:
+    """What a hizoo run's Hessian estimate D holds, over all tuned elements: its mean, the step scale
+    mean(1/sqrt(D)), and the spread of log D against the spread it would have if D held no per-element
+    curvature at all. Each step multiplies D_i by 1 - α + α·c·z_i²; if the scalar c (the curvature along the
+    whole direction) carries nothing about element i, log D_i is a sum of independent terms whose variance
+    follows from the logged c alone (computed here over `samples` draws of z²). A measured spread equal to
+    that one means D's differences between elements are the noise of z², not curvature."""
+    hessian = torch.cat([h.flatten() for h in zo.hessian.values()]).double()
+    log_hessian = hessian.log()
+    z2 = torch.randn(samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64).square()
+    alpha = zo.hessian_smooth
+    noise_var = sum(float(torch.log1p(-alpha + alpha * c * z2).var()) for c in curvatures)
+    return {"hessian_smooth": alpha, "steps": zo.step_count, "elements": hessian.numel(),
+            "D_mean": float(hessian.mean()), "D_min": float(hessian.min()), "D_max": float(hessian.max()),
+            "step_scale_mean": float(hessian.rsqrt().mean()), "log_D_std": float(log_hessian.std()),
+            "log_D_std_if_noise_only": noise_var**0.5,
+            "curvature_median": float(torch.tensor(curvatures).median()) if curvatures else None}
 
 
 def replay_command(config: ReplayConfig) -> None:
     run = Path(config.run)
     if not (run / "trajectory.jsonl").exists():
         raise DlzoError(f"--run {run}: no trajectory.jsonl there")
-    rebuilt = replay(run, config.base or None)
+    rebuilt, zo = replay_with_optimizer(run, config.base or None)
     if config.to:
         save_tensors(config.to, rebuilt)
+    if zo.update_rule == "hizoo":
+        applied = [e for e in read_jsonl(run / "trajectory.jsonl") if not e["skipped"]]
+        summary = hessian_summary(zo, [c for e in applied for c in e["curvatures"]])
+        atomic_write_json(run / "hessian.json", summary)
+        print(f"hizoo: D mean {summary['D_mean']:.3g} (step scale {summary['step_scale_mean']:.3f}); spread of "
+              f"log D {summary['log_D_std']:.4f} against {summary['log_D_std_if_noise_only']:.4f} from z² noise "
+              f"alone; wrote {run / 'hessian.json'}")
     final = run / "final.safetensors"
     if not final.exists():
         print(f"replayed {len(rebuilt)} tensors (no final.safetensors to compare with)")
