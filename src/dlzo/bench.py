@@ -136,9 +136,9 @@ class TimedOptimizer(ZOOptimizer):
         self.update_s = 0.0
         self.upstream = upstream
 
-    def apply_update(self, seeds, grads, zs=None):
+    def apply_update(self, seeds, grads, zs=None, curvatures=None):
         start = time.perf_counter()
-        super().apply_update(seeds, grads, zs)
+        super().apply_update(seeds, grads, zs, curvatures)
         self.update_s += time.perf_counter() - start
 
     def restore_and_update(self, seed, grad):
