@@ -335,8 +335,9 @@ def test_hizoo_step_matches_a_brute_force_reference():
         hessian = [h * (1 - 0.1 + 0.1 * c * z * z) for h, z in zip(hessian, zs)]
         theta = [t - 0.05 * g * z / h.sqrt() for t, z, h in zip(theta, zs, hessian)]
     assert len(calls) == 9  # L(θ), L(θ+εu), L(θ-εu) a step
-    torch.testing.assert_close(weight.detach(), theta[0], rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(opt.hessian[0], hessian[0], rtol=1e-9, atol=1e-10)
+    for index, param in enumerate((weight, bias)):
+        torch.testing.assert_close(param.detach(), theta[index], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(opt.hessian[index], hessian[index], rtol=1e-9, atol=1e-10)
     assert not torch.allclose(opt.hessian[0], torch.ones_like(opt.hessian[0]))
 
 
@@ -414,19 +415,29 @@ def test_hessian_summary_tells_learned_curvature_from_noise():
     (dict(zo_update="hizoo", hessian_smooth=1.5), "--hessian-smooth"),
     (dict(zo_update="lion"), "--zo-update"),
     (dict(zo_update="hizoo", scope="full"), "--exact-restore-fraction 1"),
+    (dict(zo_update="hizoo", scope="lezo:2"), "--scope lezo"),
 ])
 def test_hizoo_bad_options_name_their_flag(options, message):
     with pytest.raises(DlzoError, match=message):
         TrainConfig(model=str(STORIES), **options).validate()
 
 
-def test_hizoo_pair_loss_gives_the_same_step_as_two_evaluations():
-    """The fast path hands step_hizoo both branches in one call (one batched forward); same losses, same step."""
+def test_a_non_finite_hizoo_step_leaves_weights_and_hessian_alone_and_replays():
+    """A step whose L(θ) is not finite is skipped: θ and D stay as they were, in training and in replay."""
     target = [torch.zeros(6, 5), torch.ones(5)]
-    a, wa, ba = make(lr=0.05, eps=1e-2, seed=8, update_rule="hizoo", hessian_smooth=0.05)
-    b, wb, bb = make(lr=0.05, eps=1e-2, seed=8, update_rule="hizoo", hessian_smooth=0.05)
-    loss = lambda w, t: quadratic([w, bb] if t is None else [t["layer.weight"], t["layer.bias"]], target)  # noqa: E731
-    for _ in range(3):
-        a.step_hizoo(lambda t: quadratic([wa, ba] if t is None else [t["layer.weight"], t["layer.bias"]], target))
-        b.step_hizoo(lambda t: loss(wb, t), pair_loss=lambda plus, minus: (loss(wb, plus), loss(wb, minus)))
-    assert torch.equal(wa, wb) and torch.equal(ba, bb) and torch.equal(a.hessian[0], b.hessian[0])
+    opt, weight, bias = make(lr=0.05, eps=1e-2, seed=9, update_rule="hizoo", hessian_smooth=0.05)
+    log = [opt.step(lambda: quadratic([weight, bias], target))]
+    before, hessian = weight.detach().clone(), opt.hessian[0].clone()
+    calls = []
+
+    def poisoned():  # the first evaluation of the step is L(θ)
+        calls.append(1)
+        return float("nan") if len(calls) == 1 else quadratic([weight, bias], target)
+
+    log.append(opt.step(poisoned))
+    assert log[-1].skipped and torch.equal(weight, before) and torch.equal(opt.hessian[0], hessian)
+    log.append(opt.step(lambda: quadratic([weight, bias], target)))
+    ref, r_weight, r_bias = make(lr=0.05, eps=1e-2, seed=9, update_rule="hizoo", hessian_smooth=0.05)
+    for result in log:
+        ref.replay_step(result.seeds, result.projected_grads, 0.05, result.skipped, curvatures=result.curvatures)
+    assert torch.equal(r_weight, weight) and torch.equal(r_bias, bias) and torch.equal(ref.hessian[1], opt.hessian[1])

@@ -171,6 +171,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError("--zo-update hizoo: --scope full perturbs the weights in place with MeZO's round trip, "
                             "which cannot scale z by the Hessian estimate; pass --exact-restore-fraction 1 (a "
                             "copy of the weights)")
+        if self.zo_update == "hizoo" and self.scope.startswith("lezo"):
+            raise DlzoError("--zo-update hizoo: --scope lezo:K leaves layers out of each direction, whose Hessian "
+                            "estimate would then shrink unmeasured; use a fixed scope")
         if self.zo_update == "hizoo" and self.estimator != "two-sided":
             raise DlzoError("--zo-update hizoo needs --estimator two-sided (its curvature uses L+, L- and L(θ))")
         if self.zo_update == "hizoo" and self.parallel == "perturbation":

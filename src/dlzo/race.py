@@ -163,7 +163,8 @@ class RecipeRun:
         config, s, reached = self.config, self.session, self.reached
         return {"scope": s.prepared.scope.description, "optimizer": config.optimizer, "lr": config.lr,
                 "zo_update": config.zo_update if config.optimizer == "zo" else None,
-                "hessian_smooth": config.hessian_smooth if config.zo_update == "hizoo" else None,
+                "hessian_smooth": (config.hessian_smooth if config.optimizer == "zo" and config.zo_update == "hizoo"
+                                   else None),
                 "estimator": config.estimator if config.optimizer == "zo" else None, "q": config.q,
                 "prefix_cache_seconds": round(self.cache_s, 3), "prefix_cache_bytes": self.cache_bytes,
                 "tuned_parameters": s.prepared.scope.tuned, "reached": reached is not None,

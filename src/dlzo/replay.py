@@ -3,6 +3,7 @@ also what its diagonal Hessian estimate learned (`hessian_summary`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -42,15 +43,27 @@ def hessian_summary(zo: ZOOptimizer, curvatures: list[float], samples: int = 200
     curvature at all. Each step multiplies D_i by 1 - α + α·c·z_i²; if the scalar c (the curvature along the
     whole direction) carries nothing about element i, log D_i is a sum of independent terms whose variance
     follows from the logged c alone (computed here over `samples` draws of z²). A measured spread equal to
-    that one means D's differences between elements are the noise of z², not curvature."""
-    hessian = torch.cat([h.flatten() for h in zo.hessian.values()]).double()
-    log_hessian = hessian.log()
+    that one means D's differences between elements are the noise of z², not curvature. Accumulated tensor by
+    tensor (a float64 copy of one tensor at a time)."""
+    count, total, log_total, log_squares, scale_total = 0, 0.0, 0.0, 0.0, 0.0
+    low, high = math.inf, -math.inf
+    for tensor in zo.hessian.values():
+        hessian = tensor.double()
+        log_hessian = hessian.log()
+        count += hessian.numel()
+        total += float(hessian.sum())
+        log_total += float(log_hessian.sum())
+        log_squares += float(log_hessian.square().sum())
+        scale_total += float(hessian.rsqrt().sum())
+        low, high = min(low, float(hessian.min())), max(high, float(hessian.max()))
+    log_mean = log_total / count
+    log_var = (log_squares - count * log_mean**2) / (count - 1) if count > 1 else 0.0
     z2 = torch.randn(samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64).square()
     alpha = zo.hessian_smooth
     noise_var = sum(float(torch.log1p(-alpha + alpha * c * z2).var()) for c in curvatures)
-    return {"hessian_smooth": alpha, "steps": zo.step_count, "elements": hessian.numel(),
-            "D_mean": float(hessian.mean()), "D_min": float(hessian.min()), "D_max": float(hessian.max()),
-            "step_scale_mean": float(hessian.rsqrt().mean()), "log_D_std": float(log_hessian.std()),
+    return {"hessian_smooth": alpha, "steps": zo.step_count, "elements": count,
+            "D_mean": total / count, "D_min": low, "D_max": high,
+            "step_scale_mean": scale_total / count, "log_D_std": max(log_var, 0.0) ** 0.5,
             "log_D_std_if_noise_only": noise_var**0.5,
             "curvature_median": float(torch.tensor(curvatures).median()) if curvatures else None}
 
@@ -62,7 +75,9 @@ def replay_command(config: ReplayConfig) -> None:
     rebuilt, zo = replay_with_optimizer(run, config.base or None)
     if config.to:
         save_tensors(config.to, rebuilt)
-    if zo.update_rule == "hizoo":
+    if zo.update_rule == "hizoo" and not zo.hessian:
+        print("hizoo: no step was applied (every one skipped, or none logged): no Hessian estimate to describe")
+    elif zo.update_rule == "hizoo":
         applied = [e for e in read_jsonl(run / "trajectory.jsonl") if not e["skipped"]]
         summary = hessian_summary(zo, [c for e in applied for c in e["curvatures"]])
         atomic_write_json(run / "hessian.json", summary)

@@ -77,13 +77,12 @@ def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBat
     With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
     direction's (g, L+, L-) and apply the same updates in direction order."""
     update = directions is None
-    if runner.branched is not None and optimizer.update_rule == "hizoo":
+    if runner.branched is not None and (optimizer.estimator == "one-sided" or optimizer.update_rule == "hizoo"):
+        # hizoo: L(θ) and L(θ±εu) all from forwards of the same B rows, so they round alike on any kernel
+        # (its curvature divides their difference by 2ε²; a 2B-row pair forward could round differently)
         frozen = runner.step_prefix(batches)
-        result = optimizer.step_hizoo(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update,
-                                      pair_loss=lambda plus, minus: runner.loss_pair(batches, plus, minus))
-    elif runner.branched is not None and optimizer.estimator == "one-sided":
-        frozen = runner.step_prefix(batches)
-        result = optimizer.step_one_sided(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update)
+        stepper = optimizer.step_hizoo if optimizer.update_rule == "hizoo" else optimizer.step_one_sided
+        result = stepper(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update)
     elif runner.branched is not None:
         pair: Callable = lambda plus, minus: runner.loss_pair(batches, plus, minus)  # noqa: E731
         result = optimizer.step_functional(pair, directions, update)

@@ -18,7 +18,8 @@ hizoo, per step (D starts at 1; α = `hessian_smooth`):
     D <- D·(1 - α + α·c·z²),  θ <- θ - lr·(g·z / sqrt(D) + wd·θ)
 
 c is the loss's curvature along u, and c·z²·D is HiZOO's one-sample estimate of the Hessian's diagonal (its
-Σ'^-1), smoothed into D; a step costs three forwards instead of two, so it only pays if it needs fewer steps.
+Σ'^-1), smoothed into D; with q > 1 the directions update D one after another, in order, and the step uses the
+D after the last. A step costs three forwards instead of two, so it only pays if it needs fewer steps.
 
 z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
 from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
@@ -123,6 +124,9 @@ class ZOOptimizer:
         self.estimator = estimator
         if update_rule == "hizoo" and estimator != "two-sided":
             raise ValueError("update_rule hizoo needs the two-sided estimator (its curvature uses L+, L- and L0)")
+        if update_rule == "hizoo" and sampled_layers:
+            raise ValueError("update_rule hizoo with LeZO's sampled layers would shrink the D of every layer a "
+                             "direction leaves out (z = 0 there)")
         self.hessian_smooth = hessian_smooth
         self.hessian: dict[int, torch.Tensor] = {}  # hizoo: tensor index -> D, the diagonal Hessian estimate
         self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
@@ -362,12 +366,10 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def step_hizoo(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
-                   directions: list[int] | None = None, update: bool = True,
-                   pair_loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[float, float]]
-                   | None = None) -> StepResult:
-        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)) (or
-        both from pair_loss(plus, minus), e.g. one batched forward), g = (L+ - L-)/2ε and the curvature
-        c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update)."""
+                   directions: list[int] | None = None, update: bool = True) -> StepResult:
+        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)),
+        g = (L+ - L-)/2ε and the curvature c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update).
+        All three come from the same loss_at, so they round alike: c divides their difference by 2ε²."""
         if self.update_rule != "hizoo":
             raise ValueError(f"step_hizoo is the hizoo update rule's step, not {self.update_rule}'s")
         all_seeds = self.seeds_for_step(self.step_count)
@@ -382,10 +384,7 @@ class ZOOptimizer:
                 steps.append(z * self.eps if scale is None else z * scale.to(param.dtype) * self.eps)
             theta_plus = {n: p.detach() + s for (n, p), s in zip(self.named, steps)}
             theta_minus = {n: p.detach() - s for (n, p), s in zip(self.named, steps)}
-            if pair_loss is not None:
-                loss_plus, loss_minus = (float(v) for v in pair_loss(theta_plus, theta_minus))
-            else:
-                loss_plus, loss_minus = float(loss_at(theta_plus)), float(loss_at(theta_minus))
+            loss_plus, loss_minus = float(loss_at(theta_plus)), float(loss_at(theta_minus))
             plus.append(loss_plus)
             minus.append(loss_minus)
             grads.append((loss_plus - loss_minus) / (2 * self.eps))
