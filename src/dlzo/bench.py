@@ -191,6 +191,17 @@ def repeated_batch(batch: EncodedBatch, variant: str) -> EncodedBatch:
     return repeated
 
 
+def rows_forward(model: nn.Module, packed: EncodedBatch, variant: str, layer: int):
+    """Variant rows_xN's step: layer_cached's ±ε forward over N copies of the batch, no noise, no update."""
+    named = layer_parameters(model, layer)
+    repeated = repeated_batch(packed, variant)
+    frozen = FrozenPrefix(model, layer, limit_bytes=2**62)
+    frozen.fill(packed)  # the copies are the same sequences: every one is a cache hit
+    runner = BranchedForward(model, [n for n, _ in named], frozen)
+    fixed = {n: p.detach().clone() for n, p in named}
+    return lambda: runner.loss_pair(repeated, fixed, fixed)
+
+
 def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: EncodedBatch, layer: int,
                 repeats: int, device: torch.device) -> dict:
     """Time `repeats` steps (after one warm-up) and return the medians."""
@@ -237,13 +248,7 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
             step = lambda: optimizer.step_functional(pair)  # noqa: E731
     elif name.startswith("rows_x"):
         optimizer = None
-        named = layer_parameters(model, layer)
-        repeated = repeated_batch(packed, name)
-        frozen = FrozenPrefix(model, layer, limit_bytes=2**62)
-        frozen.fill(packed)  # the copies are the same sequences: every one is a cache hit
-        runner = BranchedForward(model, [n for n, _ in named], frozen)
-        fixed = {n: p.detach().clone() for n, p in named}
-        step = timed(lambda: runner.loss_pair(repeated, fixed, fixed))
+        step = timed(rows_forward(model, packed, name, layer))
     elif name == "inference":
         optimizer = None
         step = timed(lambda: model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits)
