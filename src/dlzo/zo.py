@@ -197,10 +197,11 @@ class ZOOptimizer:
                 noise = self._hizoo_directions(index, param, list(noise), curvatures)
             self._update_tensor(index, name, param, noise, grads, owned=zs is None or self.update_rule == "hizoo")
 
-    def inverse_sqrt_hessian(self, index: int, like: torch.Tensor) -> torch.Tensor | None:
-        """hizoo: 1/sqrt(D) of tensor `index`, the scale of its perturbation (None: D is still 1)."""
+    def _step_scale(self, index: int, param: torch.Tensor) -> torch.Tensor | None:
+        """hizoo: 1/sqrt(D) of tensor `index` in the weights' dtype, the scale of its perturbation and of its
+        step (None: D is still 1)."""
         hessian = self.hessian.get(index)
-        return None if hessian is None else hessian.rsqrt()
+        return None if hessian is None else hessian.rsqrt().to(param.dtype)
 
     def _hizoo_directions(self, index: int, param: torch.Tensor, zs: list[torch.Tensor],
                           curvatures: list[float]) -> list[torch.Tensor]:
@@ -212,7 +213,7 @@ class ZOOptimizer:
             hessian = self.hessian[index] = torch.ones_like(param, dtype=dtype)
         for z, curvature in zip(zs, curvatures):
             hessian.mul_(z.to(hessian.dtype).square().mul_(self.hessian_smooth * curvature).add_(1 - self.hessian_smooth))
-        scale = hessian.rsqrt().to(param.dtype)
+        scale = self._step_scale(index, param)
         return [z * scale for z in zs]
 
     @property
@@ -380,8 +381,8 @@ class ZOOptimizer:
             zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
             steps = []
             for index, ((_, param), z) in enumerate(zip(self.named, zs)):
-                scale = self.inverse_sqrt_hessian(index, param)
-                steps.append(z * self.eps if scale is None else z * scale.to(param.dtype) * self.eps)
+                scale = self._step_scale(index, param)
+                steps.append(z * self.eps if scale is None else z * scale * self.eps)
             theta_plus = {n: p.detach() + s for (n, p), s in zip(self.named, steps)}
             theta_minus = {n: p.detach() - s for (n, p), s in zip(self.named, steps)}
             loss_plus, loss_minus = float(loss_at(theta_plus)), float(loss_at(theta_minus))
