@@ -81,9 +81,13 @@ def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp
     assert len(trained) == 4
     # a finished run at another rate is not reported under the grid's rate
     other = 1e-2 if grid["chosen"]["full"]["lr"] == 1e-4 else 1e-4
-    with pytest.raises(DlzoError, match=f"trained at lr {grid['chosen']['full']['lr']:g}.*runs full at {other:g}"):
+    with pytest.raises(DlzoError, match=f"trained with lr={grid['chosen']['full']['lr']:g}.*runs full with lr={other:g}"):
         sweep(replace(config, seeds="", seed=0, out=str(tmp_path / "seed0"), lr_grid="",
                       lr=grid["chosen"]["layer01"]["lr"], full_lr=other))
+    # nor one trained with other steps (its dev curve and test figure answer another question)
+    with pytest.raises(DlzoError, match="layer01 was trained with steps=2, but this sweep runs layer01 with steps=3"):
+        sweep(replace(config, seeds="", seed=0, out=str(tmp_path / "seed0"), lr_grid="", steps=3,
+                      lr=grid["chosen"]["layer01"]["lr"]))
 
 
 def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):

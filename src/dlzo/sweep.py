@@ -16,6 +16,7 @@ from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SweepConfig, TrainConfig
 from dlzo.probe import find_dominant_layer
 from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
+from dlzo.run import RunFolder
 from dlzo.tasks import load_task, task_splits
 from dlzo.train import load_data, train
 
@@ -61,6 +62,17 @@ def _references(config: SweepConfig, runs: list[tuple[str, dict]]) -> list[tuple
     return runs
 
 
+def _check_finished_run(run_dir: Path, config: TrainConfig, name: str) -> None:
+    """A finished run is reported only if it was trained as this sweep would train it: every option but its
+    folder, steps and seed included (e.g. a run finished before --lr-grid chose another rate is refused)."""
+    changed = RunFolder(run_dir).changed_option(config, ("out", "resume", "quiet", "report_to"))
+    if changed:
+        key, was, now = changed
+        show = lambda value: f"{value:g}" if isinstance(value, float) else repr(value)  # noqa: E731
+        raise DlzoError(f"{run_dir} was trained with {key}={show(was)}, but this sweep runs {name} with "
+                        f"{key}={show(now)}; move that folder away or give --out another folder")
+
+
 def sweep(config: SweepConfig) -> dict:
     """Tune each layer alone (plus references) with the same seeds, steps and data; resumable. With --seeds,
     the same sweep once per seed, then mean ± std across seeds."""
@@ -102,15 +114,13 @@ def sweep(config: SweepConfig) -> dict:
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
         results_file = run_dir / "results.json"
-        if not results_file.exists():
-            train_config = TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
+        train_config = TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
+        if results_file.exists():
+            _check_finished_run(run_dir, train_config, name)
+        else:
             if (run_dir / "run.json").exists():
-                train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped
-            train(train_config)
-        trained_at = json.loads((run_dir / "run.json").read_text())["config"]["lr"]
-        if trained_at != overrides["lr"]:  # e.g. a run finished before --lr-grid chose another rate
-            raise DlzoError(f"{run_dir} was trained at lr {trained_at:g}, but this sweep runs {name} at "
-                            f"{overrides['lr']:g}; move that folder away or give --out another folder")
+                train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
+            train(train_config)                     # the resume refuses changed options)
         results = json.loads(results_file.read_text())
         metric, value = results["test_metric"], results["test_value"]
         if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
