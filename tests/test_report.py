@@ -4,6 +4,7 @@ import statistics
 import pytest
 
 from dlzo.report import format_seed_summary, seed_summary
+from dlzo.spread import spread
 
 
 def test_seed_summary_gives_mean_sample_std_and_standard_error(tmp_path):
@@ -23,3 +24,20 @@ def test_seed_summary_gives_mean_sample_std_and_standard_error(tmp_path):
     assert row["test"]["se"] == pytest.approx(statistics.stdev(tests) / 3**0.5)
     assert row["dev_best"]["mean"] == pytest.approx(statistics.fmean(devs))
     assert "0.7000 ± 0.0400 (0.0231)" in format_seed_summary({"layer11": row})
+
+
+def test_one_seed_has_no_spread_and_the_summary_stays_strict_json(tmp_path):
+    """A run with one seed (full MeZO at equal time in the study) has a mean and no std or SE: None, written
+    as null (NaN is not JSON) and shown as '-'; a seed with no figure (None) is left out of n."""
+    run = tmp_path / "seed0" / "runs" / "full"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"scope": "full", "steps": 72, "test_value": 0.6411,
+                                                  "test_metric": "accuracy", "dev_loss_best": 0.6164,
+                                                  "seconds_per_step": 4.0}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 24, "dev_loss": 0.6164}) + "\n")
+    summary = seed_summary(tmp_path)
+    json.dumps(summary, allow_nan=False)
+    assert summary["full"]["test"] == {"mean": 0.6411, "std": None, "se": None, "n": 1, "values": [0.6411]}
+    assert "| 0.6411 ± - (-) | 0.6164 ± - (-) | [24] | 4.00 |" in format_seed_summary(summary)
+    assert spread([None, 2.0, 4.0]) == {"mean": 3.0, "std": 2**0.5, "se": 1.0, "n": 2, "values": [2.0, 4.0]}
+    assert spread([None])["mean"] is None

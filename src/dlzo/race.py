@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import shutil
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from dlzo.options import RaceConfig, TrainConfig
 from dlzo.report import plot_race
 from dlzo.run import RunFolder
 from dlzo.scoring import encode, fast_layout
+from dlzo.spread import spread
 from dlzo.step import batch_indices
 from dlzo.train import Data, Session, load_data
 
@@ -265,12 +265,6 @@ def full_best_dev_loss(results: dict[str, dict], full: str) -> dict | None:
     return {"dev_loss": best["dev_loss"], "seconds": best["seconds"], "step": best["step"]}
 
 
-def _spread(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
 def summarise(per_seed: dict[str, dict], ratios: dict[str, dict]) -> dict:
     """Per recipe over the seeds: mean and sample std of seconds and steps to target (seeds that reached it),
     of the ratios, of the best metric, and the worst peak memory."""
@@ -280,13 +274,13 @@ def summarise(per_seed: dict[str, dict], ratios: dict[str, dict]) -> dict:
         runs = [per_seed[s][name] for s in per_seed]
         kinds = {k for s in ratios for k in ratios[s]["recipes"][name] if k != "bounds"}
         summary[name] = {"reached": sum(r["reached"] for r in runs), "seeds": len(runs),
-                         "seconds_to_target": _spread([r["seconds_to_target"] for r in runs]),
-                         "steps_to_target": _spread([r["steps_to_target"] for r in runs]),
-                         "seconds_per_step": _spread([r["seconds_per_step"] for r in runs]),
-                         "best_metric": _spread([r["best_metric"] for r in runs]),
+                         "seconds_to_target": spread([r["seconds_to_target"] for r in runs]),
+                         "steps_to_target": spread([r["steps_to_target"] for r in runs]),
+                         "seconds_per_step": spread([r["seconds_per_step"] for r in runs]),
+                         "best_metric": spread([r["best_metric"] for r in runs]),
                          "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
                          "mem_vs_inference": max(r["mem_vs_inference"] or 0 for r in runs),
-                         "ratios": {k: _spread([ratios[s]["recipes"][name].get(k) for s in ratios])
+                         "ratios": {k: spread([ratios[s]["recipes"][name].get(k) for s in ratios])
                                     for k in sorted(kinds)}}
     return summary
 

@@ -14,6 +14,7 @@ import torch
 from dlzo.checkpoint import atomic_write_text
 from dlzo.errors import DlzoError
 from dlzo.options import ReportConfig
+from dlzo.spread import format_spread, spread
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -163,28 +164,21 @@ def seed_summary(folder: Path) -> dict[str, dict]:
     for name, records in groups.items():
         tests = [r["test_value"] for r in records if r["test_value"] is not None]
         summary[name] = {"seeds": [r["seed"] for r in records], "n": len(tests), "scope": records[0]["scope"],
-                         "steps": records[0]["steps"], "test": _spread(tests), "metric": records[0]["test_metric"],
-                         "dev_best": _spread([r["dev_loss_best"] for r in records]),
-                         "seconds_per_step": _spread([r["seconds_per_step"] for r in records]),
+                         "steps": records[0]["steps"], "test": spread(tests), "metric": records[0]["test_metric"],
+                         "dev_best": spread([r["dev_loss_best"] for r in records]),
+                         "seconds_per_step": spread([r["seconds_per_step"] for r in records]),
                          "best_steps": [r["best_step"] for r in records]}
     return summary
 
 
-def _spread(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else float("nan")
-    return {"mean": mean, "std": std, "se": std / n**0.5 if n > 1 else float("nan"), "values": values}
-
-
 def format_seed_summary(summary: dict[str, dict]) -> str:
-    lines = ["| run | scope | steps | seeds | test mean ± std (SE) | best dev loss mean ± std | step of best dev (per seed) | s/step |",
+    lines = ["| run | scope | steps | seeds | test mean ± std (SE) | best dev loss mean ± std (SE) | step of best dev (per seed) | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in sorted(summary.items()):
-        t, d = row["test"], row["dev_best"]
-        lines.append(f"| {name} | {row['scope']} | {row['steps']} | {row['n']} | {t['mean']:.4f} ± {t['std']:.4f} "
-                     f"({t['se']:.4f}) | {d['mean']:.4f} ± {d['std']:.4f} | {row['best_steps']} | "
-                     f"{row['seconds_per_step']['mean']:.2f} |")
+        step_s = row["seconds_per_step"]["mean"]
+        lines.append(f"| {name} | {row['scope']} | {row['steps']} | {row['n']} | {format_spread(row['test'])} | "
+                     f"{format_spread(row['dev_best'])} | {row['best_steps']} | "
+                     f"{'-' if step_s is None else f'{step_s:.2f}'} |")
     return "\n".join(lines)
 
 
