@@ -27,7 +27,6 @@ from dlzo.run import RunFolder
 from dlzo.train import train
 
 DIVERGED = "diverged.json"  # marks a grid run stopped by non-finite losses
-_NOT_COMPARED = ("out", "resume", "quiet", "report_to")  # unlike a resume, steps must match
 
 
 def parse_grid(text: str) -> list[float]:
@@ -57,7 +56,7 @@ def final_dev_loss(folder: Path, steps: int) -> float:
 def _check_same_options(folder: Path, config: TrainConfig) -> None:
     """A grid run kept from an earlier sweep must have been trained as this grid would train it (steps, seed,
     eps, batch, ...), or its dev loss answers another question."""
-    changed = RunFolder(folder).changed_option(config, _NOT_COMPARED)
+    changed = RunFolder(folder).changed_since_kept(config)
     if changed:
         key, was, now = changed
         raise DlzoError(f"{folder}: this grid run was trained with {key}={was!r}, the grid now asks for "

@@ -162,9 +162,9 @@ def seed_summary(folder: Path) -> dict[str, dict]:
         groups.setdefault(results.parent.name, []).append(record)
     summary = {}
     for name, records in groups.items():
-        tests = [r["test_value"] for r in records if r["test_value"] is not None]
-        summary[name] = {"seeds": [r["seed"] for r in records], "n": len(tests), "scope": records[0]["scope"],
-                         "steps": records[0]["steps"], "test": spread(tests), "metric": records[0]["test_metric"],
+        test = spread([r["test_value"] for r in records])  # n: the seeds with a test figure
+        summary[name] = {"seeds": [r["seed"] for r in records], "n": test["n"], "scope": records[0]["scope"],
+                         "steps": records[0]["steps"], "test": test, "metric": records[0]["test_metric"],
                          "dev_best": spread([r["dev_loss_best"] for r in records]),
                          "seconds_per_step": spread([r["seconds_per_step"] for r in records]),
                          "best_steps": [r["best_step"] for r in records]}

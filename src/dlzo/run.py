@@ -32,8 +32,11 @@ from dlzo.options import TrainConfig
 from dlzo.prepare import Prepared, load_into, prepare_model
 from dlzo.zo import ZOOptimizer
 
+# Keys that do not change what a run trained (where it lives, how it logs): a kept run, reused as finished by
+# a sweep or a learning-rate grid, must agree on every other one, steps included.
+_FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to")
 # Keys that may differ between an interrupted run and its resumption.
-_FREE_ON_RESUME = ("resume", "quiet", "out", "steps", "report_to")
+_FREE_ON_RESUME = (*_FREE_FOR_A_KEPT_RUN, "steps")
 
 
 def library_versions() -> dict:
@@ -110,6 +113,11 @@ class RunFolder:
             if key not in free and was != now:
                 return key, was, now
         return None
+
+    def changed_since_kept(self, config: TrainConfig) -> tuple[str, object, object] | None:
+        """For a run reused as finished (a sweep's or a learning-rate grid's): the first option, steps
+        included, that differs from what trained it; None when all agree."""
+        return self.changed_option(config, _FREE_FOR_A_KEPT_RUN)
 
     def lock(self) -> None:
         """Hold the folder for this process: a second run on it fails at once naming the holder; a lock left

@@ -65,7 +65,7 @@ def _references(config: SweepConfig, runs: list[tuple[str, dict]]) -> list[tuple
 def _check_finished_run(run_dir: Path, config: TrainConfig, name: str) -> None:
     """A finished run is reported only if it was trained as this sweep would train it: every option but its
     folder, steps and seed included (e.g. a run finished before --lr-grid chose another rate is refused)."""
-    changed = RunFolder(run_dir).changed_option(config, ("out", "resume", "quiet", "report_to"))
+    changed = RunFolder(run_dir).changed_since_kept(config)
     if changed:
         key, was, now = changed
         show = lambda value: f"{value:g}" if isinstance(value, float) else repr(value)  # noqa: E731
