@@ -44,6 +44,15 @@ def test_synthetic_batches_pack_two_candidates_per_row():
     assert packed.token_row.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def test_a_layer_the_model_lacks_or_no_repeat_is_one_line(tmp_path):
+    with pytest.raises(DlzoError, match=r"--layer 99: .* has layers 0\.\.4"):
+        bench(BenchConfig(model=str(STORIES), variants="layer_fast", repeats=1, batch=2, seq=8, layer=99,
+                          out=str(tmp_path / "b")))
+    with pytest.raises(DlzoError, match="--repeats must be at least 1, not 0"):
+        bench(BenchConfig(model=str(STORIES), repeats=0, out=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()
+
+
 def test_unknown_variant_is_an_error(tmp_path):
     with pytest.raises(DlzoError, match="unknown bench variant 'fastest'"):
         bench(BenchConfig(model=str(STORIES), variants="fastest", repeats=1, batch=2, seq=8, out=str(tmp_path)))

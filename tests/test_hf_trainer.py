@@ -420,7 +420,8 @@ def test_example_script_trains_reports_eval_loss_and_saves(stories_path, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["eval_loss_start"] > 0 and summary["eval_loss_end"] > 0
-    assert "'eval_loss'" in run.stdout + run.stderr or "eval_loss" in run.stdout
+    # the Trainer's own log line of an evaluation (recent transformers print its numbers as strings)
+    assert re.search(r"'eval_loss': '?\d+\.\d+", run.stdout + run.stderr), "the Trainer logged no evaluation"
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     assert loaded.config.num_hidden_layers == 5
 

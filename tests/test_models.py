@@ -6,7 +6,13 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.models import decoder_layers, decoder_layers_with_path, load_model, resolve_model_source
+from dlzo.models import (
+    decoder_layers,
+    decoder_layers_with_path,
+    load_model,
+    resolve_device,
+    resolve_model_source,
+)
 
 ALL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2", "gpt_neox", "falcon"]
 
@@ -50,6 +56,13 @@ def test_missing_hub_model_offline_is_one_line_exit_2(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "nobody/no-such-model" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_gpu_this_machine_lacks_is_one_line():
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last visible GPU, on any machine
+    with pytest.raises(DlzoError, match=f"--device {missing}: no such CUDA device here"):
+        resolve_device(missing)
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_missing_local_path_is_an_error():

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from conftest import DATA, STORIES
+from dlzo.errors import DlzoError
 from dlzo.layers import layer_sensitivity, leading_batches, rank_correlation
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SensitivityConfig
@@ -36,3 +39,12 @@ def test_stability_repeats_on_other_directions_and_batches(tmp_path):
     expected = [s.mean for s in layer_sensitivity(model, batches, 1e-3, 2, first_seed=2)]
     assert second == expected and second != [d["mean"] for d in data["layers"]]
     assert data["stability"]["rank_correlation"] == rank_correlation([d["mean"] for d in data["layers"]], second)
+
+
+def test_no_direction_or_no_batch_is_one_line(tmp_path):
+    for flags, message in (({"seeds": 0}, "--seeds must be at least 1, not 0"),
+                           ({"batches": 0}, "--batches must be at least 1, not 0"),
+                           ({"eps": 0.0}, "--eps must be a positive finite number")):
+        with pytest.raises(DlzoError, match=message):
+            sensitivity(SensitivityConfig(model=str(STORIES), data_dir=str(DATA), out=str(tmp_path / "s"), **flags))
+    assert not (tmp_path / "s").exists()

@@ -98,6 +98,15 @@ def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_sweep_with_nothing_to_run_or_a_bad_reference_stops_before_writing(tmp_path):
+    for layers, references, message in (("none", "", "--layers none and no --references: nothing to sweep"),
+                                        ("1", "full,lezo:0", "--references: 'lezo:0' is not full, lora, adamw"),
+                                        ("1", "ful", "--references: 'ful' is not")):
+        with pytest.raises(DlzoError, match=message):
+            sweep(SweepConfig(**FAST, out=str(tmp_path / "s"), layers=layers, references=references, steps=1))
+    assert not (tmp_path / "s").exists()
+
+
 def _scripted_train(curves: dict[float, list[float] | None], calls: list):
     """A stand-in for dlzo.train.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
     curves[lr] are the dev losses at steps 0, 1, ..., None makes the run diverge."""

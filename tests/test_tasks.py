@@ -144,6 +144,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     (folder / "val.jsonl").write_text(good + "\n" + json.dumps({"premise": "p", "hypothesis": "h"}) + "\n")
     with pytest.raises(DlzoError, match=r"val\.jsonl:2: missing field 'label'"):
         load_task("rte", tmp_path).read_split("valid")
+    (folder / "val.jsonl").write_text(good + "\n" + good + "\n[1, 2]\n")
+    with pytest.raises(DlzoError, match=r"val\.jsonl:3: expected a JSON object, not list"):
+        load_task("rte", tmp_path).read_split("valid")
+    (folder / "val.jsonl").write_bytes(good.encode() + b"\n" + good.replace("p", "\xe9").encode("latin-1") + b"\n")
+    with pytest.raises(DlzoError, match=r"val\.jsonl: not UTF-8 text"):
+        load_task("rte", tmp_path).read_split("valid")
 
 
 def test_unknown_label_lists_allowed_values(tmp_path):

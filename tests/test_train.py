@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -140,7 +141,11 @@ def test_adamw_baseline_changes_only_the_scope(tmp_path):
 
 
 def test_batch_order_is_a_function_of_the_step():
-    assert batch_indices(7, 64, 4, 0) == batch_indices(7, 64, 4, 0)
+    batch = batch_indices(7, 64, 4, 0)
+    torch.manual_seed(123)
+    np.random.seed(123)  # the global generators do not enter: a resumed run draws the same batch
+    assert batch_indices(7, 64, 4, 0) == batch
+    assert batch_indices(8, 64, 4, 0) != batch and batch_indices(7, 64, 4, 1) != batch
     epoch = [i for step in range(16) for i in batch_indices(step, 64, 4, 0)]
     assert sorted(epoch) == list(range(64))
 
@@ -149,6 +154,12 @@ def test_bad_scope_flag_is_one_line_exit_2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(tmp_path, 1, scope="layer:x")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("dlzo: error: --scope") and "Traceback" not in run.stderr
+
+
+def test_zero_nonfinite_allowance_is_refused_before_the_run(tmp_path):
+    with pytest.raises(DlzoError, match="--max-nonfinite must be at least 1, not 0"):
+        train(TrainConfig(**SMALL, out=str(tmp_path / "run"), steps=2, max_nonfinite=0))
+    assert not (tmp_path / "run").exists()  # 0 would have stopped a healthy run at step 0
 
 
 def test_export_writes_a_folder_plain_transformers_loads(tmp_path):

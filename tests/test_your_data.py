@@ -201,6 +201,11 @@ def test_eval_data_on_a_base_model(files, chat_model, tmp_path, capsys):
     assert code == 0, err
     result = json.loads((tmp_path / "p" / "eval.json").read_text())
     assert result["rows"] == "a seeded 8 of 40 rows" and result["perplexity"] > 1 and "exact_match" in result
+    code, _, err = dlzo("report", tmp_path / "c", tmp_path / "p", "--out", tmp_path / "report.md", capsys=capsys)
+    assert code == 0, err  # an eval of your own rows has no task metric: the report says what it has
+    text = (tmp_path / "report.md").read_text()
+    assert f"- eval c: {files['classification']} (classification, all 40 rows): accuracy" in text
+    assert "- eval p: " in text and "perplexity" in text and "greedy exact match" in text
     code, _, err = dlzo("eval", "--data", files["text"], "--model", chat_model, "--generate", "--out",
                         tmp_path / "t", capsys=capsys)
     assert code == 2 and "text rows, which have no prompt" in err and not (tmp_path / "t").exists()

@@ -40,7 +40,7 @@ from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.hf_trainer import ZOArguments, ZOTrainer
 from dlzo.layers import layer_parameters
-from dlzo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from dlzo.models import decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
 from dlzo.options import BenchConfig
 from dlzo.prefix import FrozenPrefix
 from dlzo.scope import add_lora
@@ -282,6 +282,7 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
 
 
 def bench(config: BenchConfig) -> dict:
+    config.validate()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.model:
@@ -289,6 +290,8 @@ def bench(config: BenchConfig) -> dict:
         source = config.model
     else:
         model, source = random_model(config.shape, dtype, device), f"random-init {config.shape}"
+    if config.layer >= len(decoder_layers(model)):
+        raise DlzoError(f"--layer {config.layer}: {source} has layers 0..{len(decoder_layers(model)) - 1}")
     if config.task:
         tokenizer = load_tokenizer(config.model) if config.model else None
         if tokenizer is None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 from dlzo.scoring import SpanExample
 from dlzo.tasks import Example, Splits
 
@@ -328,7 +328,7 @@ def _read_parquet(path: Path, source: str) -> list[Row]:
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises assorted errors for foreign or truncated files
-        raise DlzoError(f"{source}: not a readable parquet file ({_first_line(err)})") from None
+        raise DlzoError(f"{source}: not a readable parquet file ({first_line(err)})") from None
     return [Row(f"{source} row {n}", n, row) for n, row in enumerate(table.to_pylist(), start=1)]
 
 
@@ -350,7 +350,7 @@ def _read_hub(source: str) -> list[Row]:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, config or split: all user-facing, all one line
-        reason = _first_line(err)
+        reason = first_line(err)
         if "split" in reason.lower() and ("unknown" in reason.lower() or "should be one of" in reason.lower()):
             raise DlzoError(f"{source}: split '{split}' does not exist ({reason})") from None
         offline = (isinstance(err, ConnectionError) or "offline" in reason.lower()
@@ -533,7 +533,7 @@ def render_chat(tokenizer, messages: list[dict], where: str = "chat") -> tuple[s
         try:
             return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja's TemplateError, the template's raise_exception(): one line
-            raise DlzoError(f"{where}: the chat template refused this conversation: {_first_line(err)}") from None
+            raise DlzoError(f"{where}: the chat template refused this conversation: {first_line(err)}") from None
 
     full = render(messages, False)
     spans: list[tuple[int, int]] = []
@@ -565,7 +565,3 @@ def render_chat(tokenizer, messages: list[dict], where: str = "chat") -> tuple[s
             full = full[len(bos) :]
             spans = [(max(s - len(bos), 0), e - len(bos)) for s, e in spans]
     return full, spans
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

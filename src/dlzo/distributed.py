@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 
 # Bytes all-reduced by the training steps themselves (evaluation traffic is not counted).
 STEP_TRAFFIC = {"bytes": 0}
@@ -44,7 +44,7 @@ def _collective(function):
         except RuntimeError as err:
             raise DlzoError(
                 f"rank {rank()} lost contact with the other ranks during {function.__name__} (did a rank die?): "
-                f"{str(err).strip().splitlines()[0]}. Checkpoints written so far are intact; continue with --resume "
+                f"{first_line(err)}. Checkpoints written so far are intact; continue with --resume "
                 f"(any world size)") from None
 
     return wrapper

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 
 # Short names for the sample models that ship beside the project in ../shared.
 SHORT_NAMES: dict[str, str] = {
@@ -99,9 +99,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as err:
         raise DlzoError(f"--device {device!r} is not a torch device ({err})") from None
+    # Asked for by name, a missing GPU would fail deep inside model.to() with a traceback.
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise DlzoError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return resolved
 
 
 def _sha256(path: Path) -> str:
@@ -141,8 +145,7 @@ def gguf_cache_folder(gguf_path: str | Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as err:  # gguf raises assorted errors for truncated or foreign files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DlzoError(f"cannot read GGUF file {gguf_path}: {first_line}") from None
+        raise DlzoError(f"cannot read GGUF file {gguf_path}: {first_line(err)}") from None
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -198,7 +201,7 @@ def _hub_error(source: ModelSource, err: Exception) -> DlzoError:
             f"cannot load model '{source.location}': not a local folder, and the Hugging Face Hub did not "
             f"provide it (offline?). Pass a local folder or .gguf file with --model"
         )
-    return DlzoError(f"cannot load model from {source.location}: {str(err).strip().splitlines()[0]}")
+    return DlzoError(f"cannot load model from {source.location}: {first_line(err)}")
 
 
 def load_model(
@@ -228,7 +231,7 @@ def load_model(
             if source.kind != "gguf" or attempt:
                 raise _hub_error(source, err) from None
             # the cached conversion is damaged in a way its manifest cannot see: convert again, once
-            print(f"the cached conversion {location} cannot be loaded ({str(err).strip().splitlines()[0]}); "
+            print(f"the cached conversion {location} cannot be loaded ({first_line(err)}); "
                   f"rebuilding it from {source.location}")
             shutil.rmtree(location, ignore_errors=True)
     model.config.use_cache = False

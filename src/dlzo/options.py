@@ -13,12 +13,31 @@ from dataclasses import dataclass
 from dlzo.config import option, same_as
 from dlzo.data import FORMATS, parse_columns
 from dlzo.errors import DlzoError
-from dlzo.scope import SCOPE_HELP
+from dlzo.scope import SCOPE_HELP, parse_scope
 from dlzo.tasks import DATA_DIR_HELP
 
 DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+
+
+def _at_least_one(config: object, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+
+
+def _positive(config: object, name: str) -> None:
+    value = getattr(config, name)
+    if not (math.isfinite(value) and value > 0):
+        raise DlzoError(f"--{name.replace('_', '-')} must be a positive finite number, not {value}")
+
+
+def _is_lezo(scope: str) -> bool:
+    try:
+        return parse_scope(scope).kind == "lezo"
+    except DlzoError:
+        return False
 
 
 @dataclass
@@ -136,13 +155,10 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError("--model is required")
         self.validate_model_options()
         self.validate_data_options()
-        for name in ("steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length"):
-            if getattr(self, name) < 1:
-                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "eps"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise DlzoError(f"--{name} must be a positive finite number, not {value}")
+        _at_least_one(self, "steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length",
+                      "max_nonfinite")
+        _positive(self, "lr")
+        _positive(self, "eps")
         for name in ("eval_every", "warmup_steps", "weight_decay", "num_train", "num_test", "prefix_cache_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -232,9 +248,7 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
         self.validate_data_options()
         if self.generate and not self.data:
             raise DlzoError("--generate needs --data (the task's own metric already generates for squad and drop)")
-        for name in ("num_test", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        _at_least_one(self, "num_test", "batch_size", "max_new_tokens")
         if self.checkpoint not in ("best", "last", "final"):
             raise DlzoError(f"--checkpoint {self.checkpoint!r} is not best, last or final")
 
@@ -257,10 +271,8 @@ class GenerateConfig(ModelOptions):
         self.validate_model_options()
         if not self.run and not self.model:
             raise DlzoError("--run (a training run) or --model (a base model) is required")
-        if self.max_new_tokens < 1:
-            raise DlzoError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise DlzoError(f"--temperature must be a positive finite number, not {self.temperature}")
+        _at_least_one(self, "max_new_tokens")
+        _positive(self, "temperature")
         if not 0 < self.top_p <= 1:
             raise DlzoError(f"--top-p must be in (0, 1], not {self.top_p}")
         if self.checkpoint not in ("best", "last", "final"):
@@ -322,6 +334,20 @@ class SweepConfig(TaskOptions, DataOptions):
     dtype: str = same_as(TrainConfig, "dtype")
     quiet: bool = option(True, "no per-step progress bars")
 
+    def validate(self) -> None:
+        """Checks that need no file, before the sweep folder or any run is made (exit 2)."""
+        if not self.model:
+            raise DlzoError("--model is required")
+        _at_least_one(self, "steps", "batch_size", "grid_steps")
+        for name in ("lr", "eps", "adamw_lr"):
+            _positive(self, name)
+        references = [r.strip() for r in self.references.split(",") if r.strip()]
+        unknown = [r for r in references if r not in ("full", "lora", "adamw") and not _is_lezo(r)]
+        if unknown:
+            raise DlzoError(f"--references: {unknown[0]!r} is not full, lora, adamw or lezo:K")
+        if self.layers == "none" and not references:
+            raise DlzoError("--layers none and no --references: nothing to sweep")
+
 
 @dataclass
 class SensitivityConfig(TaskOptions, DataSource):
@@ -334,6 +360,12 @@ class SensitivityConfig(TaskOptions, DataSource):
     dtype: str = same_as(TrainConfig, "dtype")
     stability: bool = option(False, "measure a second time on other directions and other batches, and report the "
                                     "rank correlation of the two per-layer rankings (is the ranking stable?) and the cost")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise DlzoError("--model is required")
+        _at_least_one(self, "seeds", "batches", "batch_size")
+        _positive(self, "eps")
 
 
 @dataclass
@@ -363,6 +395,12 @@ class BenchConfig(TaskOptions):
     out: str = option("out/bench", "folder for bench.json")
     variants: str = option("upstream_full,full,layer_plain,layer_fast,layer_cached,lora,floor,inference",
                            "variants to run")
+
+    def validate(self) -> None:
+        """The flags alone; --layer is checked against the model once it is loaded (dlzo.bench)."""
+        _at_least_one(self, "batch", "seq", "repeats")
+        if self.layer < 0:
+            raise DlzoError(f"--layer must not be negative, not {self.layer}")
 
 
 @dataclass
@@ -401,9 +439,7 @@ class RaceConfig(TaskOptions):
     def validate(self) -> None:
         if not self.model:
             raise DlzoError("--model is required")
-        for name in ("eval_every", "num_test", "max_steps"):
-            if getattr(self, name) < 1:
-                raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        _at_least_one(self, "eval_every", "num_test", "max_steps")
         if not (math.isfinite(self.budget_s) and self.budget_s > 0):
             raise DlzoError(f"--budget-s must be a positive number of seconds, not {self.budget_s}")
         try:

@@ -13,6 +13,7 @@ import torch
 
 from dlzo.checkpoint import atomic_write_text
 from dlzo.errors import DlzoError
+from dlzo.eval import own_eval_line
 from dlzo.options import ReportConfig
 from dlzo.spread import format_spread, spread
 
@@ -264,8 +265,11 @@ def report(folders: list[str], out: str) -> str:
         evals = sorted(folder.rglob("eval.json"))
         for file in evals:
             e = json.loads(file.read_text())
-            lines.append(f"- eval {file.parent.name}: {e['task']} {e['metric']} {e['value']:.4f} on "
-                         f"{e['num_examples']} examples ({e.get('icl', 0)}-shot)")
+            if "data" in e:  # `dlzo eval --data`: your own rows, no task metric
+                lines.append(f"- eval {file.parent.name}: {own_eval_line(e)}")
+            else:
+                lines.append(f"- eval {file.parent.name}: {e['task']} {e['metric']} {e['value']:.4f} on "
+                             f"{e['num_examples']} examples ({e.get('icl', 0)}-shot)")
         if evals:
             lines.append("")
     if all_runs:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 from dlzo.options import TrainConfig
 from dlzo.prepare import Prepared, load_into, prepare_model
 from dlzo.zo import ZOOptimizer
@@ -246,7 +246,7 @@ def checkpoint_metadata(path: Path) -> dict:
 
 
 def _damaged(path: Path, err: Exception) -> DlzoError:
-    return DlzoError(f"checkpoint {path} cannot be read ({str(err).strip().splitlines()[0]}); delete it to resume "
+    return DlzoError(f"checkpoint {path} cannot be read ({first_line(err)}); delete it to resume "
                      f"from the trajectory log alone (dlzo replays every logged step)")
 
 

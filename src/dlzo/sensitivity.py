@@ -20,6 +20,7 @@ from dlzo.tasks import load_task
 
 def sensitivity(config: SensitivityConfig) -> dict:
     """Inference only: per-layer |L(θ+εz_l) - L(θ-εz_l)|/2ε, and how a layer's perturbation propagates."""
+    config.validate()
     if config.data:  # your own rows, read (with the tokenizer, for chat templates) before the model loads
         config.validate_data_options()
         resolve_model_source(config.model)

@@ -76,13 +76,12 @@ def _check_finished_run(run_dir: Path, config: TrainConfig, name: str) -> None:
 def sweep(config: SweepConfig) -> dict:
     """Tune each layer alone (plus references) with the same seeds, steps and data; resumable. With --seeds,
     the same sweep once per seed, then mean ± std across seeds."""
+    config.validate()
     if config.seeds:
         return sweep_seeds(config)
     out = Path(config.out)
     probe_file = out / "probe.json"
     rates = parse_grid(config.lr_grid) if config.lr_grid else None  # a bad flag is reported before any run
-    if rates and config.grid_steps < 1:
-        raise DlzoError(f"--grid-steps must be at least 1, not {config.grid_steps}")
     train_examples = None
     if config.data:  # the rows are read and checked before the sweep folder is made
         config.validate_data_options()

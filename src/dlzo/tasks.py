@@ -42,16 +42,30 @@ class Splits:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def _lines(handle, path: Path) -> Iterator[str]:
+    """The file's lines; bytes that are not UTF-8 name the file instead of raising a traceback (the file is decoded
+    in blocks, so the line is where reading stopped, not always the bad byte's own)."""
+    number = 0
+    try:
+        for line in handle:
+            number += 1
+            yield line
+    except UnicodeDecodeError as err:
+        raise DlzoError(f"{path}: not UTF-8 text (after line {number}: {err.reason})") from None
+
+
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in enumerate(_lines(handle, path), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DlzoError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DlzoError(f"{path}:{number}: expected a JSON object, not {type(row).__name__}")
             missing = [name for name in required if name not in row]
             if missing:
                 raise DlzoError(f"{path}:{number}: missing field '{missing[0]}'")
@@ -65,6 +79,8 @@ def _read_json(path: Path) -> object:
             return json.load(handle)
     except json.JSONDecodeError as err:
         raise DlzoError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise DlzoError(f"{path}: not UTF-8 text ({err.reason})") from None
 
 
 def _label(path: Path, number: int, value, allowed: dict) -> int:

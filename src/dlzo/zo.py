@@ -33,8 +33,11 @@ Two ways to evaluate the perturbed losses:
 - `step_one_sided(loss_at)`: loss_at(tensors or None) returns L at those tuned tensors (None: θ).
 
 The public contract, which every other module uses (none reaches into private methods): `step`,
-`step_functional`, `step_one_sided`, `step_hizoo`, `finish`, `perturbed(seed)` (θ±εz of one direction, for measurements), `add_noise`,
-`restore_and_update` and `replay_step` (re-apply a logged step: replay and resume).
+`step_functional`, `step_one_sided`, `step_hizoo`, `finish`, `seeds_for_step` (a step's direction seeds, for
+a caller that gathers the directions from several processes before `finish`: dlzo.step), `perturbed(seed)` (θ±εz of one
+direction, for measurements), `add_noise`, `apply_update` (bench times it alone), `restore_and_update`,
+`replay_step` (re-apply a logged step: replay and resume), `stateful` (whether a resume needs the optimizer's
+state file) and `state_dict`/`load_state_dict`.
 """
 
 from __future__ import annotations
