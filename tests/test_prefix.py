@@ -12,6 +12,7 @@ from dlzo.fastpath import BranchedForward
 from dlzo.layers import layer_parameters
 from dlzo.options import TrainConfig
 from dlzo.prefix import FrozenPrefix, sequence_spans
+from dlzo.prefix_store import PrefixStore, prefix_fingerprint
 from dlzo.scoring import batch_loss, encode, supports_packing
 from dlzo.tasks import Example, load_task
 from dlzo.train import train
@@ -131,3 +132,61 @@ def test_resume_with_the_cache_is_exact(tmp_path, stories_path):
     resumed = load_file(tmp_path / "resumed" / "final.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+# ------------------------------------------------------------------------------------ the prefix kept on disk
+
+
+def test_a_second_run_reads_the_stored_prefix_and_trains_the_same(tmp_path, stories_path, capsys, monkeypatch):
+    """Run A fills the store; run B (another folder, same data and model) reads every batch from it, never runs
+    the layers below, and ends with A's tensors and A's projected gradients, bit for bit."""
+    from safetensors.torch import load_file
+
+    store = tmp_path / "store"
+    train(_config(tmp_path, stories_path, "a", prefix_store=str(store)))
+    assert "; 0 of " in capsys.readouterr().out  # A found nothing to read
+    files = sorted(store.rglob("*.safetensors"))
+    assert len({f.parent for f in files}) == 1 and len(files) == 2  # the 16 training examples (one chunk), the dev batch
+    computed = []
+    run_layers = FrozenPrefix._prefix_output
+    monkeypatch.setattr(FrozenPrefix, "_prefix_output", lambda self, batch: computed.append(1) or run_layers(self, batch))
+    train(_config(tmp_path, stories_path, "b", prefix_store=str(store)))
+    assert "1 of 1 batches read from the store" in capsys.readouterr().out  # before step 0: the training chunk
+    assert computed == []  # nor at the evaluations: the dev batch came from the store too
+    a, b = (load_file(tmp_path / name / "final.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    grads = [[json.loads(line)["grads"] for line in (tmp_path / name / "trajectory.jsonl").read_text().splitlines()]
+             for name in ("a", "b")]
+    assert grads[0] == grads[1]
+
+
+def test_the_fingerprint_follows_the_frozen_weights_only():
+    """Changing a frozen layer's weight changes the folder; changing the tuned layer's or one above does not."""
+    model = tiny_model("llama", layers=4)
+    before = prefix_fingerprint(model, 2)
+    with torch.no_grad():
+        for index in (2, 3):  # the tuned layer and the one above: they change while training
+            model.model.layers[index].mlp.up_proj.weight.add_(1.0)
+        assert prefix_fingerprint(model, 2) == before
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+        assert prefix_fingerprint(model, 2) != before
+        assert prefix_fingerprint(model, 3) != prefix_fingerprint(model, 2)
+
+
+def test_a_damaged_stored_batch_is_computed_again(tmp_path, stories_tokenizer):
+    model = tiny_model("llama", layers=4)
+    batch = encode(stories_tokenizer, _examples())
+    reference = FrozenPrefix(model, 2, 2**30)
+    reference.fill(batch)
+    FrozenPrefix(model, 2, 2**30, PrefixStore(tmp_path, model, 2)).fill(batch)
+    (stored,) = tmp_path.rglob("*.safetensors")
+    stored.write_bytes(stored.read_bytes()[:100])  # a file cut short (a full disk, a kill mid-copy)
+    store = PrefixStore(tmp_path, model, 2)
+    again = FrozenPrefix(model, 2, 2**30, store)
+    again.fill(batch)
+    assert store.misses == 1 and store.hits == 0
+    assert again.entries.keys() == reference.entries.keys()
+    assert all(torch.equal(again.entries[k], reference.entries[k]) for k in reference.entries)
+    fresh = PrefixStore(tmp_path, model, 2)  # rewritten whole: the next run reads it
+    FrozenPrefix(model, 2, 2**30, fresh).fill(batch)
+    assert fresh.hits == 1

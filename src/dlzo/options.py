@@ -139,6 +139,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     prefix_cache_mb: int = option(2048, "fast path: cache the frozen layers' output below the tuned layer for "
                                         "every train/dev sequence (computed once; dlzo.prefix) up to this many MB; "
                                         "0: off")
+    prefix_store: str = option("", "fast path: also keep that cache on disk in this folder and reuse it in later runs "
+                                   "over the same data and frozen weights (a sweep's grid and seeds; "
+                                   "dlzo.prefix_store); empty: per run only")
     exact_restore_fraction: float = option(0.1, "restore by copy when the scope is at most this fraction of the model")
     max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
     lora_r: int = option(8, "LoRA rank for --scope lora / dominant-lora")
@@ -332,6 +335,7 @@ class SweepConfig(TaskOptions, DataOptions):
     num_test: int = same_as(TrainConfig, "num_test")
     eval_every: int = same_as(TrainConfig, "eval_every", default=50)
     dtype: str = same_as(TrainConfig, "dtype")
+    prefix_store: str = same_as(TrainConfig, "prefix_store")
     quiet: bool = option(True, "no per-step progress bars")
 
     def validate(self) -> None:

@@ -14,6 +14,9 @@ batches at the first evaluation), so a resumed run holds the very same tensors a
 replay and resume stay bit-exact. Against the uncached fast path the losses agree to float rounding (the
 prefix ran on a different batch shape), which tests/test_prefix.py bounds.
 
+Across runs: with a `PrefixStore` (dlzo.prefix_store, `--prefix-store DIR`) each filled batch is also kept on
+disk and a later run over the same batches and frozen weights reads it instead of running the layers.
+
 Cost and memory: one inference pass of the prefix over the cached sequences; tokens x hidden x bytes of the
 dtype (SmolLM2-135M, SST-2: 1,500 sequences of about 30 tokens x 576 x 4 bytes = about 100 MB). A cache that
 would pass its limit is dropped whole, with one line saying so, and the run goes on uncached.
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from dlzo.models import backbone_and_head, decoder_layers
+from dlzo.prefix_store import PrefixStore, sequence_name
 from dlzo.scoring import EncodedBatch
 
 
@@ -77,10 +81,10 @@ def sequence_spans(batch: EncodedBatch) -> list[tuple[int, int, int]]:
 class FrozenPrefix:
     """The output of layers [0, first_tuned) for every sequence a run sees, computed once (see module doc)."""
 
-    def __init__(self, model: nn.Module, first_tuned: int, limit_bytes: int):
+    def __init__(self, model: nn.Module, first_tuned: int, limit_bytes: int, store: PrefixStore | None = None):
         if first_tuned < 1:
             raise ValueError("a frozen prefix needs at least one layer below the first tuned layer")
-        self.model, self.first_tuned, self.limit = model, first_tuned, limit_bytes
+        self.model, self.first_tuned, self.limit, self.store = model, first_tuned, limit_bytes, store
         self.layers = decoder_layers(model)
         self.entries: dict[bytes, torch.Tensor] = {}
         self.bytes, self.seconds, self.dropped = 0, 0.0, False
@@ -105,11 +109,21 @@ class FrozenPrefix:
         if not missing:
             return
         started = time.perf_counter()
-        captured = self._prefix_output(batch)
-        for row, start, end, key in missing:
-            if key not in self.entries:
-                self.entries[key] = captured[row, start:end].clone()
-                self.bytes += self.entries[key].numel() * self.entries[key].element_size()
+        new: dict[bytes, tuple[int, int, int]] = {}
+        for row, start, end, key in missing:  # a sequence twice in a batch: its first place, as before
+            new.setdefault(key, (row, start, end))
+        stored = self.store.load(batch, [sequence_name(k) for k in new]) if self.store is not None else None
+        if stored is not None:
+            device = batch.input_ids.device
+            states = {key: stored[sequence_name(key)].to(device) for key in new}
+        else:
+            captured = self._prefix_output(batch)
+            states = {key: captured[row, start:end].clone() for key, (row, start, end) in new.items()}
+            if self.store is not None:
+                self.store.save(batch, {sequence_name(key): state for key, state in states.items()})
+        for key, state in states.items():
+            self.entries[key] = state
+            self.bytes += state.numel() * state.element_size()
         self.seconds += time.perf_counter() - started
         if self.bytes > self.limit:
             self.entries.clear()
@@ -169,5 +183,6 @@ class FrozenPrefix:
         if self.dropped:
             return (f"frozen prefix: not cached (it would pass --prefix-cache-mb {self.limit / 2**20:.0f}); "
                     f"every step runs layers 0-{self.first_tuned - 1}")
+        stored = f"; {self.store.summary()}" if self.store is not None else ""
         return (f"frozen prefix: layers 0-{self.first_tuned - 1} cached for {len(self.entries):,} sequences "
-                f"({self.bytes / 2**20:.1f} MB) in {self.seconds:.1f} s")
+                f"({self.bytes / 2**20:.1f} MB) in {self.seconds:.1f} s{stored}")

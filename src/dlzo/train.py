@@ -25,6 +25,7 @@ from dlzo.interrupt import Interrupted, StopRequests
 from dlzo.models import load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.prefix import FrozenPrefix
+from dlzo.prefix_store import PrefixStore
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
 from dlzo.scalars import ScalarLogger
@@ -195,7 +196,8 @@ class Session:
         config, scope = self.config, self.prepared.scope
         if self.perturbation != "functional" or not config.prefix_cache_mb or not scope.layers or min(scope.layers) < 1:
             return None
-        frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20)
+        store = PrefixStore(config.prefix_store, self.model, min(scope.layers)) if config.prefix_store else None
+        frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20, store)
         train = self.data.splits.train
         for start in range(0, len(train), PREFIX_CHUNK):
             for batch in step_batches(self.tokenizer, train[start : start + PREFIX_CHUNK], 1, self.device,
