@@ -40,10 +40,8 @@ def test_flags_override_recipe(tmp_path, monkeypatch):
     assert seen["config"].steps == 7 and seen["config"].lr == 0.25 and seen["config"].model == "m"
 
 
-def test_wrong_type_in_recipe():
+def test_wrong_type_in_recipe(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('steps = "many"\n')
     with pytest.raises(DlzoError, match="key 'steps' should be int"):
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
-            handle.write('steps = "many"\n')
-        load_recipe(handle.name, TrainConfig)
+        load_recipe(str(recipe), TrainConfig)

@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,7 +163,7 @@ def causal_lm_inputs(batch: EncodedBatch) -> dict[str, torch.Tensor]:
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
 
 
-def hf_step(name: str, model: nn.Module, batch: EncodedBatch, layer: int, device: torch.device):
+def hf_step(name: str, model: nn.Module, batch: EncodedBatch, layer: int, device: torch.device) -> Callable[[], object]:
     """hf_trainer: one dlzo.ZOTrainer step (training_step and the optimizer step that applies the update) on
     layer `layer`; hf_inference: the model's own forward with labels on the same batch (its loss, as an
     evaluation step computes it). The memory of the first against the second is issue 15's figure."""
@@ -191,7 +192,7 @@ def repeated_batch(batch: EncodedBatch, variant: str) -> EncodedBatch:
     return repeated
 
 
-def rows_forward(model: nn.Module, packed: EncodedBatch, variant: str, layer: int):
+def rows_forward(model: nn.Module, packed: EncodedBatch, variant: str, layer: int) -> Callable[[], object]:
     """Variant rows_xN's step: layer_cached's ±ε forward over N copies of the batch, no noise, no update."""
     named = layer_parameters(model, layer)
     repeated = repeated_batch(packed, variant)

