@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 
-from dlzo.report import format_seed_summary, seed_summary
+from dlzo.report import format_seed_summary, report, seed_summary
 from dlzo.spread import spread
 
 
@@ -41,3 +41,17 @@ def test_one_seed_has_no_spread_and_the_summary_stays_strict_json(tmp_path):
     assert "| 0.6411 ± - (-) | 0.6164 ± - (-) | [24] | 4.00 |" in format_seed_summary(summary)
     assert spread([None, 2.0, 4.0]) == {"mean": 3.0, "std": 2**0.5, "se": 1.0, "n": 2, "values": [2.0, 4.0]}
     assert spread([None])["mean"] is None
+
+
+def test_two_folders_of_one_name_keep_both_pictures(tmp_path):
+    probe = {"model": "m", "num_tokens": 4, "dtype": "float32", "dominant_layer": 1,
+             "layers": [{"index": 0, "max_abs": 1.0, "median_abs": 0.5, "ratio": 2.0}]}
+    for parent, content in (("a", b"\x89PNG first"), ("b", b"\x89PNG second")):
+        folder = tmp_path / parent / "probe"
+        folder.mkdir(parents=True)
+        (folder / "probe.json").write_text(json.dumps(probe))
+        (folder / "probe.png").write_bytes(content)
+    text = report([str(tmp_path / "a" / "probe"), str(tmp_path / "b" / "probe")], str(tmp_path / "r" / "report.md"))
+    links = [line.split("(")[1].rstrip(")") for line in text.splitlines() if line.startswith("![probe]")]
+    assert len(set(links)) == 2
+    assert [(tmp_path / "r" / link).read_bytes() for link in links] == [b"\x89PNG first", b"\x89PNG second"]

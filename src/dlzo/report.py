@@ -209,8 +209,15 @@ def report(folders: list[str], out: str) -> str:
     pictures = target.parent / (target.stem + "_files")
     pictures.mkdir(exist_ok=True)
 
+    copied: set[Path] = set()
+
     def picture(source: Path, caption: str) -> str:
         copy = pictures / f"{source.parent.name}-{source.name}"
+        for n in range(2, len(copied) + 2):  # two folders of one name (a/sweep, b/sweep): both pictures kept
+            if copy not in copied:
+                break
+            copy = pictures / f"{source.parent.name}-{n}-{source.name}"
+        copied.add(copy)
         shutil.copyfile(source, copy)
         return f"![{caption}]({os.path.relpath(copy, target.parent)})\n"
 
