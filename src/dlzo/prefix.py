@@ -112,15 +112,12 @@ class FrozenPrefix:
         new: dict[bytes, tuple[int, int, int]] = {}
         for row, start, end, key in missing:  # a sequence twice in a batch: its first place, as before
             new.setdefault(key, (row, start, end))
-        stored = self.store.load(batch, [sequence_name(k) for k in new]) if self.store is not None else None
-        if stored is not None:
-            device = batch.input_ids.device
-            states = {key: stored[sequence_name(key)].to(device) for key in new}
-        else:
+        states = self._from_store(batch, new)
+        if states is None:
             captured = self._prefix_output(batch)
             states = {key: captured[row, start:end].clone() for key, (row, start, end) in new.items()}
             if self.store is not None:
-                self.store.save(batch, {sequence_name(key): state for key, state in states.items()})
+                self._to_store(batch, captured, spans)
         for key, state in states.items():
             self.entries[key] = state
             self.bytes += state.numel() * state.element_size()
@@ -128,6 +125,21 @@ class FrozenPrefix:
         if self.bytes > self.limit:
             self.entries.clear()
             self.bytes, self.dropped = 0, True
+
+    def _from_store(self, batch: EncodedBatch, new: dict[bytes, tuple[int, int, int]]) -> dict | None:
+        """The states of the `new` sequences from the store, on the last frozen layer's device, or None."""
+        found = self.store.load(batch, [sequence_name(k) for k in new]) if self.store is not None else None
+        if found is None:
+            return None
+        stored, self._returns_tuple = found
+        device = next(self.layers[self.first_tuned - 1].parameters()).device
+        return {key: stored[sequence_name(key)].to(device) for key in new}
+
+    def _to_store(self, batch: EncodedBatch, captured: torch.Tensor, spans: list[tuple[int, int, int, bytes]]) -> None:
+        states: dict[str, torch.Tensor] = {}
+        for row, start, end, key in spans:  # every sequence of the batch, at its first place
+            states.setdefault(sequence_name(key), captured[row, start:end])
+        self.store.save(batch, states, self._returns_tuple)
 
     def _prefix_output(self, batch: EncodedBatch) -> torch.Tensor:
         """The last frozen layer's output on the batch (the model stops there)."""

@@ -6,21 +6,24 @@ the same frozen layers. For a late layer the prefix is most of the run: SmolLM2-
 243 s filling the cache and 31 s on its 60 grid steps.
 
 What is stored: one safetensors file per filled batch, named by the batch's digest (its input ids, attention
-mask and position ids, bytes and shapes), holding the states of the sequences that batch added to the cache,
-each under the SHA-1 of its token ids. The files sit in one folder per prefix fingerprint: the SHA-256 of
-every parameter and buffer the prefix can depend on (all but those of the tuned layer and the layers above it,
-which change while training), the first tuned layer, the dtype, the device type, the model config, the
-attention implementation and torch's version. Other frozen weights (another model, a merged checkpoint) give
-another folder; the tuned layer's own changes do not matter.
+mask and position ids, bytes and shapes), holding the states of every sequence of that batch, each under the
+SHA-1 of its token ids, with a SHA-256 of them all and whether the last frozen layer returns a tuple (Falcon's
+do) in its metadata. The files sit in one folder per prefix fingerprint: the SHA-256 of every parameter and
+buffer the prefix can depend on (all but those of the tuned layer and the layers above it, which change while
+training), the first tuned layer, the dtype, the device (and GPU, CUDA version, TF32 flags), torch's thread
+count and version, the model config, the attention implementation and the store's format version. Other
+frozen weights (another model, a merged checkpoint) give another folder; the tuned layer's changes do not.
 
 Exactness: a batch found in the store gives the tensors the run that stored it computed from the very same
-batch, so a run reading the store holds the same cache as the one that filled it (the same floats, where both
-run the same kernels: same torch, same thread count). A file that cannot be read is a miss, computed again and
-written again; files are written atomically, so two runs may share one folder.
+batch with the same kernels, so a run reading the store holds the same cache as the one that filled it. A file
+that cannot be read or fails its checksum is a miss, computed again and written again; files are written
+atomically, so several runs may share one folder. A write that fails (a full disk) stops the storing, not the
+run. Weights offloaded to the meta device cannot be hashed: no store then.
 
-Cost: the fingerprint hashes the frozen weights once per run (about 1.4 GB/s here: under a second for
-SmolLM2-135M, about 2 s for a 0.5B model); disk as the in-memory cache, per layer and data set (SmolLM2-135M,
-RTE: 189 MB of training states at layer 29). Nothing evicts: delete the folder to reclaim it.
+Cost: the fingerprint hashes the frozen weights once per run (about 1.4 GB/s here: 0.6 s for SmolLM2-135M at
+layer 29), the checksum the states of each batch read or written; disk as the in-memory cache, per layer and
+data set (SmolLM2-135M, RTE: 189 MB of training states at layer 29). Nothing evicts: delete the folder to
+reclaim it.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dlzo.checkpoint import save_tensors
 from dlzo.models import decoder_layers
 from dlzo.scoring import EncodedBatch
+
+STORE_VERSION = 1  # raised whenever what a file holds, or how it is computed, changes
 
 
 def sequence_name(key: bytes) -> str:
@@ -57,53 +61,92 @@ def batch_digest(batch: EncodedBatch) -> str:
     return digest.hexdigest()
 
 
-def prefix_fingerprint(model: nn.Module, first_tuned: int) -> str:
-    """SHA-256 of what the output of layers [0, first_tuned) depends on (see the module docstring)."""
+def prefix_fingerprint(model: nn.Module, first_tuned: int) -> str | None:
+    """SHA-256 of what the output of layers [0, first_tuned) depends on (see the module docstring); None when a
+    weight is not in memory (offloaded to the meta device by a device map: nothing to hash)."""
     above = {id(t) for layer in decoder_layers(model)[first_tuned:] for t in [*layer.parameters(), *layer.buffers()]}
+    named = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in above]
+    if any(t.device.type == "meta" for _, t in named):
+        return None
     first = next(model.parameters())
     config = getattr(model, "config", None)
     settings = config.to_dict() if config is not None else {}
     settings.pop("_name_or_path", None)  # where the model was read from: the weights below say what it is
+    kernels = {"threads": torch.get_num_threads()}  # the kernels' split of the work can change the last bits
+    if first.device.type == "cuda":
+        kernels.update(gpu=torch.cuda.get_device_name(first.device), cuda=torch.version.cuda,
+                       tf32=[torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32])
     digest = hashlib.sha256(json.dumps({
-        "first_tuned": first_tuned, "dtype": str(first.dtype), "device": first.device.type, "torch": torch.__version__,
-        "config": settings, "attention": getattr(config, "_attn_implementation", None),
+        "store": STORE_VERSION, "first_tuned": first_tuned, "dtype": str(first.dtype), "device": first.device.type,
+        "torch": torch.__version__, "kernels": kernels, "config": settings,
+        "attention": getattr(config, "_attn_implementation", None),
     }, sort_keys=True, default=str).encode())
-    named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        if id(tensor) in above:
-            continue
         cpu = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name} {cpu.dtype} {tuple(cpu.shape)}".encode())
         digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
-class PrefixStore:
-    """The stored batches of one prefix fingerprint: `load(batch)` and `save(batch, states)`."""
+def _checksum(states: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the stored states (names, shapes, dtypes and bytes): safetensors keeps none of its own."""
+    digest = hashlib.sha256()
+    for name in sorted(states):
+        cpu = states[name].detach().to("cpu").contiguous()
+        digest.update(f"{name} {cpu.dtype} {tuple(cpu.shape)}".encode())
+        digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, root: str | Path, model: nn.Module, first_tuned: int):
-        self.folder = Path(root).expanduser() / prefix_fingerprint(model, first_tuned)
+
+class PrefixStore:
+    """The stored batches of one prefix fingerprint: `load(batch, names)` and `save(batch, states, returns_tuple)`.
+    `PrefixStore.open` gives None (and says why) where no store can be kept."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.hits = self.misses = 0
+        self.writable = True
+
+    @classmethod
+    def open(cls, root: str | Path, model: nn.Module, first_tuned: int) -> PrefixStore | None:
+        fingerprint = prefix_fingerprint(model, first_tuned)
+        if fingerprint is None:
+            print("--prefix-store: not used, some frozen weights are offloaded (meta device) and cannot be hashed")
+            return None
+        return cls(Path(root).expanduser() / fingerprint)
 
     def _file(self, batch: EncodedBatch) -> Path:
         return self.folder / f"{batch_digest(batch)}.safetensors"
 
-    def load(self, batch: EncodedBatch, names: list[str]) -> dict[str, torch.Tensor] | None:
-        """The stored states of `names` (sequence_name of each) for this batch, or None (a miss) when the batch
-        was not stored, its file is unreadable, or it lacks one of them."""
+    def load(self, batch: EncodedBatch, names: list[str]) -> tuple[dict[str, torch.Tensor], bool] | None:
+        """The stored states of `names` (sequence_name of each) for this batch and whether the last frozen layer
+        returns a tuple, or None (a miss) when the batch was not stored, its file is unreadable or fails its
+        checksum, or it lacks one of them."""
         path = self._file(batch)
         try:
-            stored = load_file(str(path)) if path.exists() else None
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                stored = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError):
-            stored = None  # a damaged file: computed again, and overwritten by save
-        if stored is None or any(name not in stored for name in names):
+            stored, metadata = None, {}  # absent or damaged: computed again, and overwritten by save
+        if stored is None or metadata.get("sha256") != _checksum(stored) or any(n not in stored for n in names):
             self.misses += 1
             return None
         self.hits += 1
-        return {name: stored[name] for name in names}
+        return {name: stored[name] for name in names}, metadata.get("returns_tuple") == "1"
 
-    def save(self, batch: EncodedBatch, states: dict[str, torch.Tensor]) -> None:
-        save_tensors(self._file(batch), states)
+    def save(self, batch: EncodedBatch, states: dict[str, torch.Tensor], returns_tuple: bool) -> None:
+        """Keep every sequence of the batch (the file then does not depend on what the run had cached before).
+        A write that fails (a full disk, no permission) costs the store, not the run: one line, no more writes."""
+        if not self.writable:
+            return
+        metadata = {"sha256": _checksum(states), "returns_tuple": "1" if returns_tuple else "0"}
+        try:
+            save_tensors(self._file(batch), states, metadata)
+        except OSError as err:
+            self.writable = False
+            print(f"--prefix-store: cannot write to {self.folder} ({err.strerror or err}); the run goes on, "
+                  f"storing nothing more")
 
     def summary(self) -> str:
         return f"{self.hits} of {self.hits + self.misses} batches read from the store {self.folder}"

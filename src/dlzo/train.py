@@ -197,7 +197,7 @@ class Session:
         config, scope = self.config, self.prepared.scope
         if self.perturbation != "functional" or not config.prefix_cache_mb or not scope.layers or min(scope.layers) < 1:
             return None
-        store = PrefixStore(config.prefix_store, self.model, min(scope.layers)) if config.prefix_store else None
+        store = PrefixStore.open(config.prefix_store, self.model, min(scope.layers)) if config.prefix_store else None
         frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20, store)
         train = self.data.splits.train
         for start in range(0, len(train), PREFIX_CHUNK):
