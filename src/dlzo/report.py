@@ -202,6 +202,19 @@ def plot_loss_curves(runs: list[Path], path: str | Path) -> None:
     plt.close(fig)
 
 
+def eval_lines(folder: Path) -> list[str]:
+    """One line per eval.json under the folder (and a blank line after them, if any)."""
+    lines = []
+    for file in sorted(folder.rglob("eval.json")):
+        e = json.loads(file.read_text())
+        if "data" in e:  # `dlzo eval --data`: your own rows, no task metric
+            lines.append(f"- eval {file.parent.name}: {own_eval_line(e)}")
+        else:
+            lines.append(f"- eval {file.parent.name}: {e['task']} {e['metric']} {e['value']:.4f} on "
+                         f"{e['num_examples']} examples ({e.get('icl', 0)}-shot)")
+    return lines + [""] if lines else []
+
+
 def report(folders: list[str], out: str) -> str:
     """Markdown with the tables and pictures found in the given output folders."""
     target = Path(out)
@@ -269,16 +282,7 @@ def report(folders: list[str], out: str) -> str:
                              f"{r['dev_loss_start']:.4f} -> {r['dev_loss_best']:.4f} | {r['seconds_per_step']} |")
             lines.append("")
             all_runs += runs
-        evals = sorted(folder.rglob("eval.json"))
-        for file in evals:
-            e = json.loads(file.read_text())
-            if "data" in e:  # `dlzo eval --data`: your own rows, no task metric
-                lines.append(f"- eval {file.parent.name}: {own_eval_line(e)}")
-            else:
-                lines.append(f"- eval {file.parent.name}: {e['task']} {e['metric']} {e['value']:.4f} on "
-                             f"{e['num_examples']} examples ({e.get('icl', 0)}-shot)")
-        if evals:
-            lines.append("")
+        lines += eval_lines(folder)
     if all_runs:
         plot_loss_curves(all_runs, pictures / "loss_curves.png")
         lines += ["## Loss curves", "", f"![loss curves]({os.path.relpath(pictures / 'loss_curves.png', target.parent)})", ""]
