@@ -81,8 +81,13 @@ def prefix_fingerprint(model: nn.Module, first_tuned: int) -> str | None:
         "torch": torch.__version__, "kernels": kernels, "config": settings,
         "attention": getattr(config, "_attn_implementation", None),
     }, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        cpu = tensor.detach().to("cpu").contiguous()
+    return _hash_tensors(digest, dict(named))
+
+
+def _hash_tensors(digest, tensors: dict[str, torch.Tensor]) -> str:
+    """Feed each tensor's name, dtype, shape and bytes, in name order, to `digest`; its hex digest."""
+    for name in sorted(tensors):
+        cpu = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name} {cpu.dtype} {tuple(cpu.shape)}".encode())
         digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -90,12 +95,7 @@ def prefix_fingerprint(model: nn.Module, first_tuned: int) -> str | None:
 
 def _checksum(states: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the stored states (names, shapes, dtypes and bytes): safetensors keeps none of its own."""
-    digest = hashlib.sha256()
-    for name in sorted(states):
-        cpu = states[name].detach().to("cpu").contiguous()
-        digest.update(f"{name} {cpu.dtype} {tuple(cpu.shape)}".encode())
-        digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return _hash_tensors(hashlib.sha256(), states)
 
 
 class PrefixStore:
