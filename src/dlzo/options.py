@@ -40,6 +40,15 @@ def _is_lezo(scope: str) -> bool:
         return False
 
 
+def reference_names(references: str) -> list[str]:
+    """--references as a list (full, lora, adamw, lezo:K); anything else is one line naming it."""
+    names = [r.strip() for r in references.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ("full", "lora", "adamw") and not _is_lezo(r)]
+    if unknown:
+        raise DlzoError(f"--references: {unknown[0]!r} is not full, lora, adamw or lezo:K")
+    return names
+
+
 @dataclass
 class ModelOptions:
     model: str = option("", "hub id, local folder, .gguf file, or short name (smollm2-135m, stories260k)")
@@ -345,10 +354,7 @@ class SweepConfig(TaskOptions, DataOptions):
         _at_least_one(self, "steps", "batch_size", "grid_steps")
         for name in ("lr", "eps", "adamw_lr"):
             _positive(self, name)
-        references = [r.strip() for r in self.references.split(",") if r.strip()]
-        unknown = [r for r in references if r not in ("full", "lora", "adamw") and not _is_lezo(r)]
-        if unknown:
-            raise DlzoError(f"--references: {unknown[0]!r} is not full, lora, adamw or lezo:K")
+        references = reference_names(self.references)  # an unknown one is reported whatever --layers says
         if self.layers == "none" and not references:
             raise DlzoError("--layers none and no --references: nothing to sweep")
 

@@ -33,8 +33,8 @@ from dlzo.prepare import Prepared, load_into, prepare_model
 from dlzo.zo import ZOOptimizer
 
 # Keys that do not change what a run trained (where it lives, how it logs, where its frozen prefix is kept on
-# disk): a kept run, reused as finished by
-# a sweep or a learning-rate grid, must agree on every other one, steps included.
+# disk): a kept run, reused as finished by a sweep or a learning-rate grid, must agree on every other one,
+# steps included.
 _FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
 # Keys that may differ between an interrupted run and its resumption.
 _FREE_ON_RESUME = (*_FREE_FOR_A_KEPT_RUN, "steps")

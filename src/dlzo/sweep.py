@@ -13,7 +13,7 @@ from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.lr_grid import choose_rates, parse_grid
 from dlzo.models import load_model, load_tokenizer
-from dlzo.options import SweepConfig, TrainConfig
+from dlzo.options import SweepConfig, TrainConfig, reference_names
 from dlzo.probe import find_dominant_layer
 from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
 from dlzo.run import RunFolder
@@ -48,17 +48,15 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
 
 def _references(config: SweepConfig, runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     pick = lambda value: config.lr if value < 0 else value  # noqa: E731
-    for reference in [r.strip() for r in config.references.split(",") if r.strip()]:
+    for reference in reference_names(config.references):
         if reference == "full":
             runs.append(("full", {"scope": "full", "lr": pick(config.full_lr)}))
         elif reference == "lora":
             runs.append(("lora", {"scope": "lora", "lr": pick(config.lora_lr)}))
         elif reference == "adamw":
             runs.append(("adamw", {"scope": "full", "lr": config.adamw_lr, "optimizer": "adamw"}))
-        elif reference.startswith("lezo:"):
+        else:  # lezo:K (reference_names lets nothing else through)
             runs.append((f"lezo{reference[5:]}", {"scope": reference, "lr": pick(config.full_lr)}))
-        else:
-            raise DlzoError(f"--references: {reference!r} is not full, lora, adamw or lezo:K")
     return runs
 
 
