@@ -2,6 +2,7 @@
 below really skipped, exact resume with the cache on, and the limit."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from dlzo.fastpath import BranchedForward
 from dlzo.layers import layer_parameters
 from dlzo.options import TrainConfig
 from dlzo.prefix import FrozenPrefix, sequence_spans
-from dlzo.prefix_store import PrefixStore, prefix_fingerprint
+from dlzo.prefix_store import PrefixStore, prefix_fingerprint, start_loss_key
 from dlzo.scoring import batch_loss, encode, supports_packing
 from dlzo.tasks import Example, load_task
 from dlzo.train import train
@@ -158,6 +159,58 @@ def test_a_second_run_reads_the_stored_prefix_and_trains_the_same(tmp_path, stor
     grads = [[json.loads(line)["grads"] for line in (tmp_path / name / "trajectory.jsonl").read_text().splitlines()]
              for name in ("a", "b")]
     assert grads[0] == grads[1]
+
+
+def _step0(folder):
+    first = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    return first["dev_loss"]
+
+
+def test_the_dev_loss_at_step_0_is_measured_once_per_layer_and_data(tmp_path, stories_path, capsys, monkeypatch):
+    """A sweep's runs of one layer (other rate, other seed) read the untrained model's dev loss that the first
+    stored: the very float a run without the store measures. Another layer or another dev set measures it."""
+    import dlzo.train
+
+    store = str(tmp_path / "store")
+    measured = []
+    real = dlzo.train.dev_loss
+    monkeypatch.setattr(dlzo.train, "dev_loss", lambda *a, **k: measured.append(1) or real(*a, **k))
+    train(_config(tmp_path, stories_path, "a", prefix_store=store))
+    assert len(measured) == 4  # steps 0, 4, 8, 12
+    (kept,) = (tmp_path / "store").rglob("start-loss-*.json")
+    assert json.loads(kept.read_text())["dev_loss"] == _step0(tmp_path / "a")
+    measured.clear()
+    train(replace(_config(tmp_path, stories_path, "b", prefix_store=store), lr=3e-3, seed=1))
+    assert len(measured) == 3  # not at step 0
+    assert "read from the store" in capsys.readouterr().out
+    train(_config(tmp_path, stories_path, "plain"))  # no store: measured, the same float
+    assert _step0(tmp_path / "b") == _step0(tmp_path / "plain") == _step0(tmp_path / "a")
+    for name, extra in (("layer1", {"scope": "layer:1"}), ("dev6", {"num_dev": 6})):
+        measured.clear()
+        train(replace(_config(tmp_path, stories_path, name, prefix_store=store), **extra))
+        assert len(measured) == 4, name
+    assert len(list((tmp_path / "store").rglob("start-loss-*.json"))) == 3
+
+
+def test_the_start_loss_key_follows_the_weights_above_and_the_dev_batches(tmp_path, stories_tokenizer):
+    model = tiny_model("llama", layers=4)
+    examples = _examples()
+
+    def key(chosen=examples):
+        return start_loss_key(model, 2, [encode(stories_tokenizer, chosen)], {"examples": len(chosen)})
+
+    before = key()
+    flipped = [Example(e.prompt, e.continuations, 1 - e.label) for e in examples]
+    assert key(flipped) != before  # same tokens, other answers: another loss
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight[0, 0] += 1e-3  # a layer above the tuned one (a merged model)
+    assert key() != before
+    store = PrefixStore(tmp_path)
+    store.write_start_loss(before, 0.1 + 0.2)
+    assert store.read_start_loss(before) == 0.1 + 0.2  # every digit kept
+    store._start_file(before).write_text("{not json")
+    assert store.read_start_loss(before) is None  # damaged: measured again
 
 
 def test_the_fingerprint_follows_the_frozen_weights_only():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dlzo.options import DEFAULT_MAX_DEV, EvalConfig, TrainConfig
 from dlzo.prefix import FrozenPrefix
 from dlzo.run import load_checkpoint_of_run
 from dlzo.scoring import (
+    EncodedBatch,
     candidate_scores,
     context_limit,
     encode,
@@ -64,6 +66,15 @@ def _batches(items: list, size: int, label: str, quiet: bool):
         yield items[start : start + size]
 
 
+def dev_batches(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, generation: bool = False,
+                max_length: int = 2048, quiet: bool = True) -> Iterator[EncodedBatch]:
+    """The batches `dev_loss` reads (this rank's share of the examples), encoded as it encodes them."""
+    device = next(model.parameters()).device
+    layout = fast_layout(model, tokenizer)
+    for chunk in _batches(_shard(examples), batch_size, "dev loss", quiet):
+        yield encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
+
+
 @torch.no_grad()
 def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, generation: bool = False,
              max_length: int = 2048, quiet: bool = True, per_token: bool = False,
@@ -72,11 +83,8 @@ def dev_loss(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
     `per_token`: the mean negative log-likelihood of every scored token instead (your own generation data:
     its exp is the perplexity). `frozen`: a run's frozen-prefix cache, so the layers below the tuned one are
     not run again (the dev batches are the same at every evaluation)."""
-    device = next(model.parameters()).device
-    layout = fast_layout(model, tokenizer)
     total = tokens = 0.0
-    for chunk in _batches(_shard(examples), batch_size, "dev loss", quiet):
-        batch = encode(tokenizer, chunk, max_length=max_length, generation=generation, layout=layout).to(device)
+    for batch in dev_batches(model, tokenizer, examples, batch_size, generation, max_length, quiet):
         with frozen.applied(batch) if frozen is not None else contextlib.nullcontext():
             logprobs = token_logprobs(model, batch)
         if per_token:

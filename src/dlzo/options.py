@@ -150,7 +150,8 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                                         "0: off")
     prefix_store: str = option("", "fast path: also keep that cache on disk in this folder and reuse it in later runs "
                                    "over the same data and frozen weights (a sweep's grid and seeds; "
-                                   "dlzo.prefix_store); empty: per run only")
+                                   "dlzo.prefix_store), with the untrained model's dev loss, measured once "
+                                   "per layer and dev set; empty: per run only")
     exact_restore_fraction: float = option(0.1, "restore by copy when the scope is at most this fraction of the model")
     max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
     lora_r: int = option(8, "LoRA rank for --scope lora / dominant-lora")

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from dlzo import distributed as dist
 from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
 from dlzo.errors import Diverged, DlzoError
-from dlzo.eval import EvalResult, dev_loss, evaluate, perplexity
+from dlzo.eval import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
 from dlzo.models import load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.prefix import FrozenPrefix
-from dlzo.prefix_store import PrefixStore
+from dlzo.prefix_store import PrefixStore, start_loss_key
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
 from dlzo.scalars import ScalarLogger
@@ -209,10 +209,33 @@ class Session:
                 break
         return frozen
 
-    def evaluate_dev(self) -> float:
+    def dev_examples(self) -> list:
         splits = self.data.splits
-        return dev_loss(self.model, self.tokenizer, splits.dev or splits.train[:100], self.config.eval_batch_size,
+        return splits.dev or splits.train[:100]
+
+    def evaluate_dev(self) -> float:
+        return dev_loss(self.model, self.tokenizer, self.dev_examples(), self.config.eval_batch_size,
                         self.data.task.generation, self.max_length, per_token=self.data.per_token, frozen=self.frozen)
+
+    def dev_loss_at_start(self) -> float:
+        """The untrained model's dev loss. With --prefix-store it is kept beside the stored prefix under a key of
+        all it depends on (dlzo.prefix_store.start_loss_key), so of a sweep's runs over one layer (every rate and
+        seed: the data seed is fixed) only the first measures it. One process only: ranks hold other shares."""
+        store = self.frozen.store if self.frozen is not None and self.world == 1 else None
+        if store is None:
+            return self.evaluate_dev()
+        examples = self.dev_examples()
+        batches = dev_batches(self.model, self.tokenizer, examples, self.config.eval_batch_size,
+                              self.data.task.generation, self.max_length)
+        key = start_loss_key(self.model, self.frozen.first_tuned, batches,
+                             {"examples": len(examples), "per_token": self.data.per_token})
+        kept = store.read_start_loss(key)
+        if kept is not None:
+            print(f"dev loss at step 0: {kept:.6f}, read from the store")
+            return kept
+        measured = self.evaluate_dev()
+        store.write_start_loss(key, measured)
+        return measured
 
     def save(self, name: str, step: int, best: float) -> None:
         if self.is_main:
@@ -233,7 +256,7 @@ class Session:
         """(dev loss at step 0, best dev loss so far): measured for a new run, read back for a resumed one."""
         seen = self.run.dev_losses() if self.resumed else {}
         if 0 not in seen:
-            dev_start = self.evaluate_dev()
+            dev_start = self.dev_loss_at_start()
             self.save("best.safetensors", 0, dev_start)
             if self.is_main:
                 self.run.log_metrics({"step": 0, "dev_loss": dev_start})
