@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dlzo.options import TrainConfig
 from dlzo.replay import replay
-from dlzo.train import train
+from dlzo.training import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"

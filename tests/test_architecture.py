@@ -83,3 +83,21 @@ def test_the_checker_sees_a_circle():
     assert graph == {"dlzo.a": {"dlzo.b"}, "dlzo.b": {"dlzo.c"}, "dlzo.c": {"dlzo.a", "dlzo.d"}, "dlzo.d": set()}
     assert find_circle(graph) == ["dlzo.a", "dlzo.b", "dlzo.c", "dlzo.a"]
     assert find_circle({**graph, "dlzo.c": {"dlzo.d"}}) is None
+
+
+def test_top_level_names_survive_their_modules_import():
+    """`dlzo.train(config)` named the submodule dlzo.train once anything had imported it (Python sets a package
+    attribute to each submodule it imports): no export may share a submodule's name, and each one, read after
+    its module was imported, is the exported object itself."""
+    import importlib
+    import subprocess
+    import sys
+
+    assert not set(dlzo.__all__) & {f"{info.name}" for info in pkgutil.iter_modules([str(PACKAGE)])}
+    check = ("import importlib, dlzo\n"
+             "for name, module in dlzo._EXPORTS.items():\n"
+             "    importlib.import_module(module)\n"
+             "    assert getattr(dlzo, name) is getattr(importlib.import_module(module), name), name\n"
+             "assert callable(dlzo.train) and callable(dlzo.train)\n")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=300)  # a fresh interpreter: no module imported
+    assert importlib.import_module("dlzo.training").train is dlzo.train

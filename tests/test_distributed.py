@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES
 from dlzo.options import TrainConfig
-from dlzo.train import train
+from dlzo.training import train
 
 # Float32 losses of differently packed batches differ by ~1e-7; the update scales that by lr/2eps, so
 # the tolerance is met with lr 1e-4 (the rate SmolLM2 needs too); see docs/distributed.md.

@@ -11,7 +11,7 @@ from dlzo.export import export_adapter, load_tuned
 from dlzo.models import load_model
 from dlzo.options import TrainConfig
 from dlzo.run import load_checkpoint_of_run
-from dlzo.train import train
+from dlzo.training import train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8,
              batch_size=4, lr=1e-2, quiet=True, eval_every=0)

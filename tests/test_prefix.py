@@ -16,7 +16,7 @@ from dlzo.prefix import FrozenPrefix, sequence_spans
 from dlzo.prefix_store import PrefixStore, prefix_fingerprint, start_loss_key
 from dlzo.scoring import batch_loss, encode, supports_packing
 from dlzo.tasks import Example, load_task
-from dlzo.train import train
+from dlzo.training import train
 
 
 def _examples():
@@ -170,12 +170,12 @@ def _step0(folder):
 def test_the_dev_loss_at_step_0_is_measured_once_per_layer_and_data(tmp_path, stories_path, capsys, monkeypatch):
     """A sweep's runs of one layer (other rate, other seed) read the untrained model's dev loss that the first
     stored: the very float a run without the store measures. Another layer or another dev set measures it."""
-    import dlzo.train
+    import dlzo.training
 
     store = str(tmp_path / "store")
     measured = []
-    real = dlzo.train.dev_loss
-    monkeypatch.setattr(dlzo.train, "dev_loss", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = dlzo.training.dev_loss
+    monkeypatch.setattr(dlzo.training, "dev_loss", lambda *a, **k: measured.append(1) or real(*a, **k))
     train(_config(tmp_path, stories_path, "a", prefix_store=store))
     assert len(measured) == 4  # steps 0, 4, 8, 12
     (kept,) = (tmp_path / "store").rglob("start-loss-*.json")

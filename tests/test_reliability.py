@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import DATA, STORIES
 from dlzo.cli import main
 from dlzo.options import TrainConfig
-from dlzo.train import train
+from dlzo.training import train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
              batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)

@@ -108,7 +108,7 @@ def test_a_sweep_with_nothing_to_run_or_a_bad_reference_stops_before_writing(tmp
 
 
 def _scripted_train(curves: dict[float, list[float] | None], calls: list):
-    """A stand-in for dlzo.train.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
+    """A stand-in for dlzo.training.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
     curves[lr] are the dev losses at steps 0, 1, ..., None makes the run diverge."""
     from dlzo.errors import Diverged
 

@@ -15,7 +15,7 @@ from dlzo.errors import DlzoError
 from dlzo.options import TrainConfig
 from dlzo.replay import replay
 from dlzo.step import batch_indices
-from dlzo.train import train
+from dlzo.training import train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
              batch_size=4, lr=1e-3, eps=1e-3, quiet=True, eval_batch_size=16)

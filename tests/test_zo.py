@@ -10,7 +10,7 @@ from conftest import DATA, STORIES, assert_replay_and_resume_exact
 from dlzo.errors import DlzoError
 from dlzo.options import ReplayConfig, TrainConfig
 from dlzo.replay import hessian_summary, replay_command
-from dlzo.train import train
+from dlzo.training import train
 from dlzo.zo import ZOOptimizer, direction_seed
 
 

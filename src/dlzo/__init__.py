@@ -21,7 +21,7 @@ _EXPORTS = {
     "ZOTrainer": "dlzo.hf_trainer",
     "ZOArguments": "dlzo.hf_trainer",
     "TrainConfig": "dlzo.options",
-    "train": "dlzo.train",
+    "train": "dlzo.training",
     "load_tuned": "dlzo.export",
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -42,7 +42,7 @@ from dlzo.replay import replay_command
 from dlzo.report import report_command
 from dlzo.sensitivity import sensitivity
 from dlzo.sweep import sweep
-from dlzo.train import train
+from dlzo.training import train
 
 
 def train_command(config: TrainConfig) -> None:

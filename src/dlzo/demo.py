@@ -20,7 +20,7 @@ from dlzo.options import DemoConfig, SensitivityConfig, TrainConfig
 from dlzo.report import report
 from dlzo.sensitivity import sensitivity
 from dlzo.tasks import load_task, task_splits
-from dlzo.train import train
+from dlzo.training import train
 
 
 def run_demo(config: DemoConfig) -> dict:

@@ -24,7 +24,7 @@ from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import Diverged, DlzoError
 from dlzo.options import TrainConfig
 from dlzo.run import RunFolder
-from dlzo.train import train
+from dlzo.training import train
 
 DIVERGED = "diverged.json"  # marks a grid run stopped by non-finite losses
 

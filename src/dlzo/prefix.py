@@ -9,7 +9,7 @@ their input through untouched, and has the last frozen layer return the cached s
 batch's layout; pad positions get zeros (no real token attends to them).
 
 Exactness: entries are computed by `fill`, from whole encoded batches, and kept; a run fills them in the same
-order from the same data every time (dlzo.train: the training examples in fixed chunks before step 0, the dev
+order from the same data every time (dlzo.training: the training examples in fixed chunks before step 0, the dev
 batches at the first evaluation), so a resumed run holds the very same tensors as an uninterrupted one and
 replay and resume stay bit-exact. Against the uncached fast path the losses agree to float rounding (the
 prefix ran on a different batch shape), which tests/test_prefix.py bounds.

@@ -34,7 +34,7 @@ from dlzo.run import RunFolder
 from dlzo.scoring import encode, fast_layout
 from dlzo.spread import spread
 from dlzo.step import batch_indices
-from dlzo.train import Data, Session, load_data
+from dlzo.training import Data, Session, load_data
 
 # Race-level fields every recipe inherits (a recipe may override any TrainConfig field).
 _SHARED = ("model", "task", "data_dir", "dtype", "device", "batch_size", "eps", "num_train", "num_dev", "num_test",

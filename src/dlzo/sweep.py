@@ -18,7 +18,7 @@ from dlzo.probe import find_dominant_layer
 from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
 from dlzo.run import RunFolder
 from dlzo.tasks import load_task, task_splits
-from dlzo.train import load_data, train
+from dlzo.training import load_data, train
 
 
 def shared_train_options(config: SweepConfig) -> dict:
