@@ -4,8 +4,9 @@ import pytest
 
 from conftest import DATA, STORIES
 from dlzo.cli import main
-from dlzo.eval import demonstrations, evaluate
+from dlzo.eval import _default_to_the_runs_data, demonstrations, evaluate
 from dlzo.models import load_model, load_tokenizer
+from dlzo.options import EvalConfig
 from dlzo.tasks import load_task
 
 
@@ -44,3 +45,21 @@ def test_eval_accuracy_is_a_fraction(task):
     model, tokenizer = load_model(str(STORIES)), load_tokenizer(str(STORIES))
     result = evaluate(model, tokenizer, t, t.splits(num_test=20).test, quiet=True)
     assert result.num_examples == 20 and result.value * 20 == round(result.value * 20)
+
+
+def test_a_run_is_evaluated_on_what_it_trained_on_unless_told(tmp_path):
+    """`dlzo eval --run R` with no --task: R's task (an RTE run was scored on SST-2 before), or R's own rows;
+    an explicit --task wins; no run: sst2."""
+    def chosen(record: dict, **flags) -> tuple[str, str]:
+        (tmp_path / "run.json").write_text(json.dumps({"config": record}))
+        config = EvalConfig(run=str(tmp_path), **flags)
+        _default_to_the_runs_data(config)
+        return config.task, config.data
+
+    assert chosen({"task": "rte", "data": ""}) == ("rte", "")
+    assert chosen({"task": "sst2", "data": "/d/rows.jsonl", "eval_data": ""}) == ("", "/d/rows.jsonl")
+    assert chosen({"task": "sst2", "data": "/d/rows.jsonl", "eval_data": "/d/dev.jsonl"}) == ("", "/d/dev.jsonl")
+    assert chosen({"task": "rte", "data": ""}, task="cb") == ("cb", "")
+    config = EvalConfig()
+    _default_to_the_runs_data(config)
+    assert config.task == "sst2"

@@ -4,6 +4,8 @@ per-choice log-likelihoods checked against dlzo's own scoring of the same prompt
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -109,3 +111,21 @@ def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path):
                  "--harness-limit", "4", "--out", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "harness.json").read_text())
     assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0
+
+
+def test_a_task_whose_data_is_on_the_hub_offline_is_one_line(tmp_path):
+    """The harness reads a task's data from the Hub; offline it raised a ConnectionError traceback."""
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub.yaml").write_text("task: dlzo_hub_task\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\n"
+                                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+                                    "doc_to_choice: '{{choices.text}}'\ndoc_to_target: 0\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-m", "dlzo", "eval", "--model", str(STORIES), "--harness", "dlzo_hub_task",
+                          "--harness-include", str(tasks), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("dlzo: error: lm-evaluation-harness could not read the data of dlzo_hub_task")
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import DATA, STORIES
 from dlzo.cli import main
 from dlzo.options import TrainConfig
-from dlzo.training import train
+from dlzo.training import Session, train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
              batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)
@@ -118,6 +118,58 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     with safe_open(str(tmp_path / "last.safetensors"), "pt") as handle:
         assert int(handle.metadata()["step"]) == logged_steps(tmp_path)
     assert not (tmp_path / "lock").exists()
+
+
+def test_sigterm_while_setting_up_stops_at_once_and_resume_alone_finishes(tmp_path, capsys, monkeypatch):
+    """A signal during the setup (here: as the first dev loss is measured) stops at once with exit 130 and the
+    resume command, which needs no other flag: the run's recorded arguments are its defaults. The finished run
+    equals one never stopped."""
+    options = dict(SMALL, steps=4, eval_every=2, scope="layer:1")
+    measure = Session.dev_loss_at_start
+    monkeypatch.setattr(Session, "dev_loss_at_start", lambda self: os.kill(os.getpid(), signal.SIGTERM) or measure(self))
+    assert main(["train", *flags(dict(options, out=str(tmp_path / "stopped")))]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped by SIGTERM before training began" in err
+    assert f"continue with: dlzo train --resume {tmp_path / 'stopped'}" in err
+    assert not (tmp_path / "stopped" / "lock").exists()
+    monkeypatch.setattr(Session, "dev_loss_at_start", measure)
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    assert main(["train", *flags(dict(options, out=str(tmp_path / "whole")))]) == 0
+    stopped, whole = (load_file(tmp_path / name / "final.safetensors") for name in ("stopped", "whole"))
+    assert stopped.keys() == whole.keys() and all(torch.equal(stopped[k], whole[k]) for k in whole)
+    assert main(["train", "--resume", str(tmp_path / "stopped"), "--lr", "1"]) == 2  # given flags must agree
+    assert "--lr was 0.001 in that run, now 1.0" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path, capsys):
+    """export --to naming a file (transformers' save_pretrained only logged it: 'wrote' and nothing written),
+    replay --to below a file: one line, exit 2, the file untouched."""
+    run = tmp_path / "run"
+    assert main(["train", *flags(dict(SMALL, steps=2, eval_every=0, scope="layer:1", out=str(run)))]) == 0
+    (tmp_path / "afile").write_text("keep")
+    for args, message in ((["export", "--run", run, "--to", tmp_path / "afile"], "a file of that name exists"),
+                          (["export", "--run", run, "--to", tmp_path / "afile", "--adapter"], "a file of that name"),
+                          (["export", "--run", run, "--to", tmp_path / "afile" / "x"], "is a file, not a folder"),
+                          (["replay", "--run", run, "--to", tmp_path / "afile" / "x.safetensors"], "is a file, not"),
+                          (["replay", "--run", run, "--to", tmp_path], "that is a folder")):
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "--to" in err, err
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no stored key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    out = tmp_path / "run"
+    assert main(["train", *flags(dict(SMALL, steps=2, scope="layer:1", out=str(out), report_to="wandb"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--report-to wandb" in err
+    assert not out.exists()
 
 
 def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):

@@ -358,3 +358,28 @@ def test_checks_run_in_order_flags_then_folder_then_model_then_data(tmp_path, ca
     assert dlzo("train", "--model", STORIES, "--eval-data", missing, "--out", tmp_path / "out",
                 capsys=capsys)[2].startswith("dlzo: error: --eval-data needs --data")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_is_found_from_any_folder_however_its_files_are_named(files, tmp_path, monkeypatch, capsys):
+    """Trained with relative paths: run.json names the model and data absolute, so a resume from another folder
+    with the file spelled otherwise is the same run, and `dlzo eval --run --data` scores the held-out rows of
+    the run's file whatever path (or copy) names it; an edited file is not the run's and is scored whole."""
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(files["classification"], here / "rows.jsonl")
+    shutil.copytree(STORIES, here / "model")
+    monkeypatch.chdir(here)
+    assert dlzo(*train_args("model", "rows.jsonl", "run", "--scope", "layer:1", "--steps", "2"))[0] == 0
+    config = json.loads((here / "run" / "run.json").read_text())["config"]
+    assert config["model"] == str(here / "model") and config["data"] == str(here / "rows.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = dlzo(*train_args("here/model", str(here / "rows.jsonl"), "here/run", "--scope", "layer:1",
+                                    "--steps", "4", "--resume", "here/run"), capsys=capsys)
+    assert code == 0, err
+    copy = shutil.copy(here / "rows.jsonl", tmp_path / "copy.jsonl")
+    for name in ("here/rows.jsonl", copy, None):  # None: no --data, the run's own rows (not sst2)
+        assert dlzo("eval", *(["--data", name] if name else []), "--run", "here/run", "--out", tmp_path / "e")[0] == 0
+        assert json.loads((tmp_path / "e" / "eval.json").read_text())["rows"] == "the run's 4 held-out dev rows"
+    Path(copy).write_text(Path(copy).read_text().replace("yes", "yeah", 1))
+    assert dlzo("eval", "--data", copy, "--run", "here/run", "--out", tmp_path / "e")[0] == 0
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["rows"] == "all 40 rows"

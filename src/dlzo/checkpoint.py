@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlzo.errors import DlzoError
+
 
 def _atomic_replace(path: Path, write) -> None:
     path = Path(path)
@@ -47,3 +49,17 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def check_output(path: str | Path, flag: str, folder: bool) -> None:
+    """One line naming `flag` when `path` cannot be written as a folder (`folder`) or as a file: a part of it
+    above is a file, or it exists as the other kind (transformers' save_pretrained only logs that and returns,
+    so an export reported success and wrote nothing)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise DlzoError(f"{flag} {path}: {parent} is a file, not a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise DlzoError(f"{flag} {path}: a file of that name exists; name a folder")
+    if not folder and path.is_dir():
+        raise DlzoError(f"{flag} {path}: that is a folder; name a .safetensors file")

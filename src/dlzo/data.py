@@ -25,6 +25,7 @@ Nothing is written (datasets.load_dataset keeps its own cache for hf: sources).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -157,6 +158,14 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
             notes.append(f"{cut} of {len(train) + len(dev)} rows are longer than {max_length} tokens: encode() cuts "
                          f"their prompts from the left, keeping the completion (a text row loses its end)")
     return UserData(train, dev, fmt, fmt != "classification", record, notes, name=source_name(source))
+
+
+def file_digest(source: str) -> str | None:
+    """sha256 of a local data file (None for hf: sources and no file), so --resume can tell it changed and
+    `dlzo eval --run` can tell a run's own file by its content, however the path is spelled."""
+    if not source or source.startswith(HUB_PREFIX) or not Path(source).is_file():
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
 
 
 def source_name(source: str) -> str:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dlzo import distributed as dist
 from dlzo.checkpoint import atomic_write_json
-from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
+from dlzo.data import HUB_PREFIX, UserData, UserTask, file_digest, load_user_data
 from dlzo.errors import DlzoError
 from dlzo.harness import evaluate_with_harness
 from dlzo.models import load_model, load_tokenizer, resolve_model_source
@@ -150,6 +150,7 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     """`dlzo eval`: zero-shot, in-context (--icl K) or a trained run (--run) on a task's test examples, or on
     your own rows (--data)."""
     config.validate()
+    _default_to_the_runs_data(config)
     if config.data:
         return eval_own_data(config)
     if config.harness:
@@ -165,6 +166,18 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     print(f"{task.name} {result.metric}: {result.value:.4f} on {result.num_examples} examples "
           f"({config.icl}-shot); wrote {out / 'eval.json'}")
     return result
+
+
+def _default_to_the_runs_data(config: EvalConfig) -> None:
+    """No --task, --data or --harness: a run is evaluated on what it trained on (its task; its own rows: the
+    --eval-data file, or the rows it held out of --data), anything else on sst2."""
+    if config.task or config.data or config.harness:
+        return
+    trained = _run_record(config.run)["config"] if config.run else {}
+    if trained.get("data"):
+        config.data = trained.get("eval_data") or trained["data"]
+    else:
+        config.task = trained.get("task") or "sst2"
 
 
 def model_to_evaluate(config: EvalConfig) -> tuple[nn.Module, object]:
@@ -269,17 +282,23 @@ def _run_record(run: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _same_source(a: str, b: str) -> bool:
-    if a.startswith(HUB_PREFIX) or b.startswith(HUB_PREFIX):
-        return a == b
-    return Path(a).resolve() == Path(b).resolve()
+def _is_the_runs_data(source: str, record: dict) -> bool:
+    """Whether --data names the file the run trained on: the same hub source, or a file with the content the
+    run recorded (its sha256), under whatever path; runs that recorded none: the same resolved path."""
+    trained = record.get("config", {}).get("data", "")
+    if source.startswith(HUB_PREFIX) or trained.startswith(HUB_PREFIX):
+        return source == trained
+    kept = (record.get("data") or {}).get("sha256")
+    if kept:
+        return file_digest(source) == kept
+    return Path(source).resolve() == Path(trained).resolve()
 
 
 def own_eval_rows(config: EvalConfig, tokenizer, record: dict | None) -> tuple[UserData, list[Example], str]:
     """The rows to evaluate: with --run and that run's own --data file (no --eval-data), the rows it held out,
     split again with its recorded settings; otherwise every row of --data (a seeded --num-test when more)."""
     trained = (record or {}).get("config", {})
-    if trained.get("data") and not trained.get("eval_data") and _same_source(config.data, trained["data"]):
+    if trained.get("data") and not trained.get("eval_data") and _is_the_runs_data(config.data, record):
         num_dev = trained.get("num_dev", -1)
         user = load_user_data(config.data, tokenizer, trained.get("data_format", "auto"), trained.get("columns", ""),
                               "", trained.get("eval_fraction", 0.1), trained.get("data_seed", 0),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlzo.checkpoint import atomic_write_json, save_tensors
+from dlzo.checkpoint import atomic_write_json, check_output, save_tensors
 from dlzo.errors import DlzoError
 from dlzo.options import ExportConfig
 from dlzo.prepare import load_into
@@ -99,6 +99,7 @@ def load_tuned(base_model: nn.Module, folder: str | Path, which: str = "best") -
 
 
 def export_command(config: ExportConfig) -> None:
+    check_output(config.to, "--to", folder=True)
     if config.adapter:
         print(f"wrote the tuned tensors only to {export_adapter(config.run, config.to, config.checkpoint)}")
     else:

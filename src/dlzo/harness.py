@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 
 INSTALL_HINT = "pip install 'dlzo[harness]'"
 
@@ -78,14 +78,20 @@ def evaluate_with_harness(
     tasks = _resolve_tasks(list(tasks), task_manager, include_path)
     model.eval()  # the harness puts only the models it loads itself in eval mode
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=task_manager,
-        log_samples=log_samples,
-    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager,
+            log_samples=log_samples,
+        )
+    except OSError as err:  # ConnectionError and requests' errors among them: a task's data is on the Hub
+        raise DlzoError(f"lm-evaluation-harness could not read the data of {', '.join(tasks)} "
+                        f"({first_line(err)}); offline? the harness reads most tasks' data from the Hugging Face "
+                        f"Hub: use a cached copy (HF_DATASETS_OFFLINE=1) or --harness-include with local files"
+                        ) from None
     if results is None:  # a non-zero rank of a multi-process run: rank 0 holds the results
         return {}
     # configs and samples hold callables, numpy numbers and sets: keep what JSON can say (the harness's own

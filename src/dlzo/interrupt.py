@@ -1,4 +1,5 @@
-"""Stopping a run cleanly: SIGTERM and Ctrl-C let the current step finish, then the trainer saves and exits."""
+"""Stopping a run cleanly: SIGTERM and Ctrl-C let the current step finish, then the trainer saves and exits;
+during the setup before the first step (loading, the frozen prefix, the first dev loss) they stop at once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.at_once = False  # while set (a run's setup: nothing to save yet), a signal raises Interrupted now
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -28,6 +30,8 @@ class StopRequests:
             if self.signal is not None and number == signal.SIGINT:
                 raise KeyboardInterrupt  # asked twice: stop now (the last finished step is in the trajectory)
             self.signal = signal.Signals(number).name
+            if self.at_once:
+                raise Interrupted(f"stopped by {self.signal} before training began")
 
         try:
             previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from dlzo.config import option, same_as
 from dlzo.data import FORMATS, parse_columns
@@ -19,6 +20,26 @@ from dlzo.tasks import DATA_DIR_HELP
 DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+# options naming a local file or folder: recorded absolute, so a run's record names them from any folder
+PATH_OPTIONS = ("model", "data", "eval_data", "data_dir")
+
+
+def absolute_paths(config: object) -> None:
+    """Each PATH_OPTIONS value naming an existing local path, made absolute (hub ids and hf: sources stay)."""
+    for name in PATH_OPTIONS:
+        value = getattr(config, name, "")
+        if value and Path(value).expanduser().exists():
+            setattr(config, name, str(Path(value).expanduser().resolve()))
+
+
+def same_path_option(name: str, was: object, now: object) -> bool:
+    """Two values of an option that name the same thing: equal, or for PATH_OPTIONS the same resolved path
+    (a run recorded before paths were made absolute: its relative path read from the current folder)."""
+    if was == now:
+        return True
+    if name not in PATH_OPTIONS or not (isinstance(was, str) and isinstance(now, str) and was and now):
+        return False
+    return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
 
 
 def _at_least_one(config: object, *names: str) -> None:
@@ -103,7 +124,8 @@ class DataOptions(DataSource):
 @dataclass
 class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     out: str = option("runs/train", "run folder for checkpoints, logs and results")
-    resume: str = option("", "continue the interrupted run in this folder (same arguments, --out included)")
+    resume: str = option("", "continue the interrupted run in this folder: its recorded arguments are the defaults, "
+                             "and flags given must agree with them (--steps may grow with a constant rate)")
     scope: str = option("dominant", SCOPE_HELP)
     rule: str = option("sun", "how --scope dominant picks its layer: sun (first layer with max|h| > 100 and >= 1000x "
                               "the median) or onset (the largest persistent jump of max|h|; docs/rules.md); when the "
@@ -168,6 +190,7 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError("--model is required")
         self.validate_model_options()
         self.validate_data_options()
+        absolute_paths(self)
         _at_least_one(self, "steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length",
                       "max_nonfinite")
         _positive(self, "lr")
@@ -238,6 +261,8 @@ class ProbeConfig(ModelOptions, TaskOptions, DataSource):
 @dataclass
 class EvalConfig(ModelOptions, TaskOptions, DataSource):
     model: str = option("", "model to evaluate (with --run: the base model, default the run's own)")
+    task: str = option("", "task name (sst2 rte cb boolq wsc wic multirc copa record squad drop); default: with "
+                           "--run, what the run trained on (its task, or its own --data rows), else sst2")
     data: str = option("", "evaluate on your own rows instead of --task: every row of this file (with --run and "
                            "the run's own --data file: its held-out dev rows); dev loss and perplexity, accuracy "
                            "for classification rows")

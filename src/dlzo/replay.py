@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dlzo.checkpoint import atomic_write_json, load_tensors, save_tensors
+from dlzo.checkpoint import atomic_write_json, check_output, load_tensors, save_tensors
 from dlzo.errors import DlzoError
 from dlzo.options import ReplayConfig
 from dlzo.prepare import make_zo_optimizer, tuned_tensors
@@ -72,6 +72,8 @@ def replay_command(config: ReplayConfig) -> None:
     run = Path(config.run)
     if not (run / "trajectory.jsonl").exists():
         raise DlzoError(f"--run {run}: no trajectory.jsonl there")
+    if config.to:
+        check_output(config.to, "--to", folder=False)
     rebuilt, zo = replay_with_optimizer(run, config.base or None)
     if config.to:
         save_tensors(config.to, rebuilt)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from dlzo.errors import DlzoError, first_line
-from dlzo.options import TrainConfig
+from dlzo.options import TrainConfig, same_path_option
 from dlzo.prepare import Prepared, load_into, prepare_model
 from dlzo.zo import ZOOptimizer
 
@@ -111,7 +111,7 @@ class RunFolder:
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key, now in asdict(config).items():
             was = recorded.get(key, defaults.get(key))
-            if key not in free and was != now:
+            if key not in free and not same_path_option(key, was, now):
                 return key, was, now
         return None
 
@@ -228,6 +228,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def recorded_options(folder: str | Path) -> dict:
+    """The options a run in `folder` was started with (its run.json), as defaults for `dlzo train --resume`:
+    the flags given again must agree with them, so they need not be given. Empty when there is no readable
+    run.json (RunFolder.check then says why); where, how to log, and options dlzo no longer has are left out."""
+    try:
+        recorded = json.loads((Path(folder) / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to"}
+    return {key: value for key, value in recorded.items() if key in known} if isinstance(recorded, dict) else {}
 
 
 def checked_load(path: Path) -> dict[str, torch.Tensor]:

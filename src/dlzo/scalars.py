@@ -3,9 +3,31 @@ metrics.jsonl in the run folder is written regardless; this only mirrors it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
+
+
+def check_reporting(report_to: str) -> None:
+    """Before anything is written: the mirror's package imports, and W&B (unless WANDB_MODE is offline or
+    disabled) has a login; it raised a traceback after the run had started."""
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise DlzoError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+    elif report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise DlzoError("--report-to wandb needs the wandb package: pip install wandb") from None
+        if os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun"):
+            return
+        try:
+            wandb.login(verify=False)
+        except Exception as err:  # wandb's UsageError and its kin: all mean no usable login here
+            raise DlzoError(f"--report-to wandb: {first_line(err)} (or set WANDB_MODE=offline)") from None
 
 
 class ScalarLogger:
@@ -22,7 +44,10 @@ class ScalarLogger:
                 import wandb
             except ImportError:
                 raise DlzoError("--report-to wandb needs the wandb package: pip install wandb") from None
-            self.run = wandb.init(project="dlzo", dir=str(folder), config=config, name=folder.name)
+            try:
+                self.run = wandb.init(project="dlzo", dir=str(folder), config=config, name=folder.name)
+            except Exception as err:  # a server that refuses, a bad setting: one line, not wandb's traceback
+                raise DlzoError(f"--report-to wandb: {first_line(err)}") from None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

@@ -8,7 +8,6 @@ in dlzo.prepare, the choice of layer in dlzo.layers, the optimizer in dlzo.zo.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dlzo import distributed as dist
-from dlzo.data import HUB_PREFIX, UserData, UserTask, load_user_data
+from dlzo.data import UserData, UserTask, file_digest, load_user_data
 from dlzo.errors import Diverged, DlzoError
 from dlzo.eval import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
@@ -29,7 +28,7 @@ from dlzo.prefix import FrozenPrefix
 from dlzo.prefix_store import PrefixStore, start_loss_key
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
 from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
-from dlzo.scalars import ScalarLogger
+from dlzo.scalars import ScalarLogger, check_reporting
 from dlzo.scoring import context_limit, fast_layout
 from dlzo.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
 from dlzo.tasks import Splits, Task, load_task, task_splits
@@ -81,13 +80,6 @@ def load_own_data(config: TrainConfig, tokenizer) -> Data:
     return Data(task, task.splits(), user, info)
 
 
-def file_digest(source: str) -> str | None:
-    """sha256 of a local data file (None for hf: sources and no file), so --resume can tell it changed."""
-    if not source or source.startswith(HUB_PREFIX) or not Path(source).is_file():
-        return None
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
-
-
 def check_same_data(previous: dict | None, data: Data) -> None:
     """--resume with --data: the file must hold what it held, or the batches after the resume point differ."""
     was, now = (previous or {}).get("data") or {}, data.info or {}
@@ -126,6 +118,7 @@ def train(config: TrainConfig) -> dict:
             raise DlzoError(f"--resume {config.resume} and --out {config.out} name different folders")
         config.out = config.resume
     config.validate()
+    check_reporting(config.report_to)
     run = RunFolder(config.out)
     previous = run.check(config)
     resolve_model_source(config.model)  # a wrong --model is reported before anything about the data
@@ -288,17 +281,33 @@ class Session:
         return result.loss, result.skipped, _mean_abs(result.projected_grads)
 
 
+def set_up(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data,
+           stop: StopRequests) -> tuple[Session, float, float]:
+    """(session, dev loss at step 0, best so far). A signal here stops at once: no step is lost, and the run
+    continues with --resume once its run.json is written."""
+    stop.at_once = True
+    try:
+        session = Session(config, run, previous, data)
+        dev_start, best_dev = session.start()
+    except Interrupted as err:
+        then = (f"continue with: dlzo train --resume {run.path}" if run.run_file.exists()
+                else "nothing was written; start it again")
+        raise Interrupted(f"{err}; {then}") from None
+    stop.at_once = False
+    return session, dev_start, best_dev
+
+
 def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) -> dict:
     """Set up, train, test. The loop below is the whole of training."""
-    session = Session(config, run, previous, data)
-    dev_start, best_dev = session.start()
-    scalars = ScalarLogger(config.report_to, run.path, asdict(config)) if session.is_main else None
-    first, nonfinite_in_a_row = session.point.step, 0
-    dist.STEP_TRAFFIC["bytes"] = 0
-    started = time.time()
-    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, dynamic_ncols=True,
-               disable=config.quiet or not session.is_main, desc=f"{config.optimizer} {session.prepared.scope.description}")
     with StopRequests().installed() as stop:
+        session, dev_start, best_dev = set_up(config, run, previous, data, stop)
+        scalars = ScalarLogger(config.report_to, run.path, asdict(config)) if session.is_main else None
+        first, nonfinite_in_a_row = session.point.step, 0
+        dist.STEP_TRAFFIC["bytes"] = 0
+        started = time.time()
+        bar = tqdm(range(first, config.steps), initial=first, total=config.steps, dynamic_ncols=True,
+                   disable=config.quiet or not session.is_main,
+                   desc=f"{config.optimizer} {session.prepared.scope.description}")
         for step in bar:
             lr = session.lr_at(step)
             loss, skipped, grad = session.train_step(step, lr)
@@ -322,8 +331,7 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
                 session.save("last.safetensors", done, best_dev)
             if stop and done < config.steps:
                 raise Interrupted(f"stopped by {stop.signal} after step {done} of {config.steps} (saved "
-                                  f"{run.path / 'last.safetensors'}); continue with: dlzo train --resume {run.path} "
-                                  f"and the same arguments")
+                                  f"{run.path / 'last.safetensors'}); continue with: dlzo train --resume {run.path}")
     bar.close()
     if scalars is not None:
         scalars.close()
