@@ -383,3 +383,17 @@ def test_a_run_is_found_from_any_folder_however_its_files_are_named(files, tmp_p
     Path(copy).write_text(Path(copy).read_text().replace("yes", "yeah", 1))
     assert dlzo("eval", "--data", copy, "--run", "here/run", "--out", tmp_path / "e")[0] == 0
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["rows"] == "all 40 rows"
+
+
+def test_rows_longer_than_the_models_positions_are_counted_at_its_limit(chat_model, tmp_path, capsys):
+    """stories260K has 512 positions: with the default --max-length 1024 the rows are cut at 512, and the run
+    says so and how many (the note on the rows counted only those over 1024)."""
+    words = " ".join(["word"] * 700)  # about 700 tokens: over 512, under 1024
+    rows = [{"prompt": f"{words} {i}:", "completion": " yes"} for i in range(3)]
+    rows += [{"prompt": f"Short {i}:", "completion": " no"} for i in range(9)]
+    data = write_lines(tmp_path / "long.jsonl", rows)
+    code, printed, err = dlzo("train", "--model", chat_model, "--data", data, "--out", tmp_path / "run", "--scope",
+                              "layer:1", "--steps", "1", "--batch-size", "4", "--quiet", capsys=capsys)
+    assert code == 0, err
+    assert "--max-length 1024 is more than the model's 512 positions: every sequence is cut to 512 tokens " \
+           "(3 of 12 rows are longer)" in printed

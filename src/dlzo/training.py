@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dlzo import distributed as dist
-from dlzo.data import UserData, UserTask, file_digest, load_user_data
+from dlzo.data import UserData, UserTask, count_truncated, file_digest, load_user_data
 from dlzo.errors import Diverged, DlzoError
 from dlzo.eval import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.interrupt import Interrupted, StopRequests
@@ -147,6 +147,8 @@ class Session:
         self.prepared = prepare_model(config, data.splits.train, previous.get("layer_choice") if previous else None)
         self.model, self.tokenizer = self.prepared.model, self.prepared.tokenizer
         self.max_length = context_limit(self.model, config.max_length)
+        if self.max_length < config.max_length and dist.is_main_process():
+            print(self.shorter_context_note(config.max_length))
         check_answers_fit(self.tokenizer, data.splits, self.max_length, data.task)
         self.device = next(self.model.parameters()).device
         self.is_main = dist.is_main_process()
@@ -181,6 +183,16 @@ class Session:
             if data.user is not None:
                 record.update(data=data.info, split_record=data.user.split_record)
             run.write_record(record)
+
+    def shorter_context_note(self, requested: int) -> str:
+        """The model's position table is shorter than --max-length: sequences are cut to it (the note on
+        your own rows counted those over --max-length)."""
+        note = (f"--max-length {requested} is more than the model's {self.max_length} positions: every sequence "
+                f"is cut to {self.max_length} tokens")
+        if self.data.user is None:
+            return note
+        rows = self.data.user.train + self.data.user.dev
+        return f"{note} ({count_truncated(rows, self.tokenizer, self.max_length)} of {len(rows)} rows are longer)"
 
     def frozen_prefix(self) -> FrozenPrefix | None:
         """The cache of the layers below the tuned one (dlzo.prefix), filled from every training example in
