@@ -62,4 +62,16 @@ def test_a_run_is_evaluated_on_what_it_trained_on_unless_told(tmp_path):
     assert chosen({"task": "rte", "data": ""}, task="cb") == ("cb", "")
     config = EvalConfig()
     _default_to_the_runs_data(config)
-    assert config.task == "sst2"
+    assert config.task == "sst2" and config.data_dir == "../shared/data"
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"task": "rte", "data_dir": "/x/data"}}))
+    for given, expected in (("", "/x/data"), ("/mine", "/mine")):  # the run's folder of task files, unless given
+        config = EvalConfig(run=str(tmp_path), data_dir=given)
+        _default_to_the_runs_data(config)
+        assert config.data_dir == expected
+    record = {"data": "/d/rows.jsonl", "eval_data": "/d/dev.csv", "data_format": "prompt-completion",
+              "columns": "prompt=question,completion=answer"}
+    (tmp_path / "run.json").write_text(json.dumps({"config": record}))
+    config = EvalConfig(run=str(tmp_path))
+    _default_to_the_runs_data(config)  # the eval file is read as the run read it
+    assert (config.data, config.data_format, config.columns) == ("/d/dev.csv", "prompt-completion",
+                                                                  "prompt=question,completion=answer")

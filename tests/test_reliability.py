@@ -126,7 +126,15 @@ def test_sigterm_while_setting_up_stops_at_once_and_resume_alone_finishes(tmp_pa
     equals one never stopped."""
     options = dict(SMALL, steps=4, eval_every=2, scope="layer:1")
     measure = Session.dev_loss_at_start
-    monkeypatch.setattr(Session, "dev_loss_at_start", lambda self: os.kill(os.getpid(), signal.SIGTERM) or measure(self))
+
+    def killed_inside_a_catch_all(self):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception:  # as a model loader's catch-all: the stop must not be taken for an error there
+            pass
+        return measure(self)
+
+    monkeypatch.setattr(Session, "dev_loss_at_start", killed_inside_a_catch_all)
     assert main(["train", *flags(dict(options, out=str(tmp_path / "stopped")))]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stopped by SIGTERM before training began" in err

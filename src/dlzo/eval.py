@@ -169,13 +169,17 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
 
 
 def _default_to_the_runs_data(config: EvalConfig) -> None:
-    """No --task, --data or --harness: a run is evaluated on what it trained on (its task; its own rows: the
-    --eval-data file, or the rows it held out of --data), anything else on sst2."""
+    """No --task, --data or --harness: a run is evaluated on what it trained on (its task, from its data
+    folder; its own rows: the --eval-data file read with its --data-format and --columns, or the rows it held
+    out of --data), anything else on sst2. The data folder defaults to the run's, else ../shared/data."""
+    trained = _run_record(config.run)["config"] if config.run else {}
+    config.data_dir = config.data_dir or trained.get("data_dir") or TrainConfig.data_dir
     if config.task or config.data or config.harness:
         return
-    trained = _run_record(config.run)["config"] if config.run else {}
     if trained.get("data"):
         config.data = trained.get("eval_data") or trained["data"]
+        if trained.get("eval_data") and config.data_format == "auto" and not config.columns:
+            config.data_format, config.columns = trained.get("data_format", "auto"), trained.get("columns", "")
     else:
         config.task = trained.get("task") or "sst2"
 

@@ -87,10 +87,12 @@ def evaluate_with_harness(
             task_manager=task_manager,
             log_samples=log_samples,
         )
-    except OSError as err:  # ConnectionError and requests' errors among them: a task's data is on the Hub
-        raise DlzoError(f"lm-evaluation-harness could not read the data of {', '.join(tasks)} "
-                        f"({first_line(err)}); offline? the harness reads most tasks' data from the Hugging Face "
-                        f"Hub: use a cached copy (HF_DATASETS_OFFLINE=1) or --harness-include with local files"
+    except OSError as err:  # a missing file, and ConnectionError: most tasks' data is on the Hub
+        reason = first_line(err)
+        offline = isinstance(err, ConnectionError) or any(w in reason.lower() for w in ("reach", "offline", "connect"))
+        hint = ("; offline? the harness reads most tasks' data from the Hugging Face Hub: use a cached copy "
+                "(HF_DATASETS_OFFLINE=1) or --harness-include with local files") if offline else ""
+        raise DlzoError(f"lm-evaluation-harness could not read the data of {', '.join(tasks)} ({reason}){hint}"
                         ) from None
     if results is None:  # a non-zero rank of a multi-process run: rank 0 holds the results
         return {}

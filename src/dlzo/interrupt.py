@@ -14,12 +14,18 @@ class Interrupted(DlzoError):
     """The run stopped on a signal after saving; the CLI exits with 130."""
 
 
+class StopNow(BaseException):
+    """Raised by the handler while `at_once` is set. Not an Exception, so no `except Exception` on the way
+    (a model loader's, a GGUF conversion's) takes it for an error and goes on; the trainer turns it into
+    Interrupted."""
+
+
 class StopRequests:
     """Set by SIGTERM or SIGINT; the trainer checks it between steps. A second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        self.at_once = False  # while set (a run's setup: nothing to save yet), a signal raises Interrupted now
+        self.at_once = False  # while set (a run's setup: nothing to save yet), a signal raises StopNow
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -31,7 +37,7 @@ class StopRequests:
                 raise KeyboardInterrupt  # asked twice: stop now (the last finished step is in the trajectory)
             self.signal = signal.Signals(number).name
             if self.at_once:
-                raise Interrupted(f"stopped by {self.signal} before training began")
+                raise StopNow(self.signal)
 
         try:
             previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}

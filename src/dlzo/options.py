@@ -8,6 +8,7 @@ so a flag has one name, one default and one help text everywhere.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from dlzo.config import option, same_as
 from dlzo.data import FORMATS, parse_columns
 from dlzo.errors import DlzoError
 from dlzo.scope import SCOPE_HELP, parse_scope
-from dlzo.tasks import DATA_DIR_HELP
+from dlzo.tasks import DATA_DIR_HELP, HUB_PREFIX
 
 DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -25,11 +26,15 @@ PATH_OPTIONS = ("model", "data", "eval_data", "data_dir")
 
 
 def absolute_paths(config: object) -> None:
-    """Each PATH_OPTIONS value naming an existing local path, made absolute (hub ids and hf: sources stay)."""
+    """Each PATH_OPTIONS value naming an existing local path, made absolute (hub ids, hf: sources and
+    --data-dir hf stay), and --prefix-store, a folder that may not exist yet. Links are kept, not followed:
+    a Hub cache file is a link to a blob without the name's extension, which says its format."""
     for name in PATH_OPTIONS:
         value = getattr(config, name, "")
-        if value and Path(value).expanduser().exists():
-            setattr(config, name, str(Path(value).expanduser().resolve()))
+        if value and not (name == "data_dir" and value == HUB_PREFIX) and Path(value).expanduser().exists():
+            setattr(config, name, os.path.abspath(os.path.expanduser(value)))
+    if getattr(config, "prefix_store", ""):
+        config.prefix_store = os.path.abspath(os.path.expanduser(config.prefix_store))
 
 
 def same_path_option(name: str, was: object, now: object) -> bool:
@@ -263,6 +268,8 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
     model: str = option("", "model to evaluate (with --run: the base model, default the run's own)")
     task: str = option("", "task name (sst2 rte cb boolq wsc wic multirc copa record squad drop); default: with "
                            "--run, what the run trained on (its task, or its own --data rows), else sst2")
+    data_dir: str = option("", "folder of the official task files (hf: the Hugging Face Hub); default: with --run, "
+                               "the run's own, else ../shared/data")
     data: str = option("", "evaluate on your own rows instead of --task: every row of this file (with --run and "
                            "the run's own --data file: its held-out dev rows); dev loss and perplexity, accuracy "
                            "for classification rows")

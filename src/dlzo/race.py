@@ -1,7 +1,7 @@
 """`dlzo race`: time to accuracy. Several training recipes on the same task, seed, data and machine, in one
 process, each until it reaches a target test metric or a budget of training seconds.
 
-    for each seed, for each recipe: train.Session (its train_step and lr_at) -> every --eval-every steps the
+    for each seed, for each recipe: training.Session (its train_step and lr_at) -> every --eval-every steps the
     metric on a fixed test subset (its time reported apart, never counted as training) -> stop at the target
     or the budget; then one upstream-style full MeZO step timed on the same machine (dlzo.bench), and the
     ratios of seconds-to-target from that same run -> race.json, race.png

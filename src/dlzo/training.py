@@ -21,7 +21,7 @@ from dlzo import distributed as dist
 from dlzo.data import UserData, UserTask, count_truncated, file_digest, load_user_data
 from dlzo.errors import Diverged, DlzoError
 from dlzo.eval import EvalResult, dev_batches, dev_loss, evaluate, perplexity
-from dlzo.interrupt import Interrupted, StopRequests
+from dlzo.interrupt import Interrupted, StopNow, StopRequests
 from dlzo.models import load_tokenizer, resolve_model_source
 from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.prefix import FrozenPrefix
@@ -301,10 +301,10 @@ def set_up(config: TrainConfig, run: RunFolder, previous: dict | None, data: Dat
     try:
         session = Session(config, run, previous, data)
         dev_start, best_dev = session.start()
-    except Interrupted as err:
+    except StopNow as stop_now:
         then = (f"continue with: dlzo train --resume {run.path}" if run.run_file.exists()
                 else "nothing was written; start it again")
-        raise Interrupted(f"{err}; {then}") from None
+        raise Interrupted(f"stopped by {stop_now} before training began; {then}") from None
     stop.at_once = False
     return session, dev_start, best_dev
 
