@@ -397,3 +397,14 @@ def test_rows_longer_than_the_models_positions_are_counted_at_its_limit(chat_mod
     assert code == 0, err
     assert "--max-length 1024 is more than the model's 512 positions: every sequence is cut to 512 tokens " \
            "(3 of 12 rows are longer)" in printed
+
+
+def test_a_dev_file_that_is_the_training_file_is_said(files, chat_model, tmp_path, capsys):
+    data = files["prompt-completion"]
+    code, printed, err = dlzo(*train_args(chat_model, data, tmp_path / "run", "--scope", "layer:1", "--steps", "1",
+                                          "--eval-data", data), capsys=capsys)
+    assert code == 0, err
+    assert f"{data} holds the rows of {data}: the dev rows are training rows" in printed
+    code, _, err = dlzo("export", "--run", tmp_path / "run", "--to", tmp_path / "x", "--checkpoint", "bogus",
+                        capsys=capsys)
+    assert code == 2 and "--checkpoint 'bogus' is not best, last or final" in err

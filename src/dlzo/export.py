@@ -99,6 +99,7 @@ def load_tuned(base_model: nn.Module, folder: str | Path, which: str = "best") -
 
 
 def export_command(config: ExportConfig) -> None:
+    config.validate()
     check_output(config.to, "--to", folder=True)
     if config.adapter:
         print(f"wrote the tuned tensors only to {export_adapter(config.run, config.to, config.checkpoint)}")

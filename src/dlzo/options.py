@@ -53,6 +53,11 @@ def _at_least_one(config: object, *names: str) -> None:
             raise DlzoError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
 
 
+def _known_checkpoint(name: str) -> None:
+    if name not in ("best", "last", "final"):
+        raise DlzoError(f"--checkpoint {name!r} is not best, last or final")
+
+
 def _positive(config: object, name: str) -> None:
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
@@ -294,8 +299,7 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
         if self.generate and not self.data:
             raise DlzoError("--generate needs --data (the task's own metric already generates for squad and drop)")
         _at_least_one(self, "num_test", "batch_size", "max_new_tokens")
-        if self.checkpoint not in ("best", "last", "final"):
-            raise DlzoError(f"--checkpoint {self.checkpoint!r} is not best, last or final")
+        _known_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -320,8 +324,7 @@ class GenerateConfig(ModelOptions):
         _positive(self, "temperature")
         if not 0 < self.top_p <= 1:
             raise DlzoError(f"--top-p must be in (0, 1], not {self.top_p}")
-        if self.checkpoint not in ("best", "last", "final"):
-            raise DlzoError(f"--checkpoint {self.checkpoint!r} is not best, last or final")
+        _known_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -335,10 +338,13 @@ class ReplayConfig:
 class ExportConfig:
     run: str = option("", "run folder", required=True)
     to: str = option("", "output folder", required=True)
-    checkpoint: str = option("best", "best, last or final")
+    checkpoint: str = same_as(EvalConfig, "checkpoint")
     adapter: bool = option(False, "write only what was tuned: a peft adapter folder for LoRA scopes, or the tuned "
                                   "tensors under the model's own names plus tuned.json for layer scopes "
                                   "(dlzo.load_tuned applies them) instead of a merged copy of the model")
+
+    def validate(self) -> None:
+        _known_checkpoint(self.checkpoint)
 
 
 @dataclass
