@@ -167,16 +167,17 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
-def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path):
+    """In a fresh interpreter: wandb keeps process-wide settings (another test's offline mode would pass)."""
     pytest.importorskip("wandb")
-    for name in ("WANDB_API_KEY", "WANDB_MODE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no stored key
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))  # no ~/.netrc, no stored key
     out = tmp_path / "run"
-    assert main(["train", *flags(dict(SMALL, steps=2, scope="layer:1", out=str(out), report_to="wandb"))]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--report-to wandb" in err
+    run = subprocess.run([sys.executable, "-m", "dlzo", "train",
+                          *flags(dict(SMALL, steps=2, scope="layer:1", out=str(out), report_to="wandb"))],
+                         capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1 and "dlzo: error: --report-to wandb" in run.stderr
     assert not out.exists()
 
 
