@@ -132,9 +132,6 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
         picked = sorted(np.random.RandomState(seed).permutation(len(dev_all))[:max_eval].tolist())
         if len(picked) < len(dev_all):
             notes.append(f"{eval_source}: {len(picked)} of its {len(dev_all)} rows (a seeded sample) are the dev set")
-        if file_digest(eval_source) is not None and file_digest(eval_source) == file_digest(source):
-            notes.append(f"{eval_source} holds the rows of {source}: the dev rows are training rows, so the dev "
-                         f"loss and the best checkpoint are judged on rows the run trains on")
         train, dev = train_all, [dev_all[i] for i in picked]
         record.update(dev_source=eval_source, train_rows=row_ranges([r.number for r in rows]),
                       dev_rows=row_ranges([eval_rows[i].number for i in picked]), eval_fraction=None)

@@ -56,16 +56,21 @@ def sequence_name(key: bytes) -> str:
     return hashlib.sha1(key).hexdigest()
 
 
+def _feed_ids(digest, tensor: torch.Tensor) -> None:
+    """Feed an integer tensor of a batch (ids, masks, positions, indices) to `digest`: its shape and values."""
+    cpu = tensor.detach().to("cpu", torch.long).contiguous()
+    digest.update(repr(tuple(cpu.shape)).encode())
+    digest.update(cpu.numpy().tobytes())
+
+
 def batch_digest(batch: EncodedBatch) -> str:
     """The batch as the prefix sees it: token ids, attention mask and position ids (values and shapes)."""
     digest = hashlib.sha256()
     for tensor in (batch.input_ids, batch.attention_mask, batch.position_ids):
         if tensor is None:
             digest.update(b"none")
-            continue
-        cpu = tensor.detach().to("cpu", torch.long).contiguous()
-        digest.update(repr(tuple(cpu.shape)).encode())
-        digest.update(cpu.numpy().tobytes())
+        else:
+            _feed_ids(digest, tensor)
     return digest.hexdigest()
 
 
@@ -74,9 +79,7 @@ def _hash_batch(digest, batch: EncodedBatch) -> None:
     for name, value in sorted(vars(batch).items()):
         digest.update(name.encode())
         if isinstance(value, torch.Tensor):
-            cpu = value.detach().to("cpu", torch.long).contiguous()
-            digest.update(repr(tuple(cpu.shape)).encode())
-            digest.update(cpu.numpy().tobytes())
+            _feed_ids(digest, value)
         else:
             digest.update(repr(value).encode())
 

@@ -9,19 +9,31 @@ from pathlib import Path
 from dlzo.errors import DlzoError, first_line
 
 
+def _summary_writer():
+    """TensorBoard's SummaryWriter, or one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DlzoError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def _wandb():
+    """The wandb module, or one line saying how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise DlzoError("--report-to wandb needs the wandb package: pip install wandb") from None
+    return wandb
+
+
 def check_reporting(report_to: str) -> None:
     """Before anything is written: the mirror's package imports, and W&B (unless WANDB_MODE is offline or
     disabled) has a login; it raised a traceback after the run had started."""
     if report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise DlzoError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        _summary_writer()
     elif report_to == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise DlzoError("--report-to wandb needs the wandb package: pip install wandb") from None
+        wandb = _wandb()
         if os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun"):
             return
         try:
@@ -34,16 +46,9 @@ class ScalarLogger:
     def __init__(self, report_to: str, folder: Path, config: dict):
         self.report_to, self.writer, self.run = report_to, None, None
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise DlzoError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+            self.writer = _summary_writer()(log_dir=str(folder / "tensorboard"))
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise DlzoError("--report-to wandb needs the wandb package: pip install wandb") from None
+            wandb = _wandb()
             try:
                 self.run = wandb.init(project="dlzo", dir=str(folder), config=config, name=folder.name)
             except Exception as err:  # a server that refuses, a bad setting: one line, not wandb's traceback

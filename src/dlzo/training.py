@@ -71,12 +71,15 @@ def load_own_data(config: TrainConfig, tokenizer) -> Data:
                           config.eval_fraction, config.data_seed,
                           max_eval=config.num_dev if config.num_dev > 0 else DEFAULT_MAX_DEV,
                           max_length=config.max_length)
+    digest, eval_digest = file_digest(config.data), file_digest(config.eval_data)
+    if eval_digest is not None and eval_digest == digest:
+        user.notes.append(f"{config.eval_data} holds the rows of {config.data}: the dev rows are training rows, so "
+                          f"the dev loss and the best checkpoint are judged on rows the run trains on")
     task = UserTask(user)
     info = {"source": config.data, "eval_source": config.eval_data or None, "name": user.name, "format": user.format,
             "metric": "accuracy on the dev rows" if not user.generation else
             "dev loss (mean NLL per scored token) and perplexity",
-            "sha256": file_digest(config.data), "eval_sha256": file_digest(config.eval_data),
-            "train_rows": len(user.train), "dev_rows": len(user.dev)}
+            "sha256": digest, "eval_sha256": eval_digest, "train_rows": len(user.train), "dev_rows": len(user.dev)}
     return Data(task, task.splits(), user, info)
 
 
