@@ -4,7 +4,7 @@ import pytest
 
 from conftest import DATA, STORIES
 from dlzo.cli import main
-from dlzo.eval import _default_to_the_runs_data, demonstrations, evaluate
+from dlzo.eval import _default_to_the_runs_data, _the_runs_pool, demonstrations, evaluate
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import EvalConfig
 from dlzo.tasks import load_task
@@ -75,3 +75,24 @@ def test_a_run_is_evaluated_on_what_it_trained_on_unless_told(tmp_path):
     _default_to_the_runs_data(config)  # the eval file is read as the run read it
     assert (config.data, config.data_format, config.columns) == ("/d/dev.csv", "prompt-completion",
                                                                   "prompt=question,completion=answer")
+
+
+def test_eval_of_a_run_scores_the_rows_and_cut_its_results_were_measured_on(tmp_path):
+    """`dlzo eval --run R` alone reproduces R's test figure: its --num-test, --data-seed, --max-length and
+    --eval-batch-size are eval's defaults (it sampled the whole validation split before), and on BoolQ, which
+    has no train file, the test rows are what R's --num-train/--num-dev left of the validation file (eval's own
+    defaults overlapped R's training rows). A flag still wins."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(STORIES), "--data-dir", str(DATA), "--task", "boolq", "--num-train", "1200",
+                 "--num-dev", "8", "--num-test", "12", "--data-seed", "3", "--max-length", "96",
+                 "--eval-batch-size", "4", "--steps", "1", "--batch-size", "2", "--scope", "layer:0", "--quiet",
+                 "--out", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert (again["num_examples"], again["value"]) == (results["num_test"], results["test_value"]) == (12, again["value"])
+    trained = load_task("boolq", DATA).splits(3, 1200, 8, 12)
+    config = EvalConfig(run=str(run), task="boolq")
+    assert load_task("boolq", DATA).splits(3, num_test=12, **_the_runs_pool(config)).test == trained.test
+    assert main(["eval", "--run", str(run), "--num-test", "5", "--out", str(tmp_path / "five")]) == 0
+    assert json.loads((tmp_path / "five" / "eval.json").read_text())["num_examples"] == 5

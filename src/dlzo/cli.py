@@ -40,7 +40,7 @@ from dlzo.probe import probe_command
 from dlzo.race import race_command
 from dlzo.replay import replay_command
 from dlzo.report import report_command
-from dlzo.run import recorded_options
+from dlzo.run import recorded_options, recorded_test_options
 from dlzo.sensitivity import sensitivity
 from dlzo.sweep import sweep
 from dlzo.training import train
@@ -88,16 +88,24 @@ def build_parser(defaults: dict[str, dict] | None = None) -> argparse.ArgumentPa
 
 
 def parse(argv: list[str] | None) -> tuple[str, object]:
-    """(command name, its options dataclass); a --config recipe, and for `train --resume` the run's recorded
-    options, supply defaults that flags override."""
+    """(command name, its options dataclass); a --config recipe, and for `train --resume` and `eval --run` the
+    run's recorded options, supply defaults that flags override."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
-    defaults = recorded_options(args.resume) if args.command == "train" and args.resume else {}
+    defaults = _recorded_defaults(args)
     if getattr(args, "config", None):
         defaults.update(load_recipe(args.config, command.options))
     if defaults:
         args = build_parser({args.command: defaults}).parse_args(argv)
     return args.command, from_namespace(command.options, args)
+
+
+def _recorded_defaults(args: argparse.Namespace) -> dict:
+    if args.command == "train" and args.resume:
+        return recorded_options(args.resume)
+    if args.command == "eval" and args.run:
+        return recorded_test_options(args.run)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:

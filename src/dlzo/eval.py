@@ -156,10 +156,11 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     if config.harness:
         return eval_with_harness(config)
     task = load_task(config.task, config.data_dir)
-    splits = task_splits(task, config.data_seed, num_test=config.num_test)
+    splits = task_splits(task, config.data_seed, num_test=config.num_test, **_the_runs_pool(config))
     model, tokenizer = model_to_evaluate(config)
     demos = demonstrations(splits.train, config.icl, config.data_seed)
-    result = evaluate(model, tokenizer, task, splits.test, config.batch_size, demos=demos)
+    result = evaluate(model, tokenizer, task, splits.test, config.batch_size, demos=demos,
+                      max_length=config.max_length)
     out = Path(config.out)
     atomic_write_json(out / "eval.json", {**result.to_json(), "icl": config.icl, "model": config.model,
                                           "run": config.run})
@@ -182,6 +183,16 @@ def _default_to_the_runs_data(config: EvalConfig) -> None:
             config.data_format, config.columns = trained.get("data_format", "auto"), trained.get("columns", "")
     else:
         config.task = trained.get("task") or "sst2"
+
+
+def _the_runs_pool(config: EvalConfig) -> dict:
+    """A run scored on its own task draws its training rows as it did: where a task has no train file (BoolQ),
+    the test rows are what is left of the validation file after them."""
+    trained = _run_record(config.run)["config"] if config.run else {}
+    if trained.get("task") != config.task or trained.get("data"):
+        return {}
+    num_dev = trained.get("num_dev", -1)
+    return {"num_train": trained.get("num_train", TrainConfig.num_train), "num_dev": None if num_dev < 0 else num_dev}
 
 
 def model_to_evaluate(config: EvalConfig) -> tuple[nn.Module, object]:
@@ -229,7 +240,7 @@ def eval_own_data(config: EvalConfig) -> dict:
     else:
         model = load_model(base, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
     model.eval()
-    max_length = context_limit(model, (record or {}).get("config", {}).get("max_length", TrainConfig.max_length))
+    max_length = context_limit(model, config.max_length)
     task = UserTask(user)
     result = {"data": config.data, "format": user.format, "rows": which, "num_examples": len(examples),
               "model": base, "run": config.run, "checkpoint": config.checkpoint if config.run else None}

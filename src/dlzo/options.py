@@ -284,9 +284,11 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
     run: str = option("", "evaluate the tuned tensors of this training run")
     checkpoint: str = option("best", "best, last or final (with --run)")
     icl: int = option(0, "in-context demonstrations drawn from train")
+    # With --run these four default to the run's own (dlzo.run.recorded_test_options): its test figure again.
     num_test: int = same_as(TrainConfig, "num_test")
     data_seed: int = same_as(TrainConfig, "data_seed")
-    batch_size: int = option(16, "examples per forward")
+    max_length: int = same_as(TrainConfig, "max_length")
+    batch_size: int = option(16, "examples per forward (with --run: the run's --eval-batch-size)")
     out: str = option("out/eval", "folder for eval.json")
     harness: str = option("", "hand the model to lm-evaluation-harness for these tasks instead (comma-separated, "
                               "globs allowed; needs pip install 'dlzo[harness]'); writes OUT/harness.json")
@@ -298,7 +300,7 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
         self.validate_data_options()
         if self.generate and not self.data:
             raise DlzoError("--generate needs --data (the task's own metric already generates for squad and drop)")
-        _at_least_one(self, "num_test", "batch_size", "max_new_tokens")
+        _at_least_one(self, "num_test", "batch_size", "max_new_tokens", "max_length")
         _known_checkpoint(self.checkpoint)
 
 

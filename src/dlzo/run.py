@@ -230,16 +230,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recorded_options(folder: str | Path) -> dict:
-    """The options a run in `folder` was started with (its run.json), as defaults for `dlzo train --resume`:
-    the flags given again must agree with them, so they need not be given. Empty when there is no readable
-    run.json (RunFolder.check then says why); where, how to log, and options dlzo no longer has are left out."""
+def _recorded_config(folder: str | Path) -> dict:
+    """The options of run.json in `folder`; empty when there is none readable (the command then says why)."""
     try:
         recorded = json.loads((Path(folder) / "run.json").read_text()).get("config", {})
     except (OSError, ValueError, AttributeError):
         return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def recorded_options(folder: str | Path) -> dict:
+    """The options a run in `folder` was started with (its run.json), as defaults for `dlzo train --resume`:
+    the flags given again must agree with them, so they need not be given. Empty when there is no readable
+    run.json (RunFolder.check then says why); where, how to log, and options dlzo no longer has are left out."""
     known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to"}
-    return {key: value for key, value in recorded.items() if key in known} if isinstance(recorded, dict) else {}
+    return {key: value for key, value in _recorded_config(folder).items() if key in known}
+
+
+# The training options that decide a run's test figure, under the names `dlzo eval` gives them.
+TEST_OPTIONS = {"num_test": "num_test", "data_seed": "data_seed", "max_length": "max_length",
+                "eval_batch_size": "batch_size"}
+
+
+def recorded_test_options(folder: str | Path) -> dict:
+    """Defaults for `dlzo eval --run`: which test rows the run was scored on, how each was cut and batched, so
+    that it reproduces the run's results.json unless flags say otherwise (it sampled the whole validation
+    split at eval's own defaults before, whatever --num-test the run had)."""
+    return {TEST_OPTIONS[key]: value for key, value in _recorded_config(folder).items() if key in TEST_OPTIONS}
 
 
 def checked_load(path: Path) -> dict[str, torch.Tensor]:
