@@ -1,4 +1,4 @@
-"""The package's shape, checked: no import circle, no dlzo import hidden inside a function, short functions, every module on the README's map."""
+"""The package's shape, checked: no import circle, no dlzo import inside a function, short functions, README's map."""
 
 import ast
 import pkgutil
