@@ -7,6 +7,7 @@ from dlzo.cli import main
 from dlzo.eval import _default_to_the_runs_data, _the_runs_pool, demonstrations, evaluate
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import EvalConfig
+from dlzo.run import recorded_test_options
 from dlzo.tasks import load_task
 
 
@@ -96,3 +97,7 @@ def test_eval_of_a_run_scores_the_rows_and_cut_its_results_were_measured_on(tmp_
     assert load_task("boolq", DATA).splits(3, num_test=12, **_the_runs_pool(config)).test == trained.test
     assert main(["eval", "--run", str(run), "--num-test", "5", "--out", str(tmp_path / "five")]) == 0
     assert json.loads((tmp_path / "five" / "eval.json").read_text())["num_examples"] == 5
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["num_test"] = 0  # a grid run's: no test rows, so eval's own count, not a refused --num-test 0
+    (run / "run.json").write_text(json.dumps(record))
+    assert recorded_test_options(run) == {"data_seed": 3, "max_length": 96, "batch_size": 4}

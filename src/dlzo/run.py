@@ -255,8 +255,12 @@ TEST_OPTIONS = {"num_test": "num_test", "data_seed": "data_seed", "max_length": 
 def recorded_test_options(folder: str | Path) -> dict:
     """Defaults for `dlzo eval --run`: which test rows the run was scored on, how each was cut and batched, so
     that it reproduces the run's results.json unless flags say otherwise (it sampled the whole validation
-    split at eval's own defaults before, whatever --num-test the run had)."""
-    return {TEST_OPTIONS[key]: value for key, value in _recorded_config(folder).items() if key in TEST_OPTIONS}
+    split at eval's own defaults before, whatever --num-test the run had). A run trained with --num-test 0 (a
+    learning-rate grid's) had no test rows: eval's own count stands."""
+    recorded = _recorded_config(folder)
+    if not recorded.get("num_test"):
+        recorded.pop("num_test", None)
+    return {TEST_OPTIONS[key]: value for key, value in recorded.items() if key in TEST_OPTIONS}
 
 
 def checked_load(path: Path) -> dict[str, torch.Tensor]:
