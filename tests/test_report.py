@@ -1,9 +1,11 @@
 import json
+import os
 import statistics
+import subprocess
 
 import pytest
 
-from dlzo.report import format_seed_summary, report, seed_summary
+from dlzo.report import format_seed_summary, report, seed_summary, unfinished_lines
 from dlzo.spread import spread
 
 
@@ -55,3 +57,38 @@ def test_two_folders_of_one_name_keep_both_pictures(tmp_path):
     links = [line.split("(")[1].rstrip(")") for line in text.splitlines() if line.startswith("![probe]")]
     assert len(set(links)) == 2
     assert [(tmp_path / "r" / link).read_bytes() for link in links] == [b"\x89PNG first", b"\x89PNG second"]
+
+
+def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_path, capsys):
+    """`dlzo report SWEEP` on a study still running: each run with run.json and no results.json, its logged
+    steps, dev losses, pace (from one process's timed records only) and holder: alive, or stopped with the
+    command that resumes it. Finished runs are not listed there."""
+    def run(name: str, steps: int, logged: int, timed: list[tuple[int, float]], dev: dict[int, float],
+            holder: int | None) -> None:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"config": {"steps": steps}}))
+        (folder / "trajectory.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(logged)))
+        records = [{"step": s, "loss": 0.7, "elapsed_s": t} for s, t in timed]
+        records += [{"step": s, "dev_loss": v} for s, v in dev.items()]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if holder is not None:
+            (folder / "lock").write_text(str(holder))
+
+    gone = subprocess.Popen(["true"])  # a finished child: its pid runs no more
+    gone.wait()
+    run("live", 300, 130, [(100, 10.0), (110, 30.0), (120, 50.0)], {0: 1.7, 50: 0.9, 100: 1.1}, os.getpid())
+    run("killed", 60, 12, [(0, 400.0), (10, 3.0)], {0: 1.7}, gone.pid)  # restarted: no pace across processes
+    run("done", 60, 60, [], {0: 1.7}, None)
+    (tmp_path / "runs" / "done" / "results.json").write_text(json.dumps(
+        {"scope": "layers [3]", "optimizer": "zo", "steps": 60, "test_metric": None, "test_value": None,
+         "dev_loss_start": 1.7, "dev_loss_best": 1.7, "seconds_per_step": 1.0}))
+    rows = unfinished_lines(tmp_path)
+    assert rows[2].startswith("| run | steps logged")
+    assert rows[4] == (f"| runs/killed | 12 of 60 | 1.7000 at step 0 | 1.7000 | - | stopped: dlzo train --resume "
+                       f"{tmp_path / 'runs' / 'killed'} |")
+    assert rows[5] == (f"| runs/live | 130 of 300 | 1.1000 at step 100 | 0.9000 | 2.0 s/step, about 6 min of steps "
+                       f"left | running (process {os.getpid()}) |")
+    assert len(rows) == 7 and not any("runs/done" in row for row in rows)
+    report([str(tmp_path)], str(tmp_path / "report.md"))
+    assert rows[5] in (tmp_path / "report.md").read_text() and rows[5] in capsys.readouterr().out

@@ -15,6 +15,7 @@ from dlzo.checkpoint import atomic_write_text
 from dlzo.errors import DlzoError
 from dlzo.eval import own_eval_line
 from dlzo.options import ReportConfig
+from dlzo.run import RunFolder
 from dlzo.spread import format_spread, spread
 
 matplotlib.use("Agg")  # files only, never a window
@@ -187,6 +188,30 @@ def _find_runs(folder) -> list:
     return sorted(p.parent for p in folder.rglob("results.json"))
 
 
+def unfinished_lines(folder: Path) -> list[str]:
+    """A table of the runs under `folder` that have started and not finished (run.json, no results.json): how
+    far each got, its dev losses, whether a process holds it now, and what is left at its recent pace (training
+    steps only: the evaluations still to come are not counted)."""
+    rows = []
+    for path in sorted(p.parent for p in folder.rglob("run.json")):
+        if (path / "results.json").exists():
+            continue
+        state = RunFolder(path).progress()
+        dev = state["dev_losses"]
+        last = f"{dev[max(dev)]:.4f} at step {max(dev)}" if dev else "-"
+        best = f"{min(dev.values()):.4f}" if dev else "-"
+        pace = state["seconds_per_step"]
+        left = (state["steps"] or 0) - state["done"]
+        eta = f"{pace:.1f} s/step, about {pace * left / 60:.0f} min of steps left" if pace else "-"
+        who = f"running (process {state['holder']})" if state["holder"] else f"stopped: dlzo train --resume {path}"
+        rows.append(f"| {path.relative_to(folder) if path != folder else path.name} | {state['done']} of "
+                    f"{state['steps']} | {last} | {best} | {eta} | {who} |")
+    if not rows:
+        return []
+    return ["**Runs not finished**", "", "| run | steps logged | last dev loss | best dev loss | pace | state |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
 def plot_loss_curves(runs: list[Path], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run in runs:
@@ -282,7 +307,10 @@ def report(folders: list[str], out: str) -> str:
                              f"{r['dev_loss_start']:.4f} -> {r['dev_loss_best']:.4f} | {r['seconds_per_step']} |")
             lines.append("")
             all_runs += runs
-        lines += eval_lines(folder)
+        unfinished = unfinished_lines(folder)
+        if unfinished:  # also on the terminal: `dlzo report SWEEP` is how a long study is looked in on
+            print(f"{folder}\n" + "\n".join(unfinished))
+        lines += unfinished + eval_lines(folder)
     if all_runs:
         plot_loss_curves(all_runs, pictures / "loss_curves.png")
         lines += ["## Loss curves", "", f"![loss curves]({os.path.relpath(pictures / 'loss_curves.png', target.parent)})", ""]

@@ -205,6 +205,20 @@ class RunFolder:
         self._truncate(self.metrics, lambda r: r["step"] < step or (r["step"] == step and "dev_loss" in r))
         return ResumePoint(step, best_dev, replayed)
 
+    def progress(self) -> dict:
+        """Where an unfinished run stands, from its logs alone (nothing is loaded): steps logged of those asked,
+        its dev losses, the recent seconds per step, and the live process holding it (None: stopped, resume it)."""
+        config = json.loads(self.run_file.read_text()).get("config", {})
+        logged = [r["step"] for r in read_jsonl(self.trajectory)] or [r["step"] for r in read_jsonl(self.metrics)
+                                                                        if "loss" in r]
+        timed = [r for r in read_jsonl(self.metrics) if "elapsed_s" in r][-2:]
+        recent = None  # from the last two timed records of one process (elapsed_s restarts with each process)
+        if len(timed) == 2 and timed[1]["elapsed_s"] > timed[0]["elapsed_s"] and timed[1]["step"] > timed[0]["step"]:
+            recent = (timed[1]["elapsed_s"] - timed[0]["elapsed_s"]) / (timed[1]["step"] - timed[0]["step"])
+        holder = self._holder()
+        return {"steps": config.get("steps"), "done": max(logged) + 1 if logged else 0, "dev_losses": self.dev_losses(),
+                "seconds_per_step": recent, "holder": holder if holder is not None and _alive(holder) else None}
+
     def dev_losses(self) -> dict[int, float]:
         return {r["step"]: r["dev_loss"] for r in read_jsonl(self.metrics) if "dev_loss" in r}
 
