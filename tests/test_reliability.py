@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import DATA, STORIES
 from dlzo.cli import main
 from dlzo.options import TrainConfig
+from dlzo.run import RunFolder
 from dlzo.training import Session, train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
@@ -195,6 +196,12 @@ def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_
     assert main(args) == 0
     assert f"taking over the stale lock of process {dead.pid}" in capsys.readouterr().out
     assert not (out / "lock").exists()
+    folder = RunFolder(tmp_path / "restarted")  # a lock naming our own pid, left by a process before a restart
+    folder.path.mkdir()
+    folder.lock_file.write_text(f"{os.getpid()}\n")
+    folder.lock()
+    assert f"taking over the stale lock of process {os.getpid()}" in capsys.readouterr().out
+    folder.unlock()
 
 
 @pytest.mark.parametrize("change,message", [

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from dlzo.errors import DlzoError
 from dlzo.report import format_seed_summary, report, seed_summary, unfinished_lines
 from dlzo.spread import spread
 
@@ -26,6 +27,30 @@ def test_seed_summary_gives_mean_sample_std_and_standard_error(tmp_path):
     assert row["test"]["se"] == pytest.approx(statistics.stdev(tests) / 3**0.5)
     assert row["dev_best"]["mean"] == pytest.approx(statistics.fmean(devs))
     assert "0.7000 ± 0.0400 (0.0231)" in format_seed_summary({"layer11": row})
+
+
+def test_seed_summary_takes_the_seeds_asked_and_the_runs_each_sweep_reported(tmp_path):
+    """seeds.json averaged every seed*/runs/* on disk: an earlier study's seeds in the same folder and a run
+    folder moved aside (runs/layer11.old) were averaged in. Now: the sweep's --seeds, and in each seed the runs
+    its sweep.json reports; a group mixing recipes (other steps) is one line, not a mean."""
+    def finished(seed: int, name: str, test: float, steps: int = 300) -> None:
+        run = tmp_path / f"seed{seed}" / "runs" / name
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"scope": "layers [11]", "steps": steps, "test_value": test,
+                                                      "test_metric": "accuracy", "dev_loss_best": 0.5,
+                                                      "seconds_per_step": 1.0}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "dev_loss": 0.5}) + "\n")
+
+    for seed, test in ((0, 0.70), (1, 0.74), (5, 0.10)):
+        finished(seed, "layer11", test)
+        (tmp_path / f"seed{seed}" / "sweep.json").write_text(json.dumps({"runs": [{"name": "layer11"}]}))
+    finished(0, "layer11.old", 0.20)
+    summary = seed_summary(tmp_path, [0, 1])
+    assert list(summary) == ["layer11"] and summary["layer11"]["test"]["values"] == [0.70, 0.74]
+    assert seed_summary(tmp_path)["layer11"]["test"]["values"] == [0.70, 0.74, 0.10]  # report: every seed folder
+    finished(2, "layer11", 0.72, steps=60)
+    with pytest.raises(DlzoError, match="steps 60, but seed0's layer11 has 300"):
+        seed_summary(tmp_path, [0, 1, 2])
 
 
 def test_one_seed_has_no_spread_and_the_summary_stays_strict_json(tmp_path):
@@ -71,24 +96,35 @@ def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_pat
         (folder / "trajectory.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(logged)))
         records = [{"step": s, "loss": 0.7, "elapsed_s": t} for s, t in timed]
         records += [{"step": s, "dev_loss": v} for s, v in dev.items()]
+        records.sort(key=lambda r: (r["step"], "loss" in r))  # as training writes them: step N's evaluation
+                                                              # (after N steps) before step N's loss
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         if holder is not None:
             (folder / "lock").write_text(str(holder))
 
     gone = subprocess.Popen(["true"])  # a finished child: its pid runs no more
     gone.wait()
-    run("live", 300, 130, [(100, 10.0), (110, 30.0), (120, 50.0)], {0: 1.7, 50: 0.9, 100: 1.1}, os.getpid())
+    run("live", 300, 130, [(100, 10.0), (110, 30.0), (120, 110.0)], {0: 1.7, 50: 0.9, 120: 1.1}, os.getpid())
     run("killed", 60, 12, [(0, 400.0), (10, 3.0)], {0: 1.7}, gone.pid)  # restarted: no pace across processes
     run("done", 60, 60, [], {0: 1.7}, None)
+    run("grid-diverged", 60, 7, [], {0: 1.7}, None)
+    (tmp_path / "runs" / "grid-diverged" / "diverged.json").write_text("{}")
+    run("adamw", 20, 0, [(0, 1.0), (10, 21.0)], {0: 1.7, 15: 1.2}, None)  # first-order: no trajectory
+    run_json = tmp_path / "runs" / "adamw" / "run.json"
+    run_json.write_text(json.dumps({"config": {"steps": 20, "optimizer": "adamw"}}))
     (tmp_path / "runs" / "done" / "results.json").write_text(json.dumps(
         {"scope": "layers [3]", "optimizer": "zo", "steps": 60, "test_metric": None, "test_value": None,
          "dev_loss_start": 1.7, "dev_loss_best": 1.7, "seconds_per_step": 1.0}))
     rows = unfinished_lines(tmp_path)
     assert rows[2].startswith("| run | steps logged")
-    assert rows[4] == (f"| runs/killed | 12 of 60 | 1.7000 at step 0 | 1.7000 | - | stopped: dlzo train --resume "
+    assert rows[4] == ("| runs/adamw | 15 of 20 | 1.2000 at step 15 | 1.2000 | 2.0 s/step, about 0 min of steps left "
+                       "| stopped: starts again from step 0 (first-order runs do not resume) |")
+    assert rows[5].startswith("| runs/grid-diverged | 7 of 60 |") and "| diverged (a grid's rate" in rows[5]
+    assert rows[6] == (f"| runs/killed | 12 of 60 | 1.7000 at step 0 | 1.7000 | - | stopped: dlzo train --resume "
                        f"{tmp_path / 'runs' / 'killed'} |")
-    assert rows[5] == (f"| runs/live | 130 of 300 | 1.1000 at step 100 | 0.9000 | 2.0 s/step, about 6 min of steps "
+    # the pace of the last two records with no evaluation between them (100 -> 110, not 110 -> 120 around one)
+    assert rows[7] == (f"| runs/live | 130 of 300 | 1.1000 at step 120 | 0.9000 | 2.0 s/step, about 6 min of steps "
                        f"left | running (process {os.getpid()}) |")
-    assert len(rows) == 7 and not any("runs/done" in row for row in rows)
+    assert len(rows) == 9 and not any("runs/done" in row for row in rows)
     report([str(tmp_path)], str(tmp_path / "report.md"))
-    assert rows[5] in (tmp_path / "report.md").read_text() and rows[5] in capsys.readouterr().out
+    assert rows[7] in (tmp_path / "report.md").read_text() and rows[7] in capsys.readouterr().out

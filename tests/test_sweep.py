@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -7,7 +9,8 @@ import pytest
 from conftest import DATA, STORIES
 from dlzo.errors import DlzoError
 from dlzo.options import SweepConfig, TrainConfig
-from dlzo.sweep import sweep
+from dlzo.run import RunFolder
+from dlzo.sweep import _check_finished_run, _check_probe_is_for, _clear_interrupted_first_order_run, sweep
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
             batch_size=4, lr=1e-3)
@@ -146,3 +149,45 @@ def test_the_grid_judges_the_last_step_not_the_best_seen_and_marks_diverged_rate
         lr_grid.choose_rates(base, runs, [1e-3], 3, tmp_path)
     with pytest.raises(DlzoError, match="every rate diverged for layer01"):
         lr_grid.choose_rates(base, runs, [1e-1], 2, tmp_path)
+
+
+def test_a_kept_run_whose_data_file_changed_is_not_reused(tmp_path):
+    """A finished run is reused by a sweep or grid only if its --data/--eval-data files hold what they held
+    (the paths agreeing is not enough: the rows behind the kept numbers would be other rows)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n{"text": "two"}\n')
+    config = TrainConfig(data=str(rows), out=str(tmp_path / "run"))
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    digest = hashlib.sha256(rows.read_bytes()).hexdigest()
+    folder.write_record({"config": asdict(config), "data": {"sha256": digest}})
+    assert folder.changed_since_kept(config) is None
+    rows.write_text('{"text": "one"}\n{"text": "three"}\n')
+    assert folder.changed_since_kept(config)[0] == "data (content)"
+    with pytest.raises(DlzoError, match=r"trained with data \(content\)=.*give --out another folder"):
+        _check_finished_run(folder.path, config, "layer01")
+
+
+def test_a_kept_probe_of_another_model_or_task_is_refused(tmp_path):
+    """OUT/probe.json chose the layers swept: one measured on another model or task's texts is refused (it
+    was reused whatever model produced it); probes from before the check, saying nothing, are taken."""
+    now = {"model": str(STORIES), "task": "cb", "data": ""}
+    _check_probe_is_for(tmp_path / "probe.json", None, now)
+    _check_probe_is_for(tmp_path / "probe.json", {**now, "model": str(STORIES) + "/."}, now)  # same folder
+    for key, other in (("model", str(tmp_path)), ("task", "rte")):
+        with pytest.raises(DlzoError, match=f"measured with --{key}"):
+            _check_probe_is_for(tmp_path / "probe.json", {**now, key: other}, now)
+
+
+def test_an_interrupted_first_order_reference_starts_again(tmp_path, capsys):
+    """AdamW runs keep no optimizer state, so a sweep cannot resume one (every later sweep stopped on the
+    refused --resume): its folder is emptied, unless a live process holds it."""
+    run_dir = tmp_path / "runs" / "adamw"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"config": {"steps": 5, "optimizer": "adamw"}}))
+    (run_dir / "lock").write_text(f"{os.getpid()}\n")
+    with pytest.raises(DlzoError, match=f"in use by process {os.getpid()}"):
+        _clear_interrupted_first_order_run(run_dir)
+    (run_dir / "lock").unlink()
+    _clear_interrupted_first_order_run(run_dir)
+    assert not run_dir.exists() and "starts again from step 0" in capsys.readouterr().out

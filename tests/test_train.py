@@ -95,6 +95,14 @@ def test_resume_with_different_arguments_is_refused(tmp_path):
         train(TrainConfig(**{**SMALL, "lr": 1e-2}, out=str(tmp_path), steps=4, scope="layer:1", resume=str(tmp_path)))
 
 
+def test_resume_with_fewer_steps_than_logged_is_refused(tmp_path):
+    """A constant-rate run may be extended on resume, but not cut below the steps it has logged: the resume
+    re-applied them all and results.json called the weights of step 4 those of step 2."""
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=4, eval_every=0, scope="layer:1"))
+    with pytest.raises(DlzoError, match="--steps 2 is below the 4 steps that run has already logged"):
+        train(TrainConfig(**SMALL, out=str(tmp_path), steps=2, eval_every=0, scope="layer:1", resume=str(tmp_path)))
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
     with pytest.raises(DlzoError, match="already holds a run"):

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from conftest import STORIES
 from dlzo.cli import main
-from dlzo.data import load_user_data
+from dlzo.data import file_digest, load_user_data
+from dlzo.eval import own_eval_rows
 from dlzo.generate import chat_prompt
 from dlzo.models import load_tokenizer
+from dlzo.options import EvalConfig
 from dlzo.replay import replay
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -408,3 +410,22 @@ def test_a_dev_file_that_is_the_training_file_is_said(files, chat_model, tmp_pat
     code, _, err = dlzo("export", "--run", tmp_path / "run", "--to", tmp_path / "x", "--checkpoint", "bogus",
                         capsys=capsys)
     assert code == 2 and "--checkpoint 'bogus' is not best, last or final" in err
+
+
+def test_eval_of_a_run_on_its_eval_data_scores_the_dev_rows_it_was_scored_on(tmp_path, stories_tokenizer):
+    """A run trained with --eval-data scored a seeded sample of --num-dev (else 500) of that file's rows;
+    `dlzo eval --run` on that file (any path, a copy too) scores the same rows, not every row or --num-test."""
+    train_rows, dev_rows = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train_rows.write_text("".join(json.dumps({"text": f"train row {i}"}) + "\n" for i in range(20)))
+    dev_rows.write_text("".join(json.dumps({"text": f"dev row {i}"}) + "\n" for i in range(700)))
+    copy = tmp_path / "elsewhere.jsonl"
+    shutil.copyfile(dev_rows, copy)
+    record = {"config": {"data": str(train_rows), "eval_data": str(dev_rows), "num_dev": -1, "data_seed": 3,
+                         "data_format": "auto", "columns": ""},
+              "data": {"sha256": file_digest(str(train_rows)), "eval_sha256": file_digest(str(dev_rows))}}
+    trained = load_user_data(str(train_rows), stories_tokenizer, eval_source=str(dev_rows), seed=3, max_eval=500).dev
+    _, rows, which = own_eval_rows(EvalConfig(run="R", data=str(copy), num_test=1000), stories_tokenizer, record)
+    assert [e.prompt + e.continuations[0] for e in rows] == [e.prompt + e.continuations[0] for e in trained]
+    assert len(rows) == 500 and which == "the run's 500 dev rows of its --eval-data"
+    _, other, _ = own_eval_rows(EvalConfig(run="R", data=str(train_rows), num_test=1000), stories_tokenizer, record)
+    assert len(other) == 20  # another file (here its training file): every row

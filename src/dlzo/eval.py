@@ -297,13 +297,16 @@ def _run_record(run: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _is_the_runs_data(source: str, record: dict) -> bool:
-    """Whether --data names the file the run trained on: the same hub source, or a file with the content the
-    run recorded (its sha256), under whatever path; runs that recorded none: the same resolved path."""
-    trained = record.get("config", {}).get("data", "")
+def _is_the_runs_data(source: str, record: dict, option: str = "data") -> bool:
+    """Whether --data names the file the run trained on (`option` "data") or took its dev rows from
+    ("eval_data"): the same hub source, or a file with the content the run recorded (its sha256), under
+    whatever path; runs that recorded none: the same resolved path."""
+    trained = record.get("config", {}).get(option, "")
+    if not trained:
+        return False
     if source.startswith(HUB_PREFIX) or trained.startswith(HUB_PREFIX):
         return source == trained
-    kept = (record.get("data") or {}).get("sha256")
+    kept = (record.get("data") or {}).get("sha256" if option == "data" else "eval_sha256")
     if kept:
         return file_digest(source) == kept
     return Path(source).resolve() == Path(trained).resolve()
@@ -319,6 +322,13 @@ def own_eval_rows(config: EvalConfig, tokenizer, record: dict | None) -> tuple[U
                               "", trained.get("eval_fraction", 0.1), trained.get("data_seed", 0),
                               max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
         return user, user.dev, f"the run's {len(user.dev)} held-out dev rows"
+    if trained.get("eval_data") and _is_the_runs_data(config.data, record, "eval_data"):
+        # the run's --eval-data: the rows it was scored on, a seeded sample of --num-dev (else 500) of them
+        num_dev = trained.get("num_dev", -1)
+        user = load_user_data(config.data, tokenizer, trained.get("data_format", "auto"), trained.get("columns", ""),
+                              eval_source=config.data, seed=trained.get("data_seed", 0),
+                              max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
+        return user, user.dev, f"the run's {len(user.dev)} dev rows of its --eval-data"
     user = load_user_data(config.data, tokenizer, config.data_format, config.columns, eval_source=config.data,
                           seed=config.data_seed, max_eval=config.num_test)
     total = len(user.train)

@@ -23,10 +23,8 @@ from pathlib import Path
 from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import Diverged, DlzoError
 from dlzo.options import TrainConfig
-from dlzo.run import RunFolder
+from dlzo.run import DIVERGED, RunFolder
 from dlzo.training import train
-
-DIVERGED = "diverged.json"  # marks a grid run stopped by non-finite losses
 
 
 def parse_grid(text: str) -> list[float]:

@@ -152,16 +152,36 @@ def plot_race(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def seed_summary(folder: Path) -> dict[str, dict]:
-    """Runs repeated over seeds (FOLDER/seed*/runs/NAME/results.json), grouped by NAME: test metric and best
-    dev loss as mean, sample standard deviation and standard error, and at which step the dev loss was lowest."""
+def _reported_results(seed_dir: Path) -> list[Path]:
+    """The results.json of each run the seed's sweep reported (its sweep.json): a folder moved aside in runs/
+    is none of them. Without a sweep.json yet, every finished run in runs/."""
+    sweep_file = seed_dir / "sweep.json"
+    if not sweep_file.exists():
+        return sorted(seed_dir.glob("runs/*/results.json"))
+    names = [entry["name"] for entry in json.loads(sweep_file.read_text()).get("runs", [])]
+    return [seed_dir / "runs" / name / "results.json" for name in names
+            if (seed_dir / "runs" / name / "results.json").exists()]
+
+
+def seed_summary(folder: Path, seeds: list[int] | None = None) -> dict[str, dict]:
+    """Runs repeated over seeds (FOLDER/seed<S>/runs/NAME/results.json), grouped by NAME: test metric and best
+    dev loss as mean, sample standard deviation and standard error, and at which step the dev loss was lowest.
+    With `seeds`, only those seeds' folders (a sweep's --seeds: an earlier study's other seeds in the same
+    folder are not averaged in); a run trained for other steps or another scope than its group is refused."""
+    seed_dirs = ([Path(folder) / f"seed{seed}" for seed in seeds] if seeds is not None
+                 else sorted(p for p in Path(folder).glob("seed*") if p.is_dir()))
     groups: dict[str, list[dict]] = {}
-    for results in sorted(Path(folder).glob("seed*/runs/*/results.json")):
+    for results in (r for seed_dir in seed_dirs for r in _reported_results(seed_dir)):
         record = json.loads(results.read_text())
         devs = [json.loads(x) for x in (results.parent / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in x]
         record["best_step"] = min(devs, key=lambda d: d["dev_loss"])["step"] if devs else None
         record["seed"] = results.parent.parent.parent.name
-        groups.setdefault(results.parent.name, []).append(record)
+        group = groups.setdefault(results.parent.name, [])
+        for key in ("steps", "scope"):
+            if group and record.get(key) != group[0].get(key):
+                raise DlzoError(f"{results}: {key} {record.get(key)!r}, but {group[0]['seed']}'s "
+                                f"{results.parent.name} has {group[0].get(key)!r}; a mean over seeds needs one recipe")
+        group.append(record)
     summary = {}
     for name, records in groups.items():
         test = spread([r["test_value"] for r in records])  # n: the seeds with a test figure
@@ -203,7 +223,14 @@ def unfinished_lines(folder: Path) -> list[str]:
         pace = state["seconds_per_step"]
         left = (state["steps"] or 0) - state["done"]
         eta = f"{pace:.1f} s/step, about {pace * left / 60:.0f} min of steps left" if pace else "-"
-        who = f"running (process {state['holder']})" if state["holder"] else f"stopped: dlzo train --resume {path}"
+        if state["holder"]:
+            who = f"running (process {state['holder']})"
+        elif state["diverged"]:
+            who = "diverged (a grid's rate: counted as infinitely bad)"
+        elif state["optimizer"] != "zo":  # first-order runs keep no optimizer state on disk
+            who = "stopped: starts again from step 0 (first-order runs do not resume)"
+        else:
+            who = f"stopped: dlzo train --resume {path}"
         rows.append(f"| {path.relative_to(folder) if path != folder else path.name} | {state['done']} of "
                     f"{state['steps']} | {last} | {best} | {eta} | {who} |")
     if not rows:

@@ -8,6 +8,7 @@
   final.safetensors  tuned tensors after the last step
   results.json       dev loss start/best, test metric of the best checkpoint, wall time
   lock               the process id of the run that holds the folder
+  diverged.json      a learning-rate grid's run stopped by non-finite losses (dlzo.lr_grid): finished, no results
 
 Resume is handled here and only here: `resume_point` loads the last checkpoint and re-applies every logged
 step after it (ZOOptimizer.replay_step), so a kill loses at most the step in flight; a torn last line of a
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from dlzo.data import file_digest
 from dlzo.errors import DlzoError, first_line
 from dlzo.options import TrainConfig, same_path_option
 from dlzo.prepare import Prepared, load_into, prepare_model
@@ -38,6 +40,7 @@ from dlzo.zo import ZOOptimizer
 _FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
 # Keys that may differ between an interrupted run and its resumption.
 _FREE_ON_RESUME = (*_FREE_FOR_A_KEPT_RUN, "steps")
+DIVERGED = "diverged.json"  # marks a learning-rate grid's run stopped by non-finite losses
 
 
 def library_versions() -> dict:
@@ -102,6 +105,10 @@ class RunFolder:
         if changed:
             key, was, now = changed
             raise DlzoError(f"--resume {self.path}: --{key.replace('_', '-')} was {was!r} in that run, now {now!r}")
+        reached = self.steps_logged()
+        if config.steps < reached:  # the resume would re-apply them all and label the result with fewer
+            raise DlzoError(f"--resume {self.path}: --steps {config.steps} is below the {reached} steps that run "
+                            f"has already logged; give --steps {reached} or more, or start a new run")
         return previous
 
     def changed_option(self, config: TrainConfig, free: Iterable[str]) -> tuple[str, object, object] | None:
@@ -118,7 +125,14 @@ class RunFolder:
     def changed_since_kept(self, config: TrainConfig) -> tuple[str, object, object] | None:
         """For a run reused as finished (a sweep's or a learning-rate grid's): the first option, steps
         included, that differs from what trained it; None when all agree."""
-        return self.changed_option(config, _FREE_FOR_A_KEPT_RUN)
+        changed = self.changed_option(config, _FREE_FOR_A_KEPT_RUN)
+        if changed is None:  # the same path may hold other rows now (resume checks this too: check_same_data)
+            kept = json.loads(self.run_file.read_text()).get("data") or {}
+            for key, name, source in (("sha256", "data", config.data), ("eval_sha256", "eval_data", config.eval_data)):
+                now = file_digest(source)
+                if kept.get(key) and now and kept[key] != now:
+                    return f"{name} (content)", f"sha256 {kept[key][:12]}...", f"sha256 {now[:12]}..."
+        return changed
 
     def lock(self) -> None:
         """Hold the folder for this process: a second run on it fails at once naming the holder; a lock left
@@ -132,7 +146,8 @@ class RunFolder:
                 handle = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and _alive(holder):
+                # our own pid in a lock we did not take: a process of that pid before a restart left it
+                if holder is not None and holder != os.getpid() and _alive(holder):
                     raise DlzoError(f"--out {self.path} is in use by process {holder} (its lock file: {self.lock_file}); "
                                     f"wait for it or stop it") from None
                 print(f"taking over the stale lock of process {holder} in {self.path} (it is no longer running)")
@@ -205,19 +220,32 @@ class RunFolder:
         self._truncate(self.metrics, lambda r: r["step"] < step or (r["step"] == step and "dev_loss" in r))
         return ResumePoint(step, best_dev, replayed)
 
+    def steps_logged(self) -> int:
+        """Steps this run has finished by its logs: its trajectory, or for a first-order run (no trajectory)
+        its loss records (every 10 steps) and evaluations."""
+        steps = [r["step"] + 1 for r in read_jsonl(self.trajectory)]
+        if not steps:
+            steps = [r["step"] + ("loss" in r) for r in read_jsonl(self.metrics) if "loss" in r or "dev_loss" in r]
+        return max(steps, default=0)
+
     def progress(self) -> dict:
         """Where an unfinished run stands, from its logs alone (nothing is loaded): steps logged of those asked,
-        its dev losses, the recent seconds per step, and the live process holding it (None: stopped, resume it)."""
+        its dev losses, the recent seconds per training step, the live process holding it (None: stopped) and
+        whether it diverged (a learning-rate grid's run, finished without results)."""
         config = json.loads(self.run_file.read_text()).get("config", {})
-        logged = [r["step"] for r in read_jsonl(self.trajectory)] or [r["step"] for r in read_jsonl(self.metrics)
-                                                                        if "loss" in r]
-        timed = [r for r in read_jsonl(self.metrics) if "elapsed_s" in r][-2:]
-        recent = None  # from the last two timed records of one process (elapsed_s restarts with each process)
-        if len(timed) == 2 and timed[1]["elapsed_s"] > timed[0]["elapsed_s"] and timed[1]["step"] > timed[0]["step"]:
-            recent = (timed[1]["elapsed_s"] - timed[0]["elapsed_s"]) / (timed[1]["step"] - timed[0]["step"])
+        recent = previous = None
+        for record in read_jsonl(self.metrics):
+            if "dev_loss" in record:
+                previous = None  # an evaluation between two records is not a training step's time
+            elif "elapsed_s" in record:
+                # elapsed_s restarts with each process: a pair across a resume is not a pace
+                if previous and record["elapsed_s"] > previous["elapsed_s"] and record["step"] > previous["step"]:
+                    recent = (record["elapsed_s"] - previous["elapsed_s"]) / (record["step"] - previous["step"])
+                previous = record
         holder = self._holder()
-        return {"steps": config.get("steps"), "done": max(logged) + 1 if logged else 0, "dev_losses": self.dev_losses(),
-                "seconds_per_step": recent, "holder": holder if holder is not None and _alive(holder) else None}
+        return {"steps": config.get("steps"), "done": self.steps_logged(), "dev_losses": self.dev_losses(),
+                "seconds_per_step": recent, "holder": holder if holder is not None and _alive(holder) else None,
+                "diverged": (self.path / DIVERGED).exists(), "optimizer": config.get("optimizer", "zo")}
 
     def dev_losses(self) -> dict[int, float]:
         return {r["step"]: r["dev_loss"] for r in read_jsonl(self.metrics) if "dev_loss" in r}

@@ -4,6 +4,7 @@ seed, steps and data, and say whether the probe's layer is the best one. Resumab
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.lr_grid import choose_rates, parse_grid
 from dlzo.models import load_model, load_tokenizer
-from dlzo.options import SweepConfig, TrainConfig, reference_names
+from dlzo.options import SweepConfig, TrainConfig, reference_names, same_path_option
 from dlzo.probe import find_dominant_layer
 from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
 from dlzo.run import RunFolder
@@ -71,6 +72,25 @@ def _check_finished_run(run_dir: Path, config: TrainConfig, name: str) -> None:
                         f"{key}={show(now)}; move that folder away or give --out another folder")
 
 
+def _check_probe_is_for(probe_file: Path, kept: dict | None, now: dict) -> None:
+    """The kept probe chose the swept layers: it must be of this model, on this task's or file's texts (probes
+    written before this check say nothing and are taken as they are)."""
+    for key, was in (kept or {}).items():
+        if not same_path_option(key, was, now.get(key)):
+            raise DlzoError(f"{probe_file} was measured with --{key} {was!r}, but this sweep has {now.get(key)!r}; "
+                            f"give --out another folder")
+
+
+def _clear_interrupted_first_order_run(run_dir: Path) -> None:
+    """An AdamW reference keeps no optimizer state on disk, so it cannot resume: its folder is emptied and it
+    starts again (before, every later sweep stopped on its refused --resume). Not while a process holds it."""
+    holder = RunFolder(run_dir).progress()["holder"]
+    if holder is not None:
+        raise DlzoError(f"{run_dir} is in use by process {holder}; wait for it or stop it")
+    print(f"{run_dir}: an interrupted first-order run starts again from step 0 (it keeps no optimizer state)")
+    shutil.rmtree(run_dir)
+
+
 def sweep(config: SweepConfig) -> dict:
     """Tune each layer alone (plus references) with the same seeds, steps and data; resumable. With --seeds,
     the same sweep once per seed, then mean ± std across seeds."""
@@ -85,8 +105,10 @@ def sweep(config: SweepConfig) -> dict:
         config.validate_data_options()
         train_examples = load_data(TrainConfig(**shared_train_options(config)), load_tokenizer(config.model)).splits.train
     out.mkdir(parents=True, exist_ok=True)
+    measured_on = {"model": config.model, "task": config.task, "data": config.data}
     if probe_file.exists():
         probe = json.loads(probe_file.read_text())
+        _check_probe_is_for(probe_file, probe.get("measured_on"), measured_on)
     else:
         if train_examples is None:
             task = load_task(config.task, config.data_dir)
@@ -94,7 +116,7 @@ def sweep(config: SweepConfig) -> dict:
                                          config.num_test).train
         model, tokenizer = load_model(config.model, dtype=config.dtype), load_tokenizer(config.model)
         texts = [e.prompt + e.continuations[e.label] for e in train_examples[:64]]
-        probe = find_dominant_layer(model, tokenizer, texts).to_json()
+        probe = {**find_dominant_layer(model, tokenizer, texts).to_json(), "measured_on": measured_on}
         atomic_write_json(probe_file, probe)
         del model
     probe_layer = probe["dominant_layer"]
@@ -115,9 +137,11 @@ def sweep(config: SweepConfig) -> dict:
         if results_file.exists():
             _check_finished_run(run_dir, train_config, name)
         else:
-            if (run_dir / "run.json").exists():
+            if (run_dir / "run.json").exists() and train_config.optimizer == "zo":
                 train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
-            train(train_config)                     # the resume refuses changed options)
+            elif (run_dir / "run.json").exists():   # the resume refuses changed options)
+                _clear_interrupted_first_order_run(run_dir)
+            train(train_config)
         results = json.loads(results_file.read_text())
         metric, value = results["test_metric"], results["test_value"]
         if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
@@ -151,7 +175,7 @@ def sweep_seeds(config: SweepConfig) -> dict:
     for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds
         sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
                       grid_out=config.grid_out or str(out / "grid")))
-    summary = {"config": asdict(config), "runs": seed_summary(out)}
+    summary = {"config": asdict(config), "runs": seed_summary(out, seeds)}
     atomic_write_json(out / "seeds.json", summary)
     print(format_seed_summary(summary["runs"]))
     return summary
