@@ -324,6 +324,27 @@ def test_fast_and_plain_paths_train_alike(stories_path, tmp_path):
     assert all(torch.allclose(f[n], p[n], atol=1e-5) for n in f)
 
 
+def test_label_smoothing_is_the_loss_of_both_branches(stories_path, tmp_path):
+    """With label_smoothing_factor, Trainer.compute_loss pops the labels from the inputs it is given: the
+    second forward (θ-εz) had none and the first step raised. Both branches are now the smoothed loss: each
+    within the perturbation's reach of the untrained model's smoothed loss on the same batch, their mean
+    within second order of it."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer = make_trainer(stories_path, tmp_path, max_steps=1, per_device_train_batch_size=len(TEXTS),
+                           label_smoothing_factor=0.1)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(TEXTS))])
+    with torch.no_grad():
+        start = LabelSmoother(epsilon=0.1)(trainer.model(input_ids=batch["input_ids"],
+                                                         attention_mask=batch["attention_mask"]),
+                                           batch["labels"], shift_labels=True).item()
+    trainer.train()
+    plus, minus = trainer.zo_history[0]["loss_plus"][0], trainer.zo_history[0]["loss_minus"][0]
+    assert plus != minus and abs(plus - start) < 1e-2 and abs(minus - start) < 1e-2
+    # the mean moves by the second-order term, eps²·z'Hz/2 (1.6e-4 here); the unsmoothed loss is 1.88, not 3.81
+    assert (plus + minus) / 2 == pytest.approx(start, abs=1e-3)
+
+
 # ------------------------------------------------------------------------------------ scopes
 
 

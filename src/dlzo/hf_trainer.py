@@ -278,6 +278,18 @@ class ZOTrainer(Trainer):
         return ("labels" in inputs and self.compute_loss_func is None and self.label_smoother is None
                 and type(self).compute_loss is Trainer.compute_loss)
 
+    def _label_count(self, inputs) -> float | None:
+        """A micro-batch's label items, counted as Trainer counts num_items_in_batch (shift_labels, else labels
+        without their first position for a causal-LM loss, else every label), so the shares add up to one."""
+        if not isinstance(inputs, Mapping):  # BatchEncoding is a Mapping, not a dict
+            return None
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", True):
+                labels = labels[..., 1:]
+        return float(labels.ne(-100).sum()) if isinstance(labels, torch.Tensor) else None
+
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Losses at θ±εz of this optimizer step's direction(s) on one micro-batch, kept for the update that
         the optimizer step applies; returns the mean of the two, detached (what MeZO logs as the loss)."""
@@ -290,15 +302,15 @@ class ZOTrainer(Trainer):
             if self._branched is not None and self._uses_model_loss(inputs):
                 result = self._zo.step_functional(
                     lambda plus, minus: self._branched.pair_model_loss(inputs, plus, minus), update=False)
-            else:
-                result = self._zo.step(lambda: self.compute_loss(model, inputs), update=False)
-        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None  # BatchEncoding is no dict
-        weight = float((labels[:, 1:] != -100).sum()) if isinstance(labels, torch.Tensor) and labels.dim() == 2 else 1.0
+            else:  # a copy per forward: with label smoothing or compute_loss_func, compute_loss pops "labels"
+                result = self._zo.step(lambda: self.compute_loss(model, dict(inputs)), update=False)
+        counted = self._label_count(inputs)
+        weight = counted if counted is not None else 1.0
         self._pending.append((step, result, weight))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(torch.zeros((), device=self.args.device))  # fp16: sets up the scale it checks at step
-        if num_items_in_batch is not None and isinstance(labels, torch.Tensor):
+        if num_items_in_batch is not None and counted is not None:
             share = weight / max(float(num_items_in_batch), 1.0)
         else:
             share = 1.0 / self.current_gradient_accumulation_steps
