@@ -3,6 +3,7 @@
 import itertools
 import json
 import time
+import types
 
 import pytest
 
@@ -17,7 +18,7 @@ from dlzo.race import parse_recipes, race, race_ratios
 
 TINY = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8, batch_size=4,
             eval_batch_size=16)
-SLEEP = 0.3
+SCORING = 3600.0  # seconds each scripted scoring takes on the race's clock (virtual: nothing sleeps)
 
 
 def test_recipes_parse_typed_and_bad_ones_name_the_recipe():
@@ -51,7 +52,16 @@ def test_ratio_arithmetic():
     dom = ratios["recipes"]["dom"]
     assert dom["vs_upstream_full"] == pytest.approx(3.0 * 40 / 4.0) and dom["vs_full"] == pytest.approx(20.0)
     assert dom["vs_adamw"] == pytest.approx(7.5) and dom["bounds"]["vs_adamw"] == "at least"
-    assert dom["bounds"]["vs_full"] == "exact" and ratios["recipes"]["adamw"]["vs_full"] is None
+    assert dom["bounds"]["vs_full"] == "reached, to the scoring interval" and ratios["recipes"]["adamw"]["vs_full"] is None
+    # crossings known to their scoring intervals: full in (70, 80] s (upstream: steps 35-40), dom in (2, 4] s
+    results["full"].update(seconds_before_target=70.0, steps_before_target=35)
+    results["dom"].update(seconds_before_target=2.0)
+    dom = race_ratios(results, 3.0, "full", "adamw")["recipes"]["dom"]
+    assert dom["vs_full"] == pytest.approx(20.0) and dom["range"]["vs_full"] == pytest.approx([70 / 4, 80 / 2])
+    assert dom["range"]["vs_upstream_full"] == pytest.approx([3.0 * 35 / 4, 3.0 * 40 / 2])
+    assert dom["range"]["vs_adamw"] == [pytest.approx(30 / 4), None]  # never reached: no upper bound
+    results["dom"]["seconds_before_target"] = 0.0  # met at the first scoring after step 0's
+    assert race_ratios(results, None, "full", "adamw")["recipes"]["dom"]["range"]["vs_full"][1] is None
 
 
 def test_time_to_full_mezos_best_dev_loss():
@@ -96,20 +106,37 @@ def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, mo
     assert (tmp_path / "race" / "race.png").exists()
 
 
+def test_a_target_met_past_the_budget_is_not_reached(tmp_path, monkeypatch):
+    """The budget is checked after each step, so the last one can end past it: a target met at that scoring
+    counted as reached (182.4 s against a 180 s budget in the CB race). Here every scoring meets the target;
+    the layer recipe's cache build alone passes a 1 µs budget, full MeZO (no cache) is at 0 s at step 0."""
+    monkeypatch.setattr(race_module, "evaluate", lambda *a, **k: EvalResult("sst2", "accuracy", 0.9, 8))
+    report = race(RaceConfig(**TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3", seeds="0",
+                             target=0.7, max_steps=3, eval_every=1, upstream_repeats=0, budget_s=1e-6,
+                             out=str(tmp_path / "race")))
+    full, dom = report["results"]["0"]["full"], report["results"]["0"]["dominant"]
+    assert full["reached"] and full["seconds_to_target"] == 0.0
+    assert dom["prefix_cache_seconds"] > 1e-6 and not dom["reached"] and dom["curve"][0]["metric"] == 0.9
+
+
 def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkeypatch):
-    """Scripted test metrics (each scoring sleeps SLEEP s): full never reaches 0.7, dominant does at step 2."""
+    """Scripted test metrics (each scoring takes an hour on the race's clock, advanced by the fake evaluation:
+    a real sleep made the test depend on the machine's load): full never reaches 0.7, dominant does at step 2."""
     scripted = itertools.cycle([0.5, 0.6, 0.65, 0.5, 0.8])
+    offset = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
 
     def fake_evaluate(model, tokenizer, task, examples, *args, **kwargs):
-        time.sleep(SLEEP)
+        offset[0] += SCORING
         return EvalResult(task.name, "accuracy", next(scripted), len(examples))
 
     monkeypatch.setattr(race_module, "evaluate", fake_evaluate)
-    started = time.perf_counter()
+    monkeypatch.setattr(race_module, "time", clock)
+    started = clock.perf_counter()
     report = race(RaceConfig(**TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3",
                              seeds="0,1", target=0.7, max_steps=4, eval_every=2, upstream_repeats=1,
                              out=str(tmp_path / "race")))
-    wall = time.perf_counter() - started
+    wall = clock.perf_counter() - started
     saved = json.loads((tmp_path / "race" / "race.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(report["summary"])) and (tmp_path / "race" / "race.png").exists()
     for seed in ("0", "1"):
@@ -119,11 +146,13 @@ def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkey
         for run in (full, dom):
             # the step-0 scoring is not training time; building the frozen-prefix cache is
             assert run["curve"][0]["seconds"] == pytest.approx(run["prefix_cache_seconds"], abs=1e-3)
-            assert run["eval_seconds"] >= SLEEP * run["evaluations"] > run["curve"][-1]["seconds"] - run["train_seconds"]
+            assert run["eval_seconds"] >= SCORING * run["evaluations"] > SCORING > run["train_seconds"]
             assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"], abs=1e-3)
             assert run["peak_mem_bytes"] > 0 and run["mem_vs_inference"] > 0.5
-        # two steps of stories260K, none of the scoring's sleeps (the cache's build is training time)
-        assert dom["seconds_to_target"] == dom["curve"][1]["seconds"] < dom["prefix_cache_seconds"] + SLEEP
+        # two steps of stories260K and the cache's build (training time), none of the scorings' hours
+        assert dom["seconds_to_target"] == dom["curve"][1]["seconds"] < SCORING
+        # crossed between the scoring before (step 0) and this one: the interval the time is known to
+        assert (dom["steps_before_target"], dom["seconds_before_target"]) == (0, dom["curve"][0]["seconds"])
         upstream = saved["upstream_full"][seed]["step_s"]
         ratios = saved["ratios"][seed]["recipes"]["dominant"]
         assert ratios["vs_upstream_full"] == pytest.approx(upstream * full["steps"] / dom["seconds_to_target"])
@@ -167,3 +196,9 @@ def test_a_killed_race_resumes_from_its_finished_recipes(tmp_path, monkeypatch):
     assert ran == [str(seed / "dominant")]
     assert again["results"]["0"]["full"] == json.loads(json.dumps(first["results"]["0"]["full"]))
     assert again["upstream_full"] == json.loads(json.dumps(first["upstream_full"]))
+    (tmp_path / "race" / "race.json").unlink()  # a recipe or a shared setting changed: its record is not reused
+    changed = config["recipes"].replace("lr=1e-4", "lr=2e-4")
+    with pytest.raises(DlzoError, match=r"full/race-recipe.json: this recipe ran with --lr 0.0001, the race now gives 0.0002"):
+        race(RaceConfig(**{**config, "recipes": changed}))
+    with pytest.raises(DlzoError, match=r"race-recipe.json: this recipe ran with --eps 0.001"):
+        race(RaceConfig(**{**config, "eps": 1e-2}))

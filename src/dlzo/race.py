@@ -28,7 +28,7 @@ from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.eval import evaluate
 from dlzo.models import load_model, load_tokenizer, resolve_device
-from dlzo.options import RaceConfig, TrainConfig
+from dlzo.options import RaceConfig, TrainConfig, same_path_option
 from dlzo.report import plot_race
 from dlzo.run import RunFolder
 from dlzo.scoring import encode, fast_layout
@@ -130,7 +130,8 @@ class RecipeRun:
             point["dev_loss"] = s.evaluate_dev()
         self.eval_s += time.perf_counter() - started
         self.curve.append(point)
-        if self.reached is None and result.value >= self.race.target:
+        # a step may end past the budget (done() is checked after it): a target met there is not within it
+        if self.reached is None and result.value >= self.race.target and self.train_s <= self.race.budget_s:
             self.reached = point
 
     def train_chunk(self) -> None:
@@ -159,8 +160,15 @@ class RecipeRun:
             self.score()
         return self.record(inference)
 
+    def _scoring_before(self, reached: dict | None) -> dict | None:
+        if reached is None:
+            return None
+        index = next(i for i, point in enumerate(self.curve) if point is reached)
+        return self.curve[index - 1] if index else reached
+
     def record(self, inference: int) -> dict:
         config, s, reached = self.config, self.session, self.reached
+        before = self._scoring_before(reached)
         return {"scope": s.prepared.scope.description, "optimizer": config.optimizer, "lr": config.lr,
                 "zo_update": config.zo_update if config.optimizer == "zo" else None,
                 "hessian_smooth": (config.hessian_smooth if config.optimizer == "zo" and config.zo_update == "hizoo"
@@ -170,6 +178,9 @@ class RecipeRun:
                 "tuned_parameters": s.prepared.scope.tuned, "reached": reached is not None,
                 "steps_to_target": reached["step"] if reached else None,
                 "seconds_to_target": reached["seconds"] if reached else None,
+                # the target was crossed after the scoring before: time to target is known to this interval
+                "seconds_before_target": before["seconds"] if before else None,
+                "steps_before_target": before["step"] if before else None,
                 "steps": self.step, "train_seconds": round(self.train_s, 3), "eval_seconds": round(self.eval_s, 3),
                 "evaluations": len(self.curve), "seconds_per_step": self.train_s / max(self.step, 1),
                 "peak_mem_bytes": self.peak, "inference_mem_bytes": inference,
@@ -195,6 +206,25 @@ def check_same_race(record: dict, race: RaceConfig, path: Path) -> None:
                             f"{getattr(race, name)!r}; give --out another folder")
 
 
+# What a recipe's run is free to differ in without changing its figures: where it lives and how it logs.
+_FREE_IN_A_RECIPE = ("out", "resume", "quiet", "report_to", "prefix_store")
+
+
+def recipe_record(config: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in _FREE_IN_A_RECIPE}
+
+
+def check_same_recipe(record: dict, config: TrainConfig, path: Path) -> None:
+    """A finished recipe (or upstream timing) is reused only if it trained as this race would train it: the
+    recipe's own settings and the shared ones (model, task, data, batch, eps, dtype, ...). Records older than
+    this check carry none and are taken as they are."""
+    now = recipe_record(config)
+    for name, was in record.get("recipe_config", {}).items():
+        if not same_path_option(name, was, now.get(name)):
+            raise DlzoError(f"{path}: this recipe ran with --{name.replace('_', '-')} {was!r}, the race now gives "
+                            f"{now.get(name)!r}; give --out another folder")
+
+
 def upstream_step(race: RaceConfig, data: Data, seed: int) -> dict:
     """One upstream-style full MeZO step (dlzo.bench's upstream_full: a padded row per candidate, full-vocabulary
     logits, four noise passes) on the race's first batch, timed here; a fresh model, since it moves the weights."""
@@ -217,24 +247,32 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
     """Seconds-to-target of each recipe against the references of the same run: upstream-style full MeZO
     (its measured step time x our full MeZO's steps to target: the same arithmetic, so the same steps), our
     full MeZO and AdamW. A reference that never reached the target gives a lower bound (its seconds at the
-    budget), marked so in `bounds`."""
+    budget), marked so in `bounds`. Times to target are read at the scorings (every --eval-every steps), so
+    each is known only to its interval after the scoring before; `range` gives the ratio's bounds from those
+    intervals ([low, high]; high None when a recipe met the target at its first scoring after step 0's, whose
+    crossing could be at any time since)."""
     references = {}
     if full in results:
         r = results[full]
         steps = r["steps_to_target"] if r["reached"] else r["steps"]
-        references["full"] = (r["seconds_to_target"] if r["reached"] else r["train_seconds"], r["reached"])
+        references["full"] = _reference_seconds(r)
         if upstream_step_s:
-            references["upstream_full"] = (upstream_step_s * steps, r["reached"])
+            before = r.get("steps_before_target") if r["reached"] else None
+            references["upstream_full"] = (upstream_step_s * steps, r["reached"],
+                                           upstream_step_s * (steps if before is None else before))
     if adamw in results:
-        r = results[adamw]
-        references["adamw"] = (r["seconds_to_target"] if r["reached"] else r["train_seconds"], r["reached"])
-    ratios = {"references": {k: {"seconds": s, "reached": ok} for k, (s, ok) in references.items()}, "recipes": {}}
+        references["adamw"] = _reference_seconds(results[adamw])
+    ratios = {"references": {k: {"seconds": s, "reached": ok, "seconds_before": low}
+                             for k, (s, ok, low) in references.items()}, "recipes": {}}
     for name, r in results.items():
         mine = r["seconds_to_target"] if r["reached"] else None
-        ratios["recipes"][name] = {
-            f"vs_{k}": (s / mine if mine else None) for k, (s, _) in references.items()}
-        ratios["recipes"][name]["bounds"] = {f"vs_{k}": "exact" if ok else "at least"
-                                             for k, (_, ok) in references.items()}
+        mine_before = r.get("seconds_before_target", mine) if mine else None
+        ratios["recipes"][name] = {f"vs_{k}": (s / mine if mine else None) for k, (s, _, _) in references.items()}
+        ratios["recipes"][name]["bounds"] = {f"vs_{k}": "reached, to the scoring interval" if ok else "at least"
+                                             for k, (_, ok, _) in references.items()}
+        ratios["recipes"][name]["range"] = {
+            f"vs_{k}": ([low / mine, s / mine_before if ok and mine_before else None] if mine else None)
+            for k, (s, ok, low) in references.items()}
     best_dev = full_best_dev_loss(results, full)
     if best_dev is not None:
         ratios["references"]["full_best_dev_loss"] = best_dev
@@ -243,6 +281,13 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
             ratios["recipes"][name]["seconds_to_full_best_dev_loss"] = mine
             ratios["recipes"][name]["vs_full_best_dev_loss"] = best_dev["seconds"] / mine if mine else None
     return ratios
+
+
+def _reference_seconds(r: dict) -> tuple[float, bool, float]:
+    """(seconds to target or at the budget, reached, the earliest the target can have been crossed)."""
+    if not r["reached"]:
+        return r["train_seconds"], False, r["train_seconds"]
+    return r["seconds_to_target"], True, r.get("seconds_before_target", r["seconds_to_target"])
 
 
 def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:
@@ -272,7 +317,7 @@ def summarise(per_seed: dict[str, dict], ratios: dict[str, dict]) -> dict:
     summary = {}
     for name in names:
         runs = [per_seed[s][name] for s in per_seed]
-        kinds = {k for s in ratios for k in ratios[s]["recipes"][name] if k != "bounds"}
+        kinds = {k for s in ratios for k in ratios[s]["recipes"][name] if k not in ("bounds", "range")}
         summary[name] = {"reached": sum(r["reached"] for r in runs), "seeds": len(runs),
                          "seconds_to_target": spread([r["seconds_to_target"] for r in runs]),
                          "steps_to_target": spread([r["steps_to_target"] for r in runs]),
@@ -297,12 +342,14 @@ def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tu
         if done.exists():
             results[name] = json.loads(done.read_text())
             check_same_race(results[name], race, done)
+            check_same_recipe(results[name], config, done)
             print(f"race seed {seed}: {name}: finished before, read from {done}", flush=True)
             continue
         if (folder / name).exists():
             shutil.rmtree(folder / name)
         print(f"race seed {seed}: {name} ({' '.join(f'{k}={v}' for k, v in overrides.items())})", flush=True)
-        results[name] = {**RecipeRun(race, config, data).run(), "race_options": race_options(race)}
+        results[name] = {**RecipeRun(race, config, data).run(), "race_options": race_options(race),
+                         "recipe_config": recipe_record(config)}
         atomic_write_json(done, results[name])
         gc.collect()
         r = results[name]
@@ -312,9 +359,12 @@ def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tu
     kept = folder / "upstream-step.json"
     if race.upstream_repeats <= 0:
         return results, None
+    shared = recipe_config(race, {}, seed, Path(race.out))
     if kept.exists():
-        return results, json.loads(kept.read_text())
-    upstream = upstream_step(race, data, seed)
+        upstream = json.loads(kept.read_text())
+        check_same_recipe(upstream, shared, kept)
+        return results, upstream
+    upstream = {**upstream_step(race, data, seed), "recipe_config": recipe_record(shared)}
     atomic_write_json(kept, upstream)
     return results, upstream
 
@@ -337,7 +387,9 @@ def race(config: RaceConfig) -> dict:
               "summary": summarise(per_seed, ratios),
               "notes": "seconds are training seconds only (train_step, batch encoding included); evaluation of the "
                        "fixed test subset is timed apart (eval_seconds). vs_X ratios: X's seconds to target / this "
-                       "recipe's (higher is better); 'at least' where X never reached the target within the budget."}
+                       "recipe's (higher is better), read at the scorings; 'at least' where X never reached the target "
+                       "within the budget; range: the ratio's bounds, each crossing being known only to the interval "
+                       "after the scoring before it (seconds_before_target)."}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "race.json", report)
     plot_race(report, out / "race.png")
