@@ -288,6 +288,22 @@ def test_non_finite_steps_are_skipped(stories_path, tmp_path):
     assert trainer.state.log_history[-2]["zo_skipped_steps"] == 2
 
 
+def test_skipped_steps_are_counted_across_a_resume(stories_path, tmp_path):
+    """zo_skipped_steps counts the whole run: a run resumed from its step-2 checkpoint (2 steps skipped before)
+    logs 4 after skipping 2 more, not 2 (the count restarted with each train() call)."""
+    def nan_trainer(out):
+        trainer = make_trainer(stories_path, out, max_steps=4, save_strategy="steps", save_steps=2)
+        with torch.no_grad():
+            trainer.model.model.norm.weight[0] = float("nan")
+        return trainer
+
+    nan_trainer(tmp_path / "first").train()
+    resumed = nan_trainer(tmp_path / "second")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    assert [h["skipped"] for h in resumed.zo_history] == [True, True]
+    assert resumed.state.log_history[-2]["zo_skipped_steps"] == 4
+
+
 def test_bf16_autocast_steps(stories_path, tmp_path):
     trainer = make_trainer(stories_path, tmp_path, max_steps=2, bf16=True)
     base = weights(trainer.model)

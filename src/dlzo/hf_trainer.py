@@ -201,6 +201,7 @@ class ZOTrainer(Trainer):
                           if zo_args.fast_path and self.zo_scope.layers else None)
         self._pending: list[tuple[int, StepResult, float]] = []  # (optimizer step, micro-batch result, weight)
         self.zo_history: list[dict] = []
+        self._skipped_before = 0  # skipped steps of the run before a resume (its checkpoint's dlzo_zo.json)
         logger.info("ZOTrainer tunes %s: %d of %d parameters (%.3f%%)%s", self.zo_scope.description,
                     self.zo_scope.tuned, self.zo_scope.total, 100 * self.zo_scope.fraction,
                     f"; {self.zo_layer_reason}" if self.zo_layer_reason else "")
@@ -346,7 +347,8 @@ class ZOTrainer(Trainer):
 
     def _zo_state(self) -> dict:
         return {**self._zo.state_dict(), "names": list(self.zo_scope.names),
-                "scope": self.zo_scope.description, "zo_args": dataclasses.asdict(self.zo_args)}
+                "scope": self.zo_scope.description, "zo_args": dataclasses.asdict(self.zo_args),
+                "skipped_steps": self._skipped_before + sum(h["skipped"] for h in self.zo_history)}
 
     def _load_zo_state(self, state: dict) -> None:
         if list(state.get("names", self.zo_scope.names)) != list(self.zo_scope.names):
@@ -355,12 +357,13 @@ class ZOTrainer(Trainer):
         if int(state.get("seed", self._zo.seed)) != self._zo.seed:
             raise ValueError(f"the checkpoint's ZO seed is {state['seed']}, args.seed is {self._zo.seed}")
         self._zo.load_state_dict(state)
+        self._skipped_before = int(state.get("skipped_steps", 0))  # zo_skipped_steps counts the whole run
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.zo_history:  # a training log: grad_norm is 0 without gradients
             logs.pop("grad_norm", None)
             logs["zo_projected_grad"] = self.zo_history[-1]["projected_grads"][0]
-            logs["zo_skipped_steps"] = sum(h["skipped"] for h in self.zo_history)
+            logs["zo_skipped_steps"] = self._skipped_before + sum(h["skipped"] for h in self.zo_history)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
