@@ -119,6 +119,18 @@ def test_a_target_met_past_the_budget_is_not_reached(tmp_path, monkeypatch):
     assert dom["prefix_cache_seconds"] > 1e-6 and not dom["reached"] and dom["curve"][0]["metric"] == 0.9
 
 
+def test_choosing_the_dominant_layer_is_training_time(tmp_path, monkeypatch):
+    """--scope dominant chooses its layer by inference on training texts (on stories260K: the probe finds no
+    massive activation, then the sensitivity fallback's forwards): counted like the cache's build, it was not."""
+    monkeypatch.setattr(race_module, "evaluate", lambda *a, **k: EvalResult("sst2", "accuracy", 0.5, 8))
+    report = race(RaceConfig(**TINY, recipes="dom: scope=dominant lr=1e-3", seeds="0", target=0.7, max_steps=1,
+                             eval_every=1, upstream_repeats=0, out=str(tmp_path / "race")))
+    dom = report["results"]["0"]["dom"]
+    assert dom["layer_choice_seconds"] > 0
+    assert dom["curve"][0]["seconds"] == pytest.approx(dom["prefix_cache_seconds"] + dom["layer_choice_seconds"],
+                                                       abs=1e-3)
+
+
 def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkeypatch):
     """Scripted test metrics (each scoring takes an hour on the race's clock, advanced by the fake evaluation:
     a real sleep made the test depend on the machine's load): full never reaches 0.7, dominant does at step 2."""

@@ -4,6 +4,7 @@ model here, so they see the same tensors in the same order."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,9 @@ def prepare_model(config: TrainConfig, train_examples: list[Example], layer_choi
     choice = dict(layer_choice or {})
     if spec.needs_dominant_layer:
         if "layer" not in choice:
+            started = time.perf_counter()  # the choice is inference on training texts: a race counts it
             layer, reason = choose_dominant_layer(model, tokenizer, train_examples, config.eps, rule=config.rule)
-            choice = {"layer": layer, "reason": reason}
+            choice = {"layer": layer, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
         layers = [choice["layer"]]
     if spec.uses_lora:
         torch.manual_seed(config.seed)  # LoRA's A is random: replay and resume must rebuild the same adapters

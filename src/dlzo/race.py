@@ -104,9 +104,11 @@ class RecipeRun:
         self.session = Session(config, run, None, data)
         self.device = self.session.device
         frozen = self.session.frozen
-        # the frozen-prefix cache is built before step 0: training time, so it counts
+        # the frozen-prefix cache is built before step 0, and --scope dominant's layer chosen (probe, or the
+        # sensitivity fallback's forwards on training batches): training time, so both count
         self.cache_s, self.cache_bytes = (frozen.seconds, frozen.bytes) if frozen is not None else (0.0, 0)
-        self.step, self.train_s, self.eval_s, self.peak = 0, self.cache_s, 0.0, 0
+        self.choice_s = self.session.prepared.layer_choice.get("seconds", 0.0)
+        self.step, self.train_s, self.eval_s, self.peak = 0, self.cache_s + self.choice_s, 0.0, 0
         self.curve: list[dict] = []
         self.reached: dict | None = None
 
@@ -175,6 +177,7 @@ class RecipeRun:
                                    else None),
                 "estimator": config.estimator if config.optimizer == "zo" else None, "q": config.q,
                 "prefix_cache_seconds": round(self.cache_s, 3), "prefix_cache_bytes": self.cache_bytes,
+                "layer_choice_seconds": self.choice_s,
                 "tuned_parameters": s.prepared.scope.tuned, "reached": reached is not None,
                 "steps_to_target": reached["step"] if reached else None,
                 "seconds_to_target": reached["seconds"] if reached else None,
