@@ -409,7 +409,38 @@ BAD_FILES = {
     "unknown data format": ("f.jsonl", lines({"text": "a"}), {"data_format": "sft"}, ["--data-format 'sft'"]),
     "one row": ("f.jsonl", lines({"text": "a"}), {}, ["f.jsonl", "only 1 row", "--eval-data"]),
     "eval fraction": ("f.jsonl", lines({"text": "a"}, {"text": "b"}), {"eval_fraction": 1.5}, ["--eval-fraction"]),
+    # json keeps the last of a key given twice: the row would train on a prompt its author did not see first
+    "duplicate key": ("k.jsonl", lines({"text": "a"}, '{"prompt": "c", "completion": " d", "prompt": "x"}'), {},
+                      ["k.jsonl:2", "key 'prompt' appears twice"]),
+    "duplicate key in json": ("k.json", '[\n {"text": "a"},\n {"text": "b", "text": "c"}\n]', {},
+                              ["k.json:3", "key 'text' appears twice"]),
+    "duplicate key in a csv cell": ("k.csv", 'messages\n"[{""role"": ""user"", ""role"": ""x"", ""content"": ""q""}]"\n',
+                                    {}, ["k.csv:2", "key 'role' appears twice"]),
+    # '²' and '--1' passed str.isdigit and int() raised a traceback
+    "csv label not an integer": ("l.csv", 'prompt,options,label\np,"["" a"","" b""]",²\n', {},
+                                 ["l.csv:2", "'label' must be an integer index", "'²'"]),
+    "csv label two minus signs": ("l.csv", 'prompt,options,label\np,"["" a"","" b""]",--1\n', {},
+                                  ["l.csv:2", "'label' must be an integer index", "'--1'"]),
 }
+
+
+def test_a_table_may_leave_label_or_answer_out_and_cells_may_be_long(tmp_path):
+    """An empty CSV cell is an absent field (the answer column of a row that gives its label), a label column
+    with gaps read from parquet is float (1.0: the index 1), and a cell longer than csv's default 131,072
+    characters is an ordinary text row."""
+    rows = 'prompt,options,answer,label\np,"["" a"","" b""]",,1\nq,"["" a"","" b""]", a,\n'
+    data = load_user_data(write(tmp_path, "c.csv", rows), data_format="classification", max_eval=1)
+    assert sorted(e.label for e in data.train + data.dev) == [0, 1]
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame({"prompt": ["p", "q"], "options": [[" a", " b"]] * 2, "label": [1, None],
+                              "answer": [None, " a"]})
+    frame.to_parquet(tmp_path / "gaps.parquet")
+    assert frame["label"].dtype == float
+    data = load_user_data(str(tmp_path / "gaps.parquet"), data_format="classification", max_eval=1)
+    assert sorted(e.label for e in data.train + data.dev) == [0, 1]
+    long = "word " * 40_000
+    data = load_user_data(write(tmp_path, "long.csv", f'text\n"{long}"\nshort\n'), max_eval=1)
+    assert sorted(len(e.prompt + e.continuations[0]) for e in data.train + data.dev)[-1] >= len(long) - 1
 
 
 @pytest.mark.parametrize("case", list(BAD_FILES))

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES
+from conftest import DATA, STORIES, tiny_model
 from dlzo.cli import main
 from dlzo.options import TrainConfig
 from dlzo.run import RunFolder
@@ -166,6 +167,35 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "--to" in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+    # a folder holding an earlier export: its files would stay beside the new ones (an adapter_config.json
+    # next to merged weights is loaded onto them by transformers); an empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "empty")]) == 0
+    before = sorted(p.name for p in (tmp_path / "empty").iterdir())
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "empty"), "--adapter"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a model (config.json" in err
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == before
+
+
+def test_a_base_model_that_does_not_fit_the_run_is_one_line_before_any_work(tmp_path, capsys):
+    """replay --base / generate --model naming another model than the run's: its tensors of the tuned names
+    have other shapes (here a 32-wide Llama against stories260K's 64). replay wrote --to and then raised a
+    traceback; generate raised in copy_. Now one line naming the model and the tensor, exit 2, nothing written."""
+    run = tmp_path / "run"
+    assert main(["train", *flags(dict(SMALL, steps=2, eval_every=0, scope="layer:1", out=str(run)))]) == 0
+    other = tmp_path / "other"
+    tiny_model("llama").save_pretrained(other)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(STORIES / name, other / name)
+    for args in (["replay", "--run", str(run), "--base", str(other), "--to", str(tmp_path / "x.safetensors")],
+                 ["generate", "--run", str(run), "--model", str(other), "--prompt", "Once"]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{other}: tensor model.layers.1." in err and "the run's base model" in err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path):

@@ -51,6 +51,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+_MODEL_FILES = ("config.json", "adapter_config.json", "tuned.json")
+
+
 def check_output(path: str | Path, flag: str, folder: bool) -> None:
     """One line naming `flag` when `path` cannot be written as a folder (`folder`) or as a file: a part of it
     above is a file, or it exists as the other kind (transformers' save_pretrained only logs that and returns,
@@ -61,5 +64,12 @@ def check_output(path: str | Path, flag: str, folder: bool) -> None:
             raise DlzoError(f"{flag} {path}: {parent} is a file, not a folder")
     if folder and path.exists() and not path.is_dir():
         raise DlzoError(f"{flag} {path}: a file of that name exists; name a folder")
+    if folder and path.is_dir():
+        # an earlier export's files would stay beside the new ones: transformers loads an adapter_config.json
+        # it finds onto merged weights (the change applied twice), load_tuned reads an old tuned.json
+        held = sorted(p.name for p in path.iterdir() if p.name in _MODEL_FILES or p.suffix == ".safetensors")
+        if held:
+            raise DlzoError(f"{flag} {path}: that folder already holds a model ({', '.join(held[:3])}); name a new "
+                            f"or empty folder")
     if not folder and path.is_dir():
         raise DlzoError(f"{flag} {path}: that is a folder; name a .safetensors file")

@@ -28,6 +28,8 @@ import csv
 import hashlib
 import io
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,13 +268,34 @@ def _object(value, where: str) -> dict:
     return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects with a key twice are refused: json keeps the last silently (a row trained on the second
+    'prompt' of {"prompt": "c", ..., "prompt": "x"})."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise DlzoError(f"{where}: key {err.args[0]!r} appears twice in one object") from None
+
+
 def _read_jsonl(text: str, source: str) -> list[Row]:
     rows = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _loads(line, f"{source}:{number}")
         except json.JSONDecodeError as err:
             raise DlzoError(f"{source}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         rows.append(Row(f"{source}:{number}", len(rows) + 1, _object(value, f"{source}:{number}")))
@@ -281,7 +304,7 @@ def _read_jsonl(text: str, source: str) -> list[Row]:
 
 def _read_json(text: str, source: str) -> list[Row]:
     try:
-        data = json.loads(text)
+        data = json.loads(text)  # duplicate keys are found item by item below, where the line is known
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
             return _read_jsonl(text, source)  # JSON Lines named .json
@@ -289,14 +312,17 @@ def _read_json(text: str, source: str) -> list[Row]:
     if not isinstance(data, list):
         raise DlzoError(f"{source}: expected a JSON list of objects [{{...}}, ...], got {_kind(data)}")
     # Find the line where each item starts, for the error messages.
-    decoder, rows, position, line = json.JSONDecoder(), [], text.index("[") + 1, 1
+    decoder, rows, position, line = json.JSONDecoder(object_pairs_hook=_unique_keys), [], text.index("[") + 1, 1
     line += text.count("\n", 0, position)
     for _ in data:
         start = position
         while text[position] in " \t\r\n,":
             position += 1
         line += text.count("\n", start, position)
-        value, end = decoder.raw_decode(text, position)
+        try:
+            value, end = decoder.raw_decode(text, position)
+        except _DuplicateKey as err:
+            raise DlzoError(f"{source}:{line}: key {err.args[0]!r} appears twice in one object") from None
         rows.append(Row(f"{source}:{line}", len(rows) + 1, _object(value, f"{source}:{line}")))
         line += text.count("\n", position, end)
         position = end
@@ -304,6 +330,7 @@ def _read_json(text: str, source: str) -> list[Row]:
 
 
 def _read_csv(text: str, source: str, known: set[str]) -> list[Row]:
+    csv.field_size_limit(2**31 - 1)  # a long document is an ordinary text cell (the default stops at 131,072)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [name.strip() for name in next(reader)]
@@ -445,7 +472,7 @@ def _json_cell(row: Row, name: str, expected: str):
     value = row.fields[name]
     if row.from_text and isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value, row.where)
         except json.JSONDecodeError:
             example = JSON_CELL_EXAMPLES.get(name, "")
             raise DlzoError(f"{row.where}: column '{name}' must hold a JSON {expected}, e.g. {example}") from None
@@ -483,18 +510,19 @@ def _classification(row: Row) -> Example:
             raise DlzoError(f"{row.where}: option {index} is empty")
         if options.index(option) != index:
             raise DlzoError(f"{row.where}: option {option!r} appears twice")
-    label = None
-    if "label" in row.fields and row.fields["label"] is not None:
-        value = row.fields["label"]
-        if row.from_text and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+    label, value = None, _absent_as_none(row, "label")
+    if row.from_text and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        value = int(value)  # (str.isdigit took '²' and '--1' too, and int() then raised)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a parquet column of labels with gaps is float: 1.0
+    if value is not None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise DlzoError(f"{row.where}: field 'label' must be an integer index into options, not "
                             f"{_kind(value)} {value!r}")
         if not 0 <= value < len(options):
             raise DlzoError(f"{row.where}: label {value} is outside the {len(options)} options (0 to {len(options) - 1})")
         label = value
-    if "answer" in row.fields and row.fields["answer"] is not None:
+    if _absent_as_none(row, "answer") is not None:
         answer = _string(row, "answer")
         if answer not in options:
             raise DlzoError(f"{row.where}: answer {answer!r} is not one of the options {options}")
@@ -505,6 +533,14 @@ def _classification(row: Row) -> Example:
         raise DlzoError(f"{row.where}: a classification row needs 'label' (an index into options) or 'answer' "
                         f"(one of the options)")
     return Example(prompt, options, label)
+
+
+def _absent_as_none(row: Row, name: str):
+    """A field's value, None where a table leaves it out: an empty CSV cell, a NaN of a parquet column."""
+    value = row.fields.get(name)
+    if (row.from_text and value == "") or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
 
 
 def _chat(row: Row, tokenizer, source: str) -> SpanExample:

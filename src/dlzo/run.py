@@ -340,7 +340,29 @@ def build_for_run(run: str | Path, base_model: str | None = None) -> tuple[Prepa
     values = {k: v for k, v in record["config"].items() if k in known}
     config = TrainConfig(**{**values, "model": base_model or values["model"], "quiet": True})
     prepared = prepare_model(config, [], record.get("layer_choice"))
+    if base_model:
+        _check_base_fits(prepared, record, run, base_model)
     return prepared, record
+
+
+def _check_base_fits(prepared: Prepared, record: dict, run: Path, base_model: str) -> None:
+    """Another base model than the run's (--base, --model) must have the tensors the run tuned, of their shapes:
+    else one line before any work (replay wrote --to and then raised a traceback; generate raised in copy_)."""
+    params = dict(prepared.model.named_parameters())
+    missing = [name for name in record.get("tuned_names", []) if name not in params]
+    if missing:
+        raise DlzoError(f"{base_model}: has no tensor {missing[0]}, which the run in {run} tuned; is it the run's "
+                        f"base model ({record['config']['model']})?")
+    checkpoint = next((run / f"{n}.safetensors" for n in ("final", "last", "best")
+                       if (run / f"{n}.safetensors").exists()), None)
+    if checkpoint is None:
+        return
+    with safe_open(str(checkpoint), "pt") as handle:
+        for name in handle.keys():
+            shape = list(handle.get_slice(name).get_shape())
+            if name in params and list(params[name].shape) != shape:
+                raise DlzoError(f"{base_model}: tensor {name} is {list(params[name].shape)}, the run in {run} tuned "
+                                f"it as {shape}; is it the run's base model ({record['config']['model']})?")
 
 
 def load_checkpoint_of_run(run: str | Path, which: str = "best", base_model: str | None = None) -> Prepared:
