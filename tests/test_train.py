@@ -183,6 +183,7 @@ def test_export_writes_a_folder_plain_transformers_loads(tmp_path):
     assert all(torch.equal(params[n], t) for n, t in tuned.items())
     base = load_file(STORIES / "model.safetensors")
     assert torch.equal(params["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert merged.config.use_cache  # training turns the KV cache off; the exported model generates with it
 
 
 def test_lora_export_merges_adapters_on_grouped_query_qwen3(tmp_path):

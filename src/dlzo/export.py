@@ -33,6 +33,7 @@ def export(run: str | Path, to: str | Path, which: str = "best") -> Path:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     to = Path(to)
+    model.config.use_cache = True  # dlzo turns the KV cache off for training; the exported model generates
     model.save_pretrained(to, safe_serialization=True)
     prepared.tokenizer.save_pretrained(to)
     return to
@@ -51,10 +52,10 @@ def base_hash(model: nn.Module, names: list[str]) -> str:
 def export_adapter(run: str | Path, to: str | Path, which: str = "best") -> Path:
     """Only the tuned tensors: a peft adapter folder (LoRA scopes) or tuned.safetensors + tuned.json."""
     run, to = Path(run), Path(to)
-    prepared, record = build_for_run(run, None)
     checkpoint = run / f"{which}.safetensors"
-    if not checkpoint.exists():
+    if not checkpoint.exists():  # before the model is loaded: minutes on a large one
         raise DlzoError(f"--run {run}: {checkpoint.name} not found")
+    prepared, record = build_for_run(run, None)
     if parse_scope(record["config"]["scope"]).uses_lora:
         load_into(prepared.model, checked_load(checkpoint))
         prepared.model.save_pretrained(to, safe_serialization=True)  # adapter_config.json + adapter_model.safetensors
