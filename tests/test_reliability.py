@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import DATA, STORIES, tiny_model
 from dlzo.cli import main
 from dlzo.options import TrainConfig
-from dlzo.run import RunFolder
+from dlzo.run import RunFolder, build_for_run
 from dlzo.training import Session, train
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
@@ -196,6 +196,21 @@ def test_a_base_model_that_does_not_fit_the_run_is_one_line_before_any_work(tmp_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{other}: tensor model.layers.1." in err and "the run's base model" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_run_trained_on_a_device_this_machine_lacks_is_loaded_on_auto(tmp_path, capsys):
+    """A run trained with --device cuda:3 is generated from (and evaluated) here on auto, with a note (it
+    failed on '--device cuda:3', a flag the user never passed); a command's own --device/--dtype win."""
+    run = tmp_path / "run"
+    assert main(["train", *flags(dict(SMALL, steps=1, eval_every=0, scope="layer:1", out=str(run)))]) == 0
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["device"] = "cuda:3"
+    (run / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+    assert "trained on --device cuda:3, which this machine lacks: using auto" in capsys.readouterr().out
+    prepared, _ = build_for_run(run, device="cpu", dtype="bfloat16")
+    assert prepared.config.device == "cpu" and next(prepared.model.parameters()).dtype == torch.bfloat16
 
 
 def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path):

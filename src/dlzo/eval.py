@@ -198,7 +198,8 @@ def _the_runs_pool(config: EvalConfig) -> dict:
 def model_to_evaluate(config: EvalConfig) -> tuple[nn.Module, object]:
     """(model, tokenizer): a run's checkpoint on its base model (--run), or a plain model (--model)."""
     if config.run:
-        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None,
+                                          config.device, config.dtype)
         return prepared.model, prepared.tokenizer
     if not config.model:
         raise DlzoError("--model is required (or --run to evaluate a trained run)")
@@ -235,7 +236,8 @@ def eval_own_data(config: EvalConfig) -> dict:
         raise DlzoError(f"--generate: {config.data} holds text rows, which have no prompt to continue; use "
                         f"prompt-completion, chat or classification rows")
     if config.run:
-        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None,
+                                          config.device, config.dtype)
         model, tokenizer = prepared.model, prepared.tokenizer
     else:
         model = load_model(base, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)

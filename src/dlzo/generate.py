@@ -63,7 +63,8 @@ def generate_command(config: GenerateConfig) -> str:
     config.validate()
     if config.run:
         chat = config.chat or run_data_format(config.run) == "chat"
-        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None)
+        prepared = load_checkpoint_of_run(config.run, config.checkpoint, config.model or None,
+                                          config.device, config.dtype)
         model, tokenizer = prepared.model, prepared.tokenizer
     else:
         resolve_model_source(config.model)

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from dlzo.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from dlzo.data import file_digest
 from dlzo.errors import DlzoError, first_line
+from dlzo.models import resolve_device
 from dlzo.options import TrainConfig, same_path_option
 from dlzo.prepare import Prepared, load_into, prepare_model
 from dlzo.zo import ZOOptimizer
@@ -329,16 +330,23 @@ def _damaged(path: Path, err: Exception) -> DlzoError:
 # ------------------------------------------------------------------------------ a recorded run's model
 
 
-def build_for_run(run: str | Path, base_model: str | None = None) -> tuple[Prepared, dict]:
+def build_for_run(run: str | Path, base_model: str | None = None, device: str = "", dtype: str = ""
+                  ) -> tuple[Prepared, dict]:
     """The model of a recorded run with its scope resolved (tuned tensors still at their base values),
-    and the run's record: what replay, export and eval start from."""
+    and the run's record: what replay, export and eval start from. `device` and `dtype` (eval's and
+    generate's flags), when given (not auto), replace the run's; a run trained on a device this machine lacks
+    (--device cuda) is loaded on auto (it failed on a flag the user never passed)."""
     run = Path(run)
     if not (run / "run.json").exists():
         raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
     record = json.loads((run / "run.json").read_text())
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in record["config"].items() if k in known}
-    config = TrainConfig(**{**values, "model": base_model or values["model"], "quiet": True})
+    given = {name: value for name, value in (("device", device), ("dtype", dtype)) if value and value != "auto"}
+    if "device" not in given and not _available(values.get("device", "auto")):
+        print(f"the run was trained on --device {values['device']}, which this machine lacks: using auto")
+        given["device"] = "auto"
+    config = TrainConfig(**{**values, "model": base_model or values["model"], "quiet": True, **given})
     prepared = prepare_model(config, [], record.get("layer_choice"))
     if base_model:
         _check_base_fits(prepared, record, run, base_model)
@@ -365,12 +373,21 @@ def _check_base_fits(prepared: Prepared, record: dict, run: Path, base_model: st
                                 f"it as {shape}; is it the run's base model ({record['config']['model']})?")
 
 
-def load_checkpoint_of_run(run: str | Path, which: str = "best", base_model: str | None = None) -> Prepared:
+def _available(device: str) -> bool:
+    try:
+        resolve_device(device)
+    except DlzoError:
+        return False
+    return True
+
+
+def load_checkpoint_of_run(run: str | Path, which: str = "best", base_model: str | None = None, device: str = "",
+                           dtype: str = "") -> Prepared:
     """The run's model with the tuned tensors of its `which` checkpoint (best, last or final) loaded."""
     checkpoint = Path(run) / f"{which}.safetensors"
     if not checkpoint.exists():
         raise DlzoError(f"--run {run}: {checkpoint.name} not found")
-    prepared, _ = build_for_run(run, base_model)
+    prepared, _ = build_for_run(run, base_model, device, dtype)
     load_into(prepared.model, checked_load(checkpoint))
     return prepared
 
