@@ -114,6 +114,19 @@ def test_chat_scores_every_assistant_turn_and_its_end_of_turn(chat_tokenizer):
     assert batch.input_ids[0].tolist().count(chat_tokenizer.bos_token_id) == 1
 
 
+def test_an_empty_assistant_turn_is_not_scored(tmp_path, chat_tokenizer):
+    """An empty assistant turn between others was scored (its end-of-turn alone: the model learned to reply
+    with nothing); it is skipped, the next turn is the first scored one and the answer generation is scored on."""
+    turns = [{"role": "user", "content": "cat"}, {"role": "assistant", "content": " "},
+             {"role": "user", "content": "dog"}, {"role": "assistant", "content": "dagek"}]
+    data = load_user_data(write(tmp_path, "c.jsonl", lines({"messages": turns}, {"messages": turns})),
+                          chat_tokenizer, max_eval=1)
+    example = data.train[0]
+    text = example.prompt + example.continuations[0]
+    assert [text[s:e] for s, e in example.spans] == ["dagek</s>\n"] and example.answers == ["dagek"]
+    assert example.prompt.endswith("dog</s>\n<|assistant|>\n")
+
+
 def test_offsets_and_prefix_tokenization_mark_the_same_tokens(chat_tokenizer):
     """Slow tokenizers (no offsets) find the spans by tokenizing up to each boundary: same tokens."""
 

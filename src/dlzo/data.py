@@ -567,7 +567,8 @@ def _chat(row: Row, tokenizer, source: str) -> SpanExample:
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full, spans = render_chat(tokenizer, messages, row.where)
     first = spans[0][0]
-    return SpanExample(full[:first], [full[first:]], 0, answers=[messages[turns[0]]["content"]], spans=spans)
+    answer = next(messages[i]["content"] for i in turns if messages[i]["content"].strip())  # the first scored
+    return SpanExample(full[:first], [full[first:]], 0, answers=[answer], spans=spans)
 
 
 def render_chat(tokenizer, messages: list[dict], where: str = "chat") -> tuple[str, list[tuple[int, int]]]:
@@ -599,7 +600,7 @@ def render_chat(tokenizer, messages: list[dict], where: str = "chat") -> tuple[s
             if start < 0:
                 raise DlzoError(f"{where}: cannot find assistant turn {index + 1} in the chat template's output")
             span = (start, start + len(message["content"]))
-        if span[1] > span[0]:
+        if span[1] > span[0] and message["content"].strip():  # an empty turn would teach empty replies
             spans.append(span)
         cursor = span[1]
     # The template writes the BOS token as text; the tokenizer adds its own, so drop the written one.
