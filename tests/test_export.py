@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES
+from conftest import DATA, STORIES, tiny_model
 from dlzo.errors import DlzoError
 from dlzo.export import export_adapter, load_tuned
 from dlzo.models import load_model
@@ -40,6 +40,8 @@ def test_load_tuned_from_a_run_folder_and_refuses_another_base(tmp_path):
         other.model.layers[1].mlp.up_proj.weight.add_(1.0)
     with pytest.raises(DlzoError, match="different base model"):
         load_tuned(other, folder)
+    with pytest.raises(DlzoError, match="different base model"):
+        load_tuned(tiny_model("gpt2"), folder)  # another architecture: one line, not a KeyError
 
 
 def test_lora_adapter_loads_in_peft_with_dlzo_logits(tmp_path):
@@ -55,6 +57,8 @@ def test_lora_adapter_loads_in_peft_with_dlzo_logits(tmp_path):
     ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
     assert not torch.allclose(ours_logits, base_logits)  # the adapters learnt something
     torch.testing.assert_close(theirs_logits, ours_logits, rtol=0, atol=1e-6)
+    with pytest.raises(DlzoError, match="peft.PeftModel.from_pretrained"):  # load_tuned says what reads it
+        load_tuned(load_model(str(STORIES)), folder)
 
 
 def test_tensorboard_scalars_and_cosine_schedule(tmp_path):

@@ -76,11 +76,16 @@ def load_tuned(base_model: nn.Module, folder: str | Path, which: str = "best") -
     folder = Path(folder)
     if (folder / TUNED_JSON).exists():
         meta = json.loads((folder / TUNED_JSON).read_text())
-        if base_hash(base_model, meta["names"]) != meta["base_tensors_sha256"]:
+        params = dict(base_model.named_parameters())
+        missing = [name for name in meta["names"] if name not in params]
+        if missing or base_hash(base_model, meta["names"]) != meta["base_tensors_sha256"]:
             raise DlzoError(f"{folder} was tuned from a different base model than the one given "
                             f"(its base: {meta['base_model']})")
         load_into(base_model, checked_load(folder / TUNED_FILE))
         return base_model
+    if (folder / "adapter_config.json").exists():  # a LoRA run's `export --adapter`: peft's own format
+        raise DlzoError(f"{folder} is a peft adapter (a LoRA run's export --adapter): load it with "
+                        f"peft.PeftModel.from_pretrained(base_model, {str(folder)!r})")
     if not (folder / "run.json").exists():
         raise DlzoError(f"{folder} is neither an `dlzo export --adapter` folder (tuned.json) nor a run folder")
     record = json.loads((folder / "run.json").read_text())
