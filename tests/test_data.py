@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from dlzo.data import UserTask, count_truncated, load_user_data, read_rows, row_ranges
+from dlzo.data import UserTask, count_truncated, load_user_data, parse_hub_source, read_rows, row_ranges
 from dlzo.errors import DlzoError
 from dlzo.fastpath import BranchedForward
 from dlzo.scoring import (
@@ -112,6 +112,14 @@ def test_chat_scores_every_assistant_turn_and_its_end_of_turn(chat_tokenizer):
     scored = chat_tokenizer.decode(batch.token_target.tolist())
     assert "dagek" in scored and "fushek" in scored and "user" not in scored and "fish" not in scored
     assert batch.input_ids[0].tolist().count(chat_tokenizer.bos_token_id) == 1
+
+
+def test_hub_sources_name_config_split_and_a_split_slice():
+    assert parse_hub_source("hf:org/rows") == ("org/rows", None, "train")
+    assert parse_hub_source("hf:org/rows::test") == ("org/rows", None, "test")
+    assert parse_hub_source("hf:org/rows:en:train[:100]") == ("org/rows", "en", "train[:100]")
+    with pytest.raises(DlzoError, match="expected hf:NAME"):
+        parse_hub_source("hf:")
 
 
 def test_an_empty_assistant_turn_is_not_scored(tmp_path, chat_tokenizer):
