@@ -4,7 +4,8 @@ import pytest
 
 from conftest import DATA, STORIES
 from dlzo.cli import main
-from dlzo.eval import _default_to_the_runs_data, _the_runs_pool, demonstrations, evaluate
+from dlzo.errors import DlzoError
+from dlzo.eval import _default_to_the_runs_data, _the_runs_pool, demonstrations, eval_command, evaluate
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import EvalConfig
 from dlzo.run import recorded_test_options
@@ -101,3 +102,12 @@ def test_eval_of_a_run_scores_the_rows_and_cut_its_results_were_measured_on(tmp_
     record["config"]["num_test"] = 0  # a grid run's: no test rows, so eval's own count, not a refused --num-test 0
     (run / "run.json").write_text(json.dumps(record))
     assert recorded_test_options(run) == {"data_seed": 3, "max_length": 96, "batch_size": 4}
+
+
+def test_a_boolq_run_whose_training_used_the_whole_validation_file_has_no_test_rows(tmp_path):
+    """BoolQ has no train file: a run that drew train and dev rows from all of the validation file left no test
+    rows; eval says so in one line (it divided by zero)."""
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"task": "boolq", "num_train": 5000, "num_dev": 0,
+                                                               "data_dir": str(DATA)}}))
+    with pytest.raises(DlzoError, match="no test rows are left"):
+        eval_command(EvalConfig(run=str(tmp_path), task="boolq"))

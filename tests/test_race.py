@@ -60,6 +60,10 @@ def test_ratio_arithmetic():
     assert dom["vs_full"] == pytest.approx(20.0) and dom["range"]["vs_full"] == pytest.approx([70 / 4, 80 / 2])
     assert dom["range"]["vs_upstream_full"] == pytest.approx([3.0 * 35 / 4, 3.0 * 40 / 2])
     assert dom["range"]["vs_adamw"] == [pytest.approx(30 / 4), None]  # never reached: no upper bound
+    assert race_ratios(results, 3.0, "full", "adamw")["recipes"]["full"]["range"]["vs_full"] == [1.0, 1.0]
+    del results["full"]["seconds_before_target"]  # a record from before the interval was kept: no range
+    assert race_ratios(results, 3.0, "full", "adamw")["recipes"]["dom"]["range"]["vs_full"] is None
+    results["full"]["seconds_before_target"] = 70.0
     results["dom"]["seconds_before_target"] = 0.0  # met at the first scoring after step 0's
     assert race_ratios(results, None, "full", "adamw")["recipes"]["dom"]["range"]["vs_full"][1] is None
 

@@ -84,7 +84,7 @@ def test_two_folders_of_one_name_keep_both_pictures(tmp_path):
     assert [(tmp_path / "r" / link).read_bytes() for link in links] == [b"\x89PNG first", b"\x89PNG second"]
 
 
-def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_path, capsys):
+def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_path, capsys, request):
     """`dlzo report SWEEP` on a study still running: each run with run.json and no results.json, its logged
     steps, dev losses, pace (from one process's timed records only) and holder: alive, or stopped with the
     command that resumes it. Finished runs are not listed there."""
@@ -104,9 +104,14 @@ def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_pat
 
     gone = subprocess.Popen(["true"])  # a finished child: its pid runs no more
     gone.wait()
-    run("live", 300, 130, [(100, 10.0), (110, 30.0), (120, 110.0)], {0: 1.7, 50: 0.9, 120: 1.1}, os.getpid())
+    alive = subprocess.Popen(["sleep", "60"])  # a live holder (not this process: our own pid in a lock is stale)
+    request.addfinalizer(lambda: (alive.kill(), alive.wait()))
+    run("live", 300, 130, [(100, 10.0), (110, 30.0), (120, 110.0)], {0: 1.7, 50: 0.9, 120: 1.1}, alive.pid)
     run("killed", 60, 12, [(0, 400.0), (10, 3.0)], {0: 1.7}, gone.pid)  # restarted: no pace across processes
     run("done", 60, 60, [], {0: 1.7}, None)
+    run("race-recipe", 60, 12, [], {0: 1.7}, None)  # a race's finished recipe: race-recipe.json, no results.json
+    (tmp_path / "runs" / "race-recipe" / "race-recipe.json").write_text("{}")
+    run("own-pid", 60, 3, [], {0: 1.7}, os.getpid())  # a lock naming this process: left before a restart
     run("grid-diverged", 60, 7, [], {0: 1.7}, None)
     (tmp_path / "runs" / "grid-diverged" / "diverged.json").write_text("{}")
     run("adamw", 20, 0, [(0, 1.0), (10, 21.0)], {0: 1.7, 15: 1.2}, None)  # first-order: no trajectory
@@ -124,7 +129,8 @@ def test_report_says_how_far_each_unfinished_run_got_and_whether_it_runs(tmp_pat
                        f"{tmp_path / 'runs' / 'killed'} |")
     # the pace of the last two records with no evaluation between them (100 -> 110, not 110 -> 120 around one)
     assert rows[7] == (f"| runs/live | 130 of 300 | 1.1000 at step 120 | 0.9000 | 2.0 s/step, about 6 min of steps "
-                       f"left | running (process {os.getpid()}) |")
-    assert len(rows) == 9 and not any("runs/done" in row for row in rows)
+                       f"left | running (process {alive.pid}) |")
+    assert rows[8].startswith("| runs/own-pid | 3 of 60 |") and "stopped: dlzo train --resume" in rows[8]
+    assert len(rows) == 10 and not any("runs/done" in row or "race-recipe" in row for row in rows)
     report([str(tmp_path)], str(tmp_path / "report.md"))
     assert rows[7] in (tmp_path / "report.md").read_text() and rows[7] in capsys.readouterr().out

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import subprocess
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -185,9 +186,14 @@ def test_an_interrupted_first_order_reference_starts_again(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "adamw"
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"config": {"steps": 5, "optimizer": "adamw"}}))
-    (run_dir / "lock").write_text(f"{os.getpid()}\n")
-    with pytest.raises(DlzoError, match=f"in use by process {os.getpid()}"):
-        _clear_interrupted_first_order_run(run_dir)
-    (run_dir / "lock").unlink()
+    holder = subprocess.Popen(["sleep", "60"])  # a live process other than this one
+    (run_dir / "lock").write_text(f"{holder.pid}\n")
+    try:
+        with pytest.raises(DlzoError, match=f"in use by process {holder.pid}"):
+            _clear_interrupted_first_order_run(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    (run_dir / "lock").write_text(f"{os.getpid()}\n")  # our own pid, left by a process before a restart: stale
     _clear_interrupted_first_order_run(run_dir)
     assert not run_dir.exists() and "starts again from step 0" in capsys.readouterr().out

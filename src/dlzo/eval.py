@@ -157,6 +157,9 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
         return eval_with_harness(config)
     task = load_task(config.task, config.data_dir)
     splits = task_splits(task, config.data_seed, num_test=config.num_test, **_the_runs_pool(config))
+    if not splits.test:
+        raise DlzoError(f"{task.name}: no test rows are left of its validation file after the run's training and "
+                        f"dev rows (--num-train and --num-dev of {config.run})")
     model, tokenizer = model_to_evaluate(config)
     demos = demonstrations(splits.train, config.icl, config.data_seed)
     result = evaluate(model, tokenizer, task, splits.test, config.batch_size, demos=demos,

@@ -358,6 +358,7 @@ class ZOTrainer(Trainer):
             raise ValueError(f"the checkpoint's ZO seed is {state['seed']}, args.seed is {self._zo.seed}")
         self._zo.load_state_dict(state)
         self._skipped_before = int(state.get("skipped_steps", 0))  # zo_skipped_steps counts the whole run
+        self.zo_history = []  # this train() call's steps from here (a reused trainer would count twice)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.zo_history:  # a training log: grad_norm is 0 without gradients

@@ -287,7 +287,8 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
     # With --run these four default to the run's own (dlzo.run.recorded_test_options): its test figure again.
     num_test: int = same_as(TrainConfig, "num_test")
     data_seed: int = same_as(TrainConfig, "data_seed")
-    max_length: int = same_as(TrainConfig, "max_length")
+    max_length: int = option(2048, "truncate prompts from the left to this many tokens (with --run: the run's "
+                                   "--max-length)")
     batch_size: int = option(16, "examples per forward (with --run: the run's --eval-batch-size)")
     out: str = option("out/eval", "folder for eval.json")
     harness: str = option("", "hand the model to lm-evaluation-harness for these tasks instead (comma-separated, "

@@ -262,6 +262,7 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
         if upstream_step_s:
             before = r.get("steps_before_target") if r["reached"] else None
             references["upstream_full"] = (upstream_step_s * steps, r["reached"],
+                                           None if r["reached"] and before is None else
                                            upstream_step_s * (steps if before is None else before))
     if adamw in results:
         references["adamw"] = _reference_seconds(results[adamw])
@@ -269,12 +270,14 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
                              for k, (s, ok, low) in references.items()}, "recipes": {}}
     for name, r in results.items():
         mine = r["seconds_to_target"] if r["reached"] else None
-        mine_before = r.get("seconds_before_target", mine) if mine else None
+        mine_before = r.get("seconds_before_target") if mine else None
         ratios["recipes"][name] = {f"vs_{k}": (s / mine if mine else None) for k, (s, _, _) in references.items()}
         ratios["recipes"][name]["bounds"] = {f"vs_{k}": "reached, to the scoring interval" if ok else "at least"
                                              for k, (_, ok, _) in references.items()}
         ratios["recipes"][name]["range"] = {
-            f"vs_{k}": ([low / mine, s / mine_before if ok and mine_before else None] if mine else None)
+            f"vs_{k}": ([1.0, 1.0] if mine and name == {"full": full, "adamw": adamw}.get(k) else  # one crossing
+                        [low / mine, s / mine_before if ok and mine_before else None]
+                        if mine and low is not None and (mine_before is not None or not ok) else None)
             for k, (s, ok, low) in references.items()}
     best_dev = full_best_dev_loss(results, full)
     if best_dev is not None:
@@ -290,7 +293,7 @@ def _reference_seconds(r: dict) -> tuple[float, bool, float]:
     """(seconds to target or at the budget, reached, the earliest the target can have been crossed)."""
     if not r["reached"]:
         return r["train_seconds"], False, r["train_seconds"]
-    return r["seconds_to_target"], True, r.get("seconds_before_target", r["seconds_to_target"])
+    return r["seconds_to_target"], True, r.get("seconds_before_target")  # None: a record from before it was kept
 
 
 def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:

@@ -214,7 +214,7 @@ def unfinished_lines(folder: Path) -> list[str]:
     steps only: the evaluations still to come are not counted)."""
     rows = []
     for path in sorted(p.parent for p in folder.rglob("run.json")):
-        if (path / "results.json").exists():
+        if (path / "results.json").exists() or (path / "race-recipe.json").exists():  # a race's recipe: done
             continue
         state = RunFolder(path).progress()
         dev = state["dev_losses"]
@@ -313,7 +313,10 @@ def report(folders: list[str], out: str) -> str:
             for name in ("sensitivity.png", "propagation.png"):
                 if (folder / name).exists():
                     lines.append(picture(folder / name, name[:-4]))
-        seeds = seed_summary(folder)
+        try:
+            seeds = seed_summary(folder)
+        except DlzoError as err:  # one group mixing recipes: said, and the rest of the report still written
+            seeds, lines = {}, lines + [f"**Across seeds**: not summarised: {err}", ""]
         if seeds:
             lines += [f"**Across seeds** ({folder})", "", format_seed_summary(seeds), ""]
         sweep_file = folder / "sweep.json"

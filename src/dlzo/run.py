@@ -245,7 +245,8 @@ class RunFolder:
                 previous = record
         holder = self._holder()
         return {"steps": config.get("steps"), "done": self.steps_logged(), "dev_losses": self.dev_losses(),
-                "seconds_per_step": recent, "holder": holder if holder is not None and _alive(holder) else None,
+                "seconds_per_step": recent,
+                "holder": holder if holder is not None and holder != os.getpid() and _alive(holder) else None,
                 "diverged": (self.path / DIVERGED).exists(), "optimizer": config.get("optimizer", "zo")}
 
     def dev_losses(self) -> dict[int, float]:
@@ -365,12 +366,15 @@ def _check_base_fits(prepared: Prepared, record: dict, run: Path, base_model: st
                        if (run / f"{n}.safetensors").exists()), None)
     if checkpoint is None:
         return
-    with safe_open(str(checkpoint), "pt") as handle:
-        for name in handle.keys():
-            shape = list(handle.get_slice(name).get_shape())
-            if name in params and list(params[name].shape) != shape:
-                raise DlzoError(f"{base_model}: tensor {name} is {list(params[name].shape)}, the run in {run} tuned "
-                                f"it as {shape}; is it the run's base model ({record['config']['model']})?")
+    try:
+        with safe_open(str(checkpoint), "pt") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return  # a damaged checkpoint: checked_load names it when it is read
+    for name, shape in shapes.items():
+        if name in params and list(params[name].shape) != shape:
+            raise DlzoError(f"{base_model}: tensor {name} is {list(params[name].shape)}, the run in {run} tuned "
+                            f"it as {shape}; is it the run's base model ({record['config']['model']})?")
 
 
 def _available(device: str) -> bool:
