@@ -118,8 +118,9 @@ def test_hub_sources_name_config_split_and_a_split_slice():
     assert parse_hub_source("hf:org/rows") == ("org/rows", None, "train")
     assert parse_hub_source("hf:org/rows::test") == ("org/rows", None, "test")
     assert parse_hub_source("hf:org/rows:en:train[:100]") == ("org/rows", "en", "train[:100]")
-    with pytest.raises(DlzoError, match="expected hf:NAME"):
-        parse_hub_source("hf:")
+    for bad in ("hf:", "hf:a:b:c:d"):
+        with pytest.raises(DlzoError, match="expected hf:NAME"):
+            parse_hub_source(bad)
 
 
 def test_an_empty_assistant_turn_is_not_scored(tmp_path, chat_tokenizer):

@@ -372,7 +372,7 @@ def parse_hub_source(source: str) -> tuple[str, str | None, str]:
     """hf:NAME[:CONFIG][:SPLIT] -> (name, config or None, split, default train). The split may be a datasets
     slice, train[:100] (its colon was read as a fourth part and refused)."""
     parts = source[len(HUB_PREFIX) :].split(":", 2)
-    if not parts[0]:
+    if not parts[0] or (len(parts) == 3 and ":" in re.sub(r"\[[^\]]*\]", "", parts[2])):  # colons: in a slice only
         raise DlzoError(f"{source}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], (parts[1] if len(parts) > 1 else "") or None, (parts[2] if len(parts) > 2 else "")
     return name, config, split or "train"
