@@ -38,9 +38,9 @@ from dlzo.zo import ZOOptimizer
 # Keys that do not change what a run trained (where it lives, how it logs, where its frozen prefix is kept on
 # disk): a kept run, reused as finished by a sweep or a learning-rate grid, must agree on every other one,
 # steps included.
-_FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
+FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
 # Keys that may differ between an interrupted run and its resumption.
-_FREE_ON_RESUME = (*_FREE_FOR_A_KEPT_RUN, "steps")
+_FREE_ON_RESUME = (*FREE_FOR_A_KEPT_RUN, "steps")
 DIVERGED = "diverged.json"  # marks a learning-rate grid's run stopped by non-finite losses
 
 
@@ -126,13 +126,15 @@ class RunFolder:
     def changed_since_kept(self, config: TrainConfig) -> tuple[str, object, object] | None:
         """For a run reused as finished (a sweep's or a learning-rate grid's): the first option, steps
         included, that differs from what trained it; None when all agree."""
-        changed = self.changed_option(config, _FREE_FOR_A_KEPT_RUN)
+        changed = self.changed_option(config, FREE_FOR_A_KEPT_RUN)
         if changed is None:  # the same path may hold other rows now (resume checks this too: check_same_data)
             kept = json.loads(self.run_file.read_text()).get("data") or {}
-            for key, name, source in (("sha256", "data", config.data), ("eval_sha256", "eval_data", config.eval_data)):
-                now = file_digest(source)
-                if kept.get(key) and now and kept[key] != now:
-                    return f"{name} (content)", f"sha256 {kept[key][:12]}...", f"sha256 {now[:12]}..."
+            changed = changed_data_file(kept, {"sha256": file_digest(config.data),
+                                               "eval_sha256": file_digest(config.eval_data)})
+            if changed:
+                flag, was, now = changed
+                option = {"--data": "data", "--eval-data": "eval_data"}[flag]
+                return f"{option} (content)", f"sha256 {was[:12]}...", f"sha256 {now[:12]}..."
         return changed
 
     def lock(self) -> None:
@@ -147,8 +149,7 @@ class RunFolder:
                 handle = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = self._holder()
-                # our own pid in a lock we did not take: a process of that pid before a restart left it
-                if holder is not None and holder != os.getpid() and _alive(holder):
+                if holder is not None and _another_live_process(holder):
                     raise DlzoError(f"--out {self.path} is in use by process {holder} (its lock file: {self.lock_file}); "
                                     f"wait for it or stop it") from None
                 print(f"taking over the stale lock of process {holder} in {self.path} (it is no longer running)")
@@ -166,6 +167,11 @@ class RunFolder:
         if self._locked and self._holder() == os.getpid():
             self.lock_file.unlink(missing_ok=True)
         self._locked = False
+
+    def live_holder(self) -> int | None:
+        """The process holding the folder, if it still runs."""
+        holder = self._holder()
+        return holder if holder is not None and _another_live_process(holder) else None
 
     def _holder(self) -> int | None:
         try:
@@ -243,10 +249,8 @@ class RunFolder:
                 if previous and record["elapsed_s"] > previous["elapsed_s"] and record["step"] > previous["step"]:
                     recent = (record["elapsed_s"] - previous["elapsed_s"]) / (record["step"] - previous["step"])
                 previous = record
-        holder = self._holder()
         return {"steps": config.get("steps"), "done": self.steps_logged(), "dev_losses": self.dev_losses(),
-                "seconds_per_step": recent,
-                "holder": holder if holder is not None and holder != os.getpid() and _alive(holder) else None,
+                "seconds_per_step": recent, "holder": self.live_holder(),
                 "diverged": (self.path / DIVERGED).exists(), "optimizer": config.get("optimizer", "zo")}
 
     def dev_losses(self) -> dict[int, float]:
@@ -264,6 +268,12 @@ def _append_jsonl(path: Path, record: dict) -> None:
         handle.flush()
 
 
+def _another_live_process(pid: int) -> bool:
+    """Our own pid in a lock we did not take is no holder: a process of that pid before a restart (a
+    container's PID 1) left it."""
+    return pid != os.getpid() and _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -272,6 +282,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def changed_data_file(kept: dict, now: dict) -> tuple[str, str, str] | None:
+    """The first data file whose sha256 differs between a run's record (its run.json "data") and now: (flag,
+    then, now), the flag --data or --eval-data; None when both agree or either side has no digest."""
+    for key, flag in (("sha256", "--data"), ("eval_sha256", "--eval-data")):
+        if kept.get(key) and now.get(key) and kept[key] != now[key]:
+            return flag, kept[key], now[key]
+    return None
 
 
 def _recorded_config(folder: str | Path) -> dict:

@@ -84,7 +84,7 @@ def _check_probe_is_for(probe_file: Path, kept: dict | None, now: dict) -> None:
 def _clear_interrupted_first_order_run(run_dir: Path) -> None:
     """An AdamW reference keeps no optimizer state on disk, so it cannot resume: its folder is emptied and it
     starts again (before, every later sweep stopped on its refused --resume). Not while a process holds it."""
-    holder = RunFolder(run_dir).progress()["holder"]
+    holder = RunFolder(run_dir).live_holder()
     if holder is not None:
         raise DlzoError(f"{run_dir} is in use by process {holder}; wait for it or stop it")
     print(f"{run_dir}: an interrupted first-order run starts again from step 0 (it keeps no optimizer state)")

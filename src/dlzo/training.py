@@ -27,7 +27,7 @@ from dlzo.options import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.prefix import FrozenPrefix
 from dlzo.prefix_store import PrefixStore, start_loss_key
 from dlzo.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
-from dlzo.run import ResumePoint, RunFolder, checked_load, library_versions
+from dlzo.run import ResumePoint, RunFolder, changed_data_file, checked_load, library_versions
 from dlzo.scalars import ScalarLogger, check_reporting
 from dlzo.scoring import context_limit, fast_layout
 from dlzo.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
@@ -85,13 +85,14 @@ def load_own_data(config: TrainConfig, tokenizer) -> Data:
 
 def check_same_data(previous: dict | None, data: Data) -> None:
     """--resume with --data: the file must hold what it held, or the batches after the resume point differ."""
-    was, now = (previous or {}).get("data") or {}, data.info or {}
-    for key, flag, source in (("sha256", "--data", now.get("source")), ("eval_sha256", "--eval-data",
-                                                                           now.get("eval_source"))):
-        if was.get(key) and now.get(key) and was[key] != now[key]:
-            raise DlzoError(f"--resume: {flag} {source} changed since that run (sha256 {was[key][:12]}... then, "
-                            f"{now[key][:12]}... now), so the resumed steps would see other rows; restore the "
-                            f"file or start a new run")
+    info = data.info or {}
+    changed = changed_data_file((previous or {}).get("data") or {}, info)
+    if changed:
+        flag, was, now = changed
+        source = info.get("source") if flag == "--data" else info.get("eval_source")
+        raise DlzoError(f"--resume: {flag} {source} changed since that run (sha256 {was[:12]}... then, "
+                        f"{now[:12]}... now), so the resumed steps would see other rows; restore the "
+                        f"file or start a new run")
 
 
 def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
