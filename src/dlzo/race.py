@@ -30,7 +30,7 @@ from dlzo.eval import evaluate
 from dlzo.models import load_model, load_tokenizer, resolve_device
 from dlzo.options import RaceConfig, TrainConfig, same_path_option
 from dlzo.report import plot_race
-from dlzo.run import RunFolder
+from dlzo.run import FREE_FOR_A_KEPT_RUN, RunFolder
 from dlzo.scoring import encode, fast_layout
 from dlzo.spread import spread
 from dlzo.step import batch_indices
@@ -209,12 +209,9 @@ def check_same_race(record: dict, race: RaceConfig, path: Path) -> None:
                             f"{getattr(race, name)!r}; give --out another folder")
 
 
-# What a recipe's run is free to differ in without changing its figures: where it lives and how it logs.
-_FREE_IN_A_RECIPE = ("out", "resume", "quiet", "report_to", "prefix_store")
-
-
 def recipe_record(config: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in _FREE_IN_A_RECIPE}
+    """The options a recipe's figures depend on: all but where it lives and how it logs (as for a kept run)."""
+    return {k: v for k, v in asdict(config).items() if k not in FREE_FOR_A_KEPT_RUN}
 
 
 def check_same_recipe(record: dict, config: TrainConfig, path: Path) -> None:
@@ -260,10 +257,9 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
         steps = r["steps_to_target"] if r["reached"] else r["steps"]
         references["full"] = _reference_seconds(r)
         if upstream_step_s:
-            before = r.get("steps_before_target") if r["reached"] else None
-            references["upstream_full"] = (upstream_step_s * steps, r["reached"],
-                                           None if r["reached"] and before is None else
-                                           upstream_step_s * (steps if before is None else before))
+            before = r.get("steps_before_target")
+            low = (upstream_step_s * before if before is not None else None) if r["reached"] else upstream_step_s * steps
+            references["upstream_full"] = (upstream_step_s * steps, r["reached"], low)
     if adamw in results:
         references["adamw"] = _reference_seconds(results[adamw])
     ratios = {"references": {k: {"seconds": s, "reached": ok, "seconds_before": low}
@@ -274,11 +270,10 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
         ratios["recipes"][name] = {f"vs_{k}": (s / mine if mine else None) for k, (s, _, _) in references.items()}
         ratios["recipes"][name]["bounds"] = {f"vs_{k}": "reached, to the scoring interval" if ok else "at least"
                                              for k, (_, ok, _) in references.items()}
+        own = {"full": full, "adamw": adamw}
         ratios["recipes"][name]["range"] = {
-            f"vs_{k}": ([1.0, 1.0] if mine and name == {"full": full, "adamw": adamw}.get(k) else  # one crossing
-                        [low / mine, s / mine_before if ok and mine_before else None]
-                        if mine and low is not None and (mine_before is not None or not ok) else None)
-            for k, (s, ok, low) in references.items()}
+            f"vs_{k}": _ratio_range(reference, mine, mine_before, same_crossing=name == own.get(k))
+            for k, reference in references.items()}
     best_dev = full_best_dev_loss(results, full)
     if best_dev is not None:
         ratios["references"]["full_best_dev_loss"] = best_dev
@@ -287,6 +282,22 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
             ratios["recipes"][name]["seconds_to_full_best_dev_loss"] = mine
             ratios["recipes"][name]["vs_full_best_dev_loss"] = best_dev["seconds"] / mine if mine else None
     return ratios
+
+
+def _ratio_range(reference: tuple[float, bool, float | None], mine: float | None, mine_before: float | None,
+                 same_crossing: bool) -> list | None:
+    """[low, high] of reference seconds / mine when each crossing is known only to its scoring interval: low
+    pairs the reference's earliest crossing with my latest, high its latest with my earliest (None: unbounded,
+    my crossing may be near 0 s, or the reference never reached the target). None where a record lacks the
+    interval (written before it was kept), or I never reached the target; [1, 1] against myself."""
+    seconds, reached, low = reference
+    if not mine:
+        return None
+    if same_crossing:
+        return [1.0, 1.0]
+    if low is None or (reached and mine_before is None):
+        return None
+    return [low / mine, seconds / mine_before if reached and mine_before else None]
 
 
 def _reference_seconds(r: dict) -> tuple[float, bool, float]:
