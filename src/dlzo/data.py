@@ -269,7 +269,8 @@ def _object(value, where: str) -> dict:
 
 
 class _DuplicateKey(ValueError):
-    pass
+    def at(self, where: str) -> DlzoError:
+        return DlzoError(f"{where}: key {self.args[0]!r} appears twice in one object")
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -286,7 +287,7 @@ def _loads(text: str, where: str):
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
-        raise DlzoError(f"{where}: key {err.args[0]!r} appears twice in one object") from None
+        raise err.at(where) from None
 
 
 def _read_jsonl(text: str, source: str) -> list[Row]:
@@ -322,7 +323,7 @@ def _read_json(text: str, source: str) -> list[Row]:
         try:
             value, end = decoder.raw_decode(text, position)
         except _DuplicateKey as err:
-            raise DlzoError(f"{source}:{line}: key {err.args[0]!r} appears twice in one object") from None
+            raise err.at(f"{source}:{line}") from None
         rows.append(Row(f"{source}:{line}", len(rows) + 1, _object(value, f"{source}:{line}")))
         line += text.count("\n", position, end)
         position = end

@@ -319,21 +319,19 @@ def _is_the_runs_data(source: str, record: dict, option: str = "data") -> bool:
 
 def own_eval_rows(config: EvalConfig, tokenizer, record: dict | None) -> tuple[UserData, list[Example], str]:
     """The rows to evaluate: with --run and that run's own --data file (no --eval-data), the rows it held out,
-    split again with its recorded settings; otherwise every row of --data (a seeded --num-test when more)."""
+    split again with its recorded settings, or its --eval-data file, the dev rows it sampled from it;
+    otherwise every row of --data (a seeded --num-test when more)."""
     trained = (record or {}).get("config", {})
-    if trained.get("data") and not trained.get("eval_data") and _is_the_runs_data(config.data, record):
+    held_out = trained.get("data") and not trained.get("eval_data") and _is_the_runs_data(config.data, record)
+    if held_out or (trained.get("eval_data") and _is_the_runs_data(config.data, record, "eval_data")):
+        # the dev rows the run was scored on, drawn again with its settings: held out of its --data, or a
+        # seeded sample of --num-dev (else 500) of its --eval-data
         num_dev = trained.get("num_dev", -1)
         user = load_user_data(config.data, tokenizer, trained.get("data_format", "auto"), trained.get("columns", ""),
-                              "", trained.get("eval_fraction", 0.1), trained.get("data_seed", 0),
-                              max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
-        return user, user.dev, f"the run's {len(user.dev)} held-out dev rows"
-    if trained.get("eval_data") and _is_the_runs_data(config.data, record, "eval_data"):
-        # the run's --eval-data: the rows it was scored on, a seeded sample of --num-dev (else 500) of them
-        num_dev = trained.get("num_dev", -1)
-        user = load_user_data(config.data, tokenizer, trained.get("data_format", "auto"), trained.get("columns", ""),
-                              eval_source=config.data, seed=trained.get("data_seed", 0),
-                              max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
-        return user, user.dev, f"the run's {len(user.dev)} dev rows of its --eval-data"
+                              "" if held_out else config.data, trained.get("eval_fraction", 0.1),
+                              trained.get("data_seed", 0), max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV)
+        which = "held-out dev rows" if held_out else "dev rows of its --eval-data"
+        return user, user.dev, f"the run's {len(user.dev)} {which}"
     user = load_user_data(config.data, tokenizer, config.data_format, config.columns, eval_source=config.data,
                           seed=config.data_seed, max_eval=config.num_test)
     total = len(user.train)
