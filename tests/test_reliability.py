@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES, tiny_model
 from dlzo.cli import main
+from dlzo.errors import DlzoError
 from dlzo.options import TrainConfig
 from dlzo.run import RunFolder, build_for_run
 from dlzo.training import Session, train
@@ -246,7 +247,13 @@ def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_
     folder.lock_file.write_text(f"{os.getpid()}\n")
     folder.lock()
     assert f"taking over the stale lock of process {os.getpid()}" in capsys.readouterr().out
+    second = RunFolder(tmp_path / "restarted")  # but a second run in this process, while the first holds it
+    with pytest.raises(DlzoError, match="in use by another run of this process"):
+        second.lock()
     folder.unlock()
+    second.lock()  # free again once the first let go
+    second.unlock()
+    assert not folder.lock_file.exists()
 
 
 @pytest.mark.parametrize("change,message", [

@@ -42,6 +42,9 @@ FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
 # Keys that may differ between an interrupted run and its resumption.
 _FREE_ON_RESUME = (*FREE_FOR_A_KEPT_RUN, "steps")
 DIVERGED = "diverged.json"  # marks a learning-rate grid's run stopped by non-finite losses
+# Lock files this process holds now. A lock naming our own pid is stale unless it is in here: then a second
+# train() in this process (a notebook cell run twice, a thread) is writing the same folder.
+_HELD: set[Path] = set()
 
 
 def library_versions() -> dict:
@@ -152,6 +155,9 @@ class RunFolder:
                 if holder is not None and _another_live_process(holder):
                     raise DlzoError(f"--out {self.path} is in use by process {holder} (its lock file: {self.lock_file}); "
                                     f"wait for it or stop it") from None
+                if holder == os.getpid() and self.lock_file.resolve() in _HELD:
+                    raise DlzoError(f"--out {self.path} is in use by another run of this process (its lock file: "
+                                    f"{self.lock_file}); let that run finish first") from None
                 print(f"taking over the stale lock of process {holder} in {self.path} (it is no longer running)")
                 self.lock_file.unlink(missing_ok=True)
                 continue
@@ -160,12 +166,15 @@ class RunFolder:
             with os.fdopen(handle, "w") as f:
                 f.write(f"{os.getpid()}\n")
             self._locked = True
+            _HELD.add(self.lock_file.resolve())
             return
         raise DlzoError(f"--out {self.path}: could not take the lock {self.lock_file}")
 
     def unlock(self) -> None:
         if self._locked and self._holder() == os.getpid():
             self.lock_file.unlink(missing_ok=True)
+        if self._locked:
+            _HELD.discard(self.lock_file.resolve())
         self._locked = False
 
     def live_holder(self) -> int | None:
