@@ -66,6 +66,14 @@ def test_ratio_arithmetic():
     results["full"]["seconds_before_target"] = 70.0
     results["dom"]["seconds_before_target"] = 0.0  # met at the first scoring after step 0's
     assert race_ratios(results, None, "full", "adamw")["recipes"]["dom"]["range"]["vs_full"][1] is None
+    # AdamW met the target only at its final scoring, past the budget: it is known not to have crossed by its
+    # last scoring under the target (18 s, step 6), not by the 30 s its run ended at
+    results["adamw"].update(seconds_below_target=18.0, steps_below_target=6)
+    dom = race_ratios(results, 3.0, "full", "adamw")["recipes"]["dom"]
+    assert dom["vs_adamw"] == pytest.approx(18 / 4) and dom["range"]["vs_adamw"] == [pytest.approx(18 / 4), None]
+    results["full"].update(reached=False, seconds_below_target=50.0, steps_below_target=25)
+    dom = race_ratios(results, 3.0, "full", "adamw")["recipes"]["dom"]
+    assert dom["vs_full"] == pytest.approx(50 / 4) and dom["vs_upstream_full"] == pytest.approx(3.0 * 25 / 4)
 
 
 def test_time_to_full_mezos_best_dev_loss():
@@ -121,6 +129,7 @@ def test_a_target_met_past_the_budget_is_not_reached(tmp_path, monkeypatch):
     full, dom = report["results"]["0"]["full"], report["results"]["0"]["dominant"]
     assert full["reached"] and full["seconds_to_target"] == 0.0
     assert dom["prefix_cache_seconds"] > 1e-6 and not dom["reached"] and dom["curve"][0]["metric"] == 0.9
+    assert dom["seconds_below_target"] == 0.0  # over the target at every scoring: it may have crossed at 0 s
 
 
 def test_choosing_the_dominant_layer_is_training_time(tmp_path, monkeypatch):

@@ -168,6 +168,12 @@ class RecipeRun:
         index = next(i for i, point in enumerate(self.curve) if point is reached)
         return self.curve[index - 1] if index else reached
 
+    def _last_below_target(self) -> dict:
+        below = [point for point in self.curve if point["metric"] < self.race.target]
+        # every scoring at or over the target (the first one already past the budget): it may have crossed at 0 s
+        last = below[-1] if below else {"seconds": 0.0, "step": 0}
+        return {"seconds_below_target": last["seconds"], "steps_below_target": last["step"]}
+
     def record(self, inference: int) -> dict:
         config, s, reached = self.config, self.session, self.reached
         before = self._scoring_before(reached)
@@ -184,6 +190,9 @@ class RecipeRun:
                 # the target was crossed after the scoring before: time to target is known to this interval
                 "seconds_before_target": before["seconds"] if before else None,
                 "steps_before_target": before["step"] if before else None,
+                # not reached: the last scoring under the target is the latest it is known not to have crossed
+                # (the final scoring, just past the budget, may be over it: crossed at some unknown time since)
+                **self._last_below_target(),
                 "steps": self.step, "train_seconds": round(self.train_s, 3), "eval_seconds": round(self.eval_s, 3),
                 "evaluations": len(self.curve), "seconds_per_step": self.train_s / max(self.step, 1),
                 "peak_mem_bytes": self.peak, "inference_mem_bytes": inference,
@@ -254,7 +263,7 @@ def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: s
     references = {}
     if full in results:
         r = results[full]
-        steps = r["steps_to_target"] if r["reached"] else r["steps"]
+        steps = r["steps_to_target"] if r["reached"] else _not_reached_by(r)[1]
         references["full"] = _reference_seconds(r)
         if upstream_step_s:
             before = r.get("steps_before_target")
@@ -303,8 +312,17 @@ def _ratio_range(reference: tuple[float, bool, float | None], mine: float | None
 def _reference_seconds(r: dict) -> tuple[float, bool, float]:
     """(seconds to target or at the budget, reached, the earliest the target can have been crossed)."""
     if not r["reached"]:
-        return r["train_seconds"], False, r["train_seconds"]
+        seconds = _not_reached_by(r)[0]
+        return seconds, False, seconds
     return r["seconds_to_target"], True, r.get("seconds_before_target")  # None: a record from before it was kept
+
+
+def _not_reached_by(r: dict) -> tuple[float, int]:
+    """(seconds, steps) by which a recipe that never reached the target is known not to have: its last scoring
+    under the target (the end of its run in a record from before that was kept)."""
+    if r.get("seconds_below_target") is None:
+        return r["train_seconds"], r["steps"]
+    return r["seconds_below_target"], r["steps_below_target"]
 
 
 def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:
@@ -405,7 +423,8 @@ def race(config: RaceConfig) -> dict:
               "notes": "seconds are training seconds only (train_step, batch encoding included); evaluation of the "
                        "fixed test subset is timed apart (eval_seconds). vs_X ratios: X's seconds to target / this "
                        "recipe's (higher is better), read at the scorings; 'at least' where X never reached the target "
-                       "within the budget; range: the ratio's bounds, each crossing being known only to the interval "
+                       "within the budget (X's seconds then are those of its last scoring under the target, "
+                       "seconds_below_target); range: the ratio's bounds, each crossing being known only to the interval "
                        "after the scoring before it (seconds_before_target)."}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "race.json", report)
