@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from dlzo.cli import main
@@ -5,9 +7,16 @@ from dlzo.config import load_recipe
 from dlzo.errors import DlzoError
 from dlzo.options import RaceConfig, TrainConfig
 
+RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.toml"))
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/*.toml")))
+
+def test_the_recipes_are_found():
+    assert len(RECIPES) >= 30  # a glob that finds nothing would turn the test below into no test at all
+
+
+@pytest.mark.parametrize("path", RECIPES)
 def test_every_recipe_parses_into_its_config(path):
+    from dlzo.lr_grid import parse_grid
     from dlzo.options import SweepConfig
 
     if "race-" in path:
@@ -17,6 +26,11 @@ def test_every_recipe_parses_into_its_config(path):
         return
     if "sweep-" in path or "study-" in path:
         config = SweepConfig(**load_recipe(path, SweepConfig))
+        # the Qwen2.5 recipes take --model on the command line (the path fetch.sh prints)
+        config.model = config.model or "given-on-the-command-line"
+        config.validate()
+        if config.lr_grid:
+            assert parse_grid(config.lr_grid)
     else:
         config = TrainConfig(**load_recipe(path, TrainConfig))
         config.validate()

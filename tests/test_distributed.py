@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES
 from dlzo.options import TrainConfig
+from dlzo.run import checkpoint_metadata
 from dlzo.training import train
 
 # Float32 losses of differently packed batches differ by ~1e-7; the update scales that by lr/2eps, so
@@ -98,6 +99,12 @@ def test_killed_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path):
     assert "lost contact with the other ranks" in output or "exitcode  : -9" in output or "Signal 9" in output
     last = load_file(out / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in last.values())
+    # no finished step lost: the trajectory holds every step from 0 on, at least up to the checkpoint's, and
+    # the job did not reach its end (the kill stopped it, not a finish)
+    logged = [json.loads(line)["step"] for line in (out / "trajectory.jsonl").read_text().splitlines()]
+    checkpoint_step = int(checkpoint_metadata(out / "last.safetensors")["step"])
+    assert logged == list(range(len(logged))) and 1 <= checkpoint_step <= len(logged) < 60
+    assert not (out / "results.json").exists()
     assert not (out / "final.safetensors").exists()
     # --resume works with another world size: finish the 2-rank run in one process.
     resumed = train(TrainConfig(**BASE, steps=60, batch_size=8, eval_every=2, out=str(out), resume=str(out)))

@@ -109,9 +109,21 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
         train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
 
 
-def test_gradient_accumulation_uses_one_direction(tmp_path):
+def test_gradient_accumulation_uses_one_direction(tmp_path, monkeypatch):
+    """Each step of --grad-accum 2 evaluates two micro-batches of 2 under the same direction: the halves'
+    mean equals the 4-row batch's loss only if both saw the same z (another z per micro-batch would not)."""
+    import dlzo.training as training_module
+    sizes, original = [], training_module.step_batches
+
+    def recording(*args, **kwargs):
+        batches = original(*args, **kwargs)
+        sizes.append([b.num_examples for b in batches])
+        return batches
+    monkeypatch.setattr(training_module, "step_batches", recording)
     train(TrainConfig(**SMALL, out=str(tmp_path / "one"), steps=3, eval_every=0, scope="layer:1"))
+    assert sizes[-3:] == [[4]] * 3
     train(TrainConfig(**SMALL, out=str(tmp_path / "two"), steps=3, eval_every=0, scope="layer:1", grad_accum=2))
+    assert sizes[-3:] == [[2, 2]] * 3
     one = [json.loads(x) for x in (tmp_path / "one" / "trajectory.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "trajectory.jsonl").read_text().splitlines()]
     assert [x["seeds"] for x in one] == [x["seeds"] for x in two]
