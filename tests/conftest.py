@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from dlzo.options import TrainConfig
 from dlzo.replay import replay
-from dlzo.training import train
+from dlzo.training import Session, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -93,12 +94,21 @@ def assert_replay_and_resume_exact(tmp_path: Path, options: dict, stops: list[in
     rebuilt = replay(tmp_path / "whole")
     assert all(torch.equal(rebuilt[n], whole[n]) for n in whole)
     stopped = tmp_path / "stopped"
-    for i, steps in enumerate(stops):
-        resume = {"resume": str(stopped)} if i else {}
-        train(TrainConfig(**{**options, "steps": steps}, out=str(stopped), **resume))
-    for name in ("final.safetensors", "results.json"):
-        (stopped / name).unlink()
-    train(TrainConfig(**options, out=str(stopped), resume=str(stopped)))
+    trained: list[int] = []  # the steps each call trains: a resume that started again from 0 ends the same
+    original = Session.train_step
+
+    def counting(self, step, lr):
+        trained.append(step)
+        return original(self, step, lr)
+    with mock.patch.object(Session, "train_step", counting):
+        for i, (start, steps) in enumerate(zip([0, *stops], [*stops, options["steps"]])):
+            if i == len(stops):  # the last stop's final files go, so the resumed run must write them
+                for name in ("final.safetensors", "results.json"):
+                    (stopped / name).unlink()
+            resume = {"resume": str(stopped)} if i else {}
+            trained.clear()
+            train(TrainConfig(**{**options, "steps": steps}, out=str(stopped), **resume))
+            assert trained == list(range(start, steps)), f"call {i} trained steps {trained}, not {start}..{steps - 1}"
     resumed = load_file(stopped / "final.safetensors")
     assert all(torch.equal(resumed[n], whole[n]) for n in whole)
     return whole, stopped

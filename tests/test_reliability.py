@@ -40,9 +40,11 @@ def logged_steps(folder) -> int:
 
 
 def kill_repeatedly(folder, options: dict, kills: int, seed: int) -> None:
-    """Start the run, SIGKILL it at a random step, resume, ... `kills` times, then let it finish."""
+    """Start the run, SIGKILL it at a random step, resume, ... `kills` times, then let it finish. A run that
+    finished before all its kills were delivered fails the test (it would have tested fewer resumes)."""
     rng = random.Random(seed)
     base = [sys.executable, "-m", "dlzo", "train", *flags(options)]
+    killed = 0
     for attempt in range(kills + 1):
         command = base + (["--resume", str(folder)] if attempt else [])
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -57,8 +59,10 @@ def kill_repeatedly(folder, options: dict, kills: int, seed: int) -> None:
                 time.sleep(0.002)
         _, err = process.communicate(timeout=300)
         assert process.returncode in (0, -signal.SIGKILL), err
+        killed += process.returncode == -signal.SIGKILL
         if process.returncode == 0:
-            return
+            break
+    assert killed == kills, f"only {killed} of the {kills} kills landed before the run finished"
 
 
 def assert_same_run(reference, resumed) -> None:
