@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import DATA, STORIES
 from dlzo.cli import main
@@ -39,6 +40,19 @@ def test_squad_generation_metrics(tmp_path):
     result = evaluate(model, tokenizer, task, task.read_split("valid"), batch_size=2, quiet=True)
     assert result.metric == "f1" and 0 <= result.exact_match <= result.value <= 1
     assert result.num_examples == 3
+    # planted generations (the answer is "Lily"): exact; two words of which one is right; wrong. Only the first
+    # line counts. F1 1, 2/3 (precision 1/2, recall 1), 0; exact match 1, 0, 0.
+    planted = iter(["Lily\nand more", "Lily was", "Bob"])
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+
+    def generate(input_ids, **kwargs):
+        rows = [tokenizer(next(planted), add_special_tokens=False)["input_ids"] for _ in range(len(input_ids))]
+        width = max(len(r) for r in rows)
+        tails = torch.tensor([r + [newline] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tails], dim=1)
+    model.generate = generate
+    result = evaluate(model, tokenizer, task, task.read_split("valid"), batch_size=2, quiet=True)
+    assert result.value == pytest.approx((1 + 2 / 3 + 0) / 3) and result.exact_match == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("task", ["copa", "wic"])

@@ -99,8 +99,15 @@ def test_dev_loss_through_the_cache(stories_tokenizer):
     frozen = FrozenPrefix(model, 2, 2**30)
     plain = dev_loss(model, stories_tokenizer, examples, batch_size=4)
     first = dev_loss(model, stories_tokenizer, examples, batch_size=4, frozen=frozen)
+    assert frozen.entries  # the first pass filled the cache
+    calls = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in
+             enumerate(frozen.layers)]
     again = dev_loss(model, stories_tokenizer, examples, batch_size=4, frozen=frozen)
+    for hook in hooks:
+        hook.remove()
     assert first == pytest.approx(plain, abs=1e-6) and again == first
+    assert calls and min(calls) == 2  # layers 0 and 1 were read from the cache; 2 and 3 ran
 
 
 def _config(tmp_path, stories_path, name, **extra):

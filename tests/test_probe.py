@@ -209,9 +209,9 @@ def test_onset_ties_go_to_the_earliest_layer():
 
 
 def test_onset_rejects_bad_parameters():
-    with pytest.raises(DlzoError):
+    with pytest.raises(DlzoError, match=r"onset rule: need min_jump >= 1.*got 0\.5"):
         onset_layer(curve(SMOLLM2_CURVE), min_jump=0.5)
-    with pytest.raises(DlzoError):
+    with pytest.raises(DlzoError, match="unknown probe rule 'median'; choose one of sun, onset"):
         find_dominant_layer(None, None, rule="median")
 
 
