@@ -75,9 +75,18 @@ def test_fast_path_under_accelerate_device_hooks(stories_tokenizer):
     plus = {n: p.detach() + 1e-2 * z for (n, p), z in zip(named, zs)}
     minus = {n: p.detach() - 1e-2 * z for (n, p), z in zip(named, zs)}
     expected = BranchedForward(model, [n for n, _ in named]).loss_pair(batch, plus, minus)
-    for layer in model.model.layers:
-        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    fired = []
+
+    class Counting(AlignDevicesHook):
+        def pre_forward(self, module, *args, **kwargs):
+            fired.append(self.index)
+            return super().pre_forward(module, *args, **kwargs)
+    for index, layer in enumerate(model.model.layers):
+        hook = Counting(execution_device="cpu")
+        hook.index = index
+        add_hook_to_module(layer, hook)
     hooked = {id(layer): layer.__dict__["forward"] for layer in model.model.layers}
     got = BranchedForward(model, [n for n, _ in named]).loss_pair(batch, plus, minus)
     assert [float(x) for x in got] == pytest.approx([float(x) for x in expected], abs=1e-6)
+    assert set(fired) == set(range(len(model.model.layers)))  # every layer ran through its hook
     assert {id(layer): layer.__dict__["forward"] for layer in model.model.layers} == hooked

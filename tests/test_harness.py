@@ -97,10 +97,16 @@ def test_without_lm_eval_the_error_says_how_to_install(monkeypatch):
         evaluate_with_harness(None, None, ["arc_easy"])
 
 
-def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path):
+def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
+    from safetensors.torch import load_file
+
+    import dlzo.eval as eval_module
     from conftest import DATA
     from dlzo.cli import main
+
+    handed, real = [], eval_module.evaluate_with_harness
+    monkeypatch.setattr(eval_module, "evaluate_with_harness", lambda model, *a: handed.append(model) or real(model, *a))
 
     run = tmp_path / "run"
     assert main(["train", "--model", str(STORIES), "--data-dir", str(DATA), "--num-train", "16", "--num-dev", "4",
@@ -111,6 +117,13 @@ def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path):
                  "--harness-limit", "4", "--out", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "harness.json").read_text())
     assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0
+    # the harness got the run's checkpoint on the base model, not the base model: its tuned tensors are the
+    # run's (without evaluations the best checkpoint is the final one), and they moved
+    tuned = load_file(run / "final.safetensors")
+    weights = dict(handed[0].named_parameters())
+    base = load_file(STORIES / "model.safetensors")
+    assert tuned and all(torch.equal(weights[n], t) for n, t in tuned.items())
+    assert any(not torch.equal(base[n], t) for n, t in tuned.items())
 
 
 def test_a_task_whose_data_is_on_the_hub_offline_is_one_line(tmp_path):

@@ -246,11 +246,16 @@ def test_resume_before_the_first_checkpoint_starts_clean(tmp_path):
     assert len(dev_at_zero) == 1
 
 
-def test_device_map_auto_loads_through_accelerate_and_trains_the_same(tmp_path):
+def test_device_map_auto_loads_through_accelerate_and_trains_the_same(tmp_path, monkeypatch):
     # on a CPU-only machine accelerate places every module on the CPU; the run must equal a plain one
+    from transformers import AutoModelForCausalLM
+    asked, real = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: asked.append(k.get("device_map")) or real(*a, **k))
     plain = train(TrainConfig(**SMALL, out=str(tmp_path / "plain"), steps=2, eval_every=0, scope="layer:1"))
     mapped = train(TrainConfig(**SMALL, out=str(tmp_path / "mapped"), steps=2, eval_every=0, scope="layer:1",
                                device_map="auto"))
+    assert asked == [None, "auto"]  # the flag reached transformers' loader (which hands it to accelerate)
     a, b = load_file(tmp_path / "plain" / "final.safetensors"), load_file(tmp_path / "mapped" / "final.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert plain["test_value"] == mapped["test_value"]
