@@ -242,6 +242,20 @@ def test_scheduler_lr_drives_each_step_and_the_log_replays(stories_path, tmp_pat
     assert all(torch.equal(params[n], trained[n]) for n in trainer.zo_scope.names)
 
 
+def test_total_flos_counts_forwards_only(stories_path, tmp_path):
+    """total_flos: 2 FLOPs per non-embedding parameter and token for each of the 2q forwards of a ZO step,
+    not Trainer's 6 (forward and backward). Four steps of batch 4 on one text repeated (no padding)."""
+    import dlzo
+
+    trainer = make_trainer(stories_path, tmp_path / "run", zo=dlzo.ZOArguments(layer=2, q=3), max_steps=4,
+                           texts=[TEXTS[0]] * 8)
+    parameters = trainer.model.num_parameters(exclude_embeddings=True)
+    tokens = len(trainer.train_dataset[0]["input_ids"])
+    assert trainer.floating_point_ops({"input_ids": torch.ones(2, 10, dtype=torch.long)}) == 2 * 20 * parameters * 6
+    trainer.train()
+    assert trainer.state.total_flos == 4 * 4 * tokens * 2 * parameters * 6
+
+
 def test_gradient_accumulation_uses_one_direction_per_optimizer_step(stories_path, tmp_path):
     """2 micro-batches of 2 rows x accumulation 2 == 1 batch of 4 rows: the same z for both micro-batches and
     their losses averaged by label tokens, i.e. the loss of the whole batch."""

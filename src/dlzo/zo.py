@@ -274,6 +274,14 @@ class ZOOptimizer:
     def seeds_for_step(self, step: int) -> list[int]:
         return [direction_seed(self.seed, step, d) for d in range(self.q)]
 
+    @property
+    def evaluations_per_step(self) -> int:
+        """Loss evaluations (forwards) of one step on one batch: 2q two-sided; one-sided and HiZOO evaluate θ
+        once, then q (one-sided) or 2q (HiZOO's ±) perturbed points."""
+        if self.update_rule == "hizoo":
+            return 2 * self.q + 1
+        return self.q + 1 if self.estimator == "one-sided" else 2 * self.q
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float | torch.Tensor], directions: list[int] | None = None,
              update: bool = True) -> StepResult:
