@@ -559,7 +559,8 @@ def _chat(row: Row, tokenizer, source: str) -> SpanExample:
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DlzoError(f"{row.where}: no assistant turn: nothing to learn from this conversation")
-    if not any(messages[i]["content"].strip() for i in turns):
+    scored = [i for i in turns if messages[i]["content"].strip()]  # render_chat leaves empty turns unscored
+    if not scored:
         raise DlzoError(f"{row.where}: every assistant turn is empty: nothing to learn from this conversation")
     if tokenizer is None:
         raise DlzoError(f"{source}: chat rows are rendered with the model's chat template: load them with its tokenizer")
@@ -569,8 +570,7 @@ def _chat(row: Row, tokenizer, source: str) -> SpanExample:
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full, spans = render_chat(tokenizer, messages, row.where)
     first = spans[0][0]
-    answer = next(messages[i]["content"] for i in turns if messages[i]["content"].strip())  # the first scored
-    return SpanExample(full[:first], [full[first:]], 0, answers=[answer], spans=spans)
+    return SpanExample(full[:first], [full[first:]], 0, answers=[messages[scored[0]]["content"]], spans=spans)
 
 
 def render_chat(tokenizer, messages: list[dict], where: str = "chat") -> tuple[str, list[tuple[int, int]]]:

@@ -255,22 +255,21 @@ def upstream_step(race: RaceConfig, data: Data, seed: int) -> dict:
 def race_ratios(results: dict[str, dict], upstream_step_s: float | None, full: str, adamw: str) -> dict:
     """Seconds-to-target of each recipe against the references of the same run: upstream-style full MeZO
     (its measured step time x our full MeZO's steps to target: the same arithmetic, so the same steps), our
-    full MeZO and AdamW. A reference that never reached the target gives a lower bound (its seconds at the
-    budget), marked so in `bounds`. Times to target are read at the scorings (every --eval-every steps), so
+    full MeZO and AdamW. A reference that never reached the target gives a lower bound (the seconds of its
+    last scoring under the target), marked so in `bounds`. Times to target are read at the scorings (every --eval-every steps), so
     each is known only to its interval after the scoring before; `range` gives the ratio's bounds from those
     intervals ([low, high]; high None when a recipe met the target at its first scoring after step 0's, whose
     crossing could be at any time since)."""
     references = {}
     if full in results:
         r = results[full]
-        steps = r["steps_to_target"] if r["reached"] else _not_reached_by(r)[1]
-        references["full"] = _reference_seconds(r)
-        if upstream_step_s:
-            before = r.get("steps_before_target")
-            low = (upstream_step_s * before if before is not None else None) if r["reached"] else upstream_step_s * steps
-            references["upstream_full"] = (upstream_step_s * steps, r["reached"], low)
+        references["full"] = _reference(r, "seconds")
+        if upstream_step_s:  # the same steps at upstream's measured step time
+            steps, reached, before = _reference(r, "steps")
+            references["upstream_full"] = (upstream_step_s * steps, reached,
+                                           upstream_step_s * before if before is not None else None)
     if adamw in results:
-        references["adamw"] = _reference_seconds(results[adamw])
+        references["adamw"] = _reference(results[adamw], "seconds")
     ratios = {"references": {k: {"seconds": s, "reached": ok, "seconds_before": low}
                              for k, (s, ok, low) in references.items()}, "recipes": {}}
     for name, r in results.items():
@@ -309,20 +308,16 @@ def _ratio_range(reference: tuple[float, bool, float | None], mine: float | None
     return [low / mine, seconds / mine_before if reached and mine_before else None]
 
 
-def _reference_seconds(r: dict) -> tuple[float, bool, float]:
-    """(seconds to target or at the budget, reached, the earliest the target can have been crossed)."""
+def _reference(r: dict, unit: str) -> tuple[float, bool, float | None]:
+    """In `unit` (seconds or steps): (to target, or by which it is known not to have got there; reached; the
+    earliest the target can have been crossed). Not reached: its last scoring under the target, the end of its
+    run in a record from before that was kept. Reached, None as the earliest: a record from before that was kept."""
     if not r["reached"]:
-        seconds = _not_reached_by(r)[0]
-        return seconds, False, seconds
-    return r["seconds_to_target"], True, r.get("seconds_before_target")  # None: a record from before it was kept
-
-
-def _not_reached_by(r: dict) -> tuple[float, int]:
-    """(seconds, steps) by which a recipe that never reached the target is known not to have: its last scoring
-    under the target (the end of its run in a record from before that was kept)."""
-    if r.get("seconds_below_target") is None:
-        return r["train_seconds"], r["steps"]
-    return r["seconds_below_target"], r["steps_below_target"]
+        known = r.get(f"{unit}_below_target")
+        if known is None:
+            known = r["train_seconds" if unit == "seconds" else "steps"]
+        return known, False, known
+    return r[f"{unit}_to_target"], True, r.get(f"{unit}_before_target")
 
 
 def seconds_to_dev_loss(curve: list[dict], level: float) -> float | None:

@@ -171,9 +171,9 @@ class RunFolder:
         raise DlzoError(f"--out {self.path}: could not take the lock {self.lock_file}")
 
     def unlock(self) -> None:
-        if self._locked and self._holder() == os.getpid():
-            self.lock_file.unlink(missing_ok=True)
         if self._locked:
+            if self._holder() == os.getpid():
+                self.lock_file.unlink(missing_ok=True)
             _HELD.discard(self.lock_file.resolve())
         self._locked = False
 
