@@ -53,6 +53,29 @@ def test_seed_summary_takes_the_seeds_asked_and_the_runs_each_sweep_reported(tmp
         seed_summary(tmp_path, [0, 1, 2])
 
 
+def test_seeds_whose_run_folders_are_elsewhere_are_taken_from_their_sweep_json(tmp_path):
+    """A study continued on another machine has its earlier seeds only as the committed sweep.json files: their
+    entries join the seeds finished here (the same figures the sweep reported), and the mean is over all."""
+    run = tmp_path / "seed2" / "runs" / "layer05"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"scope": "layers [5]", "steps": 300, "test_value": 0.50,
+                                                  "test_metric": "accuracy", "dev_loss_best": 0.70,
+                                                  "seconds_per_step": 20.0}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "dev_loss": d}) + "\n"
+                                               for s, d in ((0, 2.0), (250, 0.70), (300, 0.71))))
+    (tmp_path / "seed2" / "sweep.json").write_text(json.dumps({"runs": [{"name": "layer05"}]}))
+    for seed, test, dev, best in ((0, 0.571, 0.787, None), (1, 0.536, 0.757, 300)):
+        (tmp_path / f"seed{seed}").mkdir()
+        entry = {"name": "layer05", "scope": "layers [5]", "metric": "accuracy", "test_metric": test,
+                 "dev_loss_end": dev, "steps": 300, "seconds_per_step": 26.0}
+        (tmp_path / f"seed{seed}" / "sweep.json").write_text(json.dumps(
+            {"runs": [entry if best is None else {**entry, "best_step": best}]}))
+    row = seed_summary(tmp_path, [0, 1, 2])["layer05"]
+    assert row["test"]["values"] == [0.571, 0.536, 0.50] and row["dev_best"]["values"] == [0.787, 0.757, 0.70]
+    assert row["best_steps"] == [None, 300, 250] and row["seeds"] == ["seed0", "seed1", "seed2"]
+    assert row["test"]["mean"] == pytest.approx(statistics.fmean([0.571, 0.536, 0.50]))
+
+
 def test_one_seed_has_no_spread_and_the_summary_stays_strict_json(tmp_path):
     """A run with one seed (full MeZO at equal time in the study) has a mean and no std or SE: None, written
     as null (NaN is not JSON) and shown as '-'; a seed with no figure (None) is left out of n."""

@@ -94,6 +94,42 @@ def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp
                       lr=grid["chosen"]["layer01"]["lr"]))
 
 
+def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, monkeypatch):
+    """--grid-from: a study continued on another machine takes the rates from its committed grid.json (the grid's
+    run folders are not there); every seed trains at them, no grid run is made, and the sweep records where the
+    rates came from. A grid.json of other rates, steps or seed, or without a rate for a scope, is one line before
+    anything is written."""
+    import dlzo.lr_grid as lr_grid
+
+    monkeypatch.setattr(lr_grid, "train", lambda config: pytest.fail(f"grid run trained: {config.out}"))
+    kept = tmp_path / "grid.json"
+    chosen = {"layer01": {"lr": 1e-2}, "full": {"lr": 1e-4}}
+    kept.write_text(json.dumps({"rates": [1e-4, 1e-2], "steps": 2, "seed": 5, "chosen": chosen}))
+    config = SweepConfig(**FAST, out=str(tmp_path / "s"), layers="1", references="full", steps=2, eval_every=1,
+                         seeds="1", lr_grid="1e-2,1e-4", grid_steps=2, grid_seed=5, grid_from=str(kept))
+    sweep(config)
+    for name, rate in (("layer01", 1e-2), ("full", 1e-4)):
+        run = json.loads((tmp_path / "s" / "seed1" / "runs" / name / "run.json").read_text())
+        assert run["config"]["lr"] == rate and run["config"]["seed"] == 1
+    record = json.loads((tmp_path / "s" / "seed1" / "sweep.json").read_text())
+    assert record["lr_grid"]["kept_from"] == str(kept) and not (tmp_path / "s" / "grid").exists()
+    best = {e["name"]: e["best_step"] for e in record["runs"]}
+    for name, step in best.items():
+        losses = RunFolder(tmp_path / "s" / "seed1" / "runs" / name).dev_losses()
+        assert losses[step] == min(losses.values())
+    for change, message in ((dict(lr_grid="1e-2,1e-3"), r"its grid had rates \[0.0001, 0.01\], this sweep has "
+                                                         r"--lr-grid \[0.001, 0.01\]"),
+                            (dict(grid_steps=3), "its grid had steps 2, this sweep has --grid-steps 3"),
+                            (dict(grid_seed=0), "its grid had seed 5, this sweep has --grid-seed 0"),
+                            (dict(lr_grid=""), "--grid-from needs --lr-grid"),
+                            (dict(grid_from=str(tmp_path / "none.json")), "none.json: cannot read")):
+        with pytest.raises(DlzoError, match=message):
+            sweep(replace(config, out=str(tmp_path / "bad"), **change))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(DlzoError, match=r"grid.json: no rate for layer03 \(it chose rates for full, layer01\)"):
+        sweep(replace(config, out=str(tmp_path / "other"), layers="3"))
+
+
 def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
     for grid, message in (("fast", "--lr-grid 'fast'"), ("0,1e-3", "positive"), ("1e-3", "--grid-steps")):
         with pytest.raises(DlzoError, match=message):

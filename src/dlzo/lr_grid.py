@@ -16,6 +16,7 @@ the grid would use now; an interrupted one continues.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -98,4 +99,35 @@ def choose_rates(base: TrainConfig, runs: list[tuple[str, dict]], rates: list[fl
     record = {"rates": rates, "steps": steps, "seed": base.seed,
               "criterion": "dev loss at the last grid step (lowest wins; ties: the smaller rate)", "chosen": chosen}
     atomic_write_json(folder / "grid.json", record)
+    return record
+
+
+def read_kept_grid(path: Path, rates: list[float], steps: int, seed: int) -> dict:
+    """A grid.json written by an earlier sweep (`--grid-from`), checked before anything is written: it must come
+    from the same grid (rates, steps, seed), or its choices answer another question. Its run folders need not be
+    on this machine: the record of the choice is what a continued study needs (a study's grid.json is committed
+    with its results, the runs are not)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise DlzoError(f"--grid-from {path}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise DlzoError(f"--grid-from {path}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("chosen"), dict):
+        raise DlzoError(f"--grid-from {path}: not a grid.json of `dlzo sweep --lr-grid` (no 'chosen' rates)")
+    for key, now in (("rates", rates), ("steps", steps), ("seed", seed)):
+        if record.get(key) != now:
+            flag = {"rates": "--lr-grid", "steps": "--grid-steps", "seed": "--grid-seed"}[key]
+            raise DlzoError(f"--grid-from {path}: its grid had {key} {record.get(key)!r}, this sweep has "
+                            f"{flag} {now!r}")
+    return {**record, "kept_from": str(path)}
+
+
+def kept_rates(record: dict, runs: list[tuple[str, dict]]) -> dict:
+    """The kept grid's choices for these runs; a ZO run it never chose a rate for is one clear error."""
+    missing = [name for name, overrides in runs
+               if overrides.get("optimizer", "zo") == "zo" and name not in record["chosen"]]
+    if missing:
+        raise DlzoError(f"--grid-from {record['kept_from']}: no rate for {', '.join(missing)} (it chose rates for "
+                        f"{', '.join(sorted(record['chosen'])) or 'nothing'}); drop --grid-from to train the grid")
     return record

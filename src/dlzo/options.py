@@ -377,6 +377,10 @@ class SweepConfig(TaskOptions, DataOptions):
     grid_steps: int = option(60, "--lr-grid: steps of each grid run")
     grid_seed: int = option(0, "--lr-grid: run seed of the grid runs")
     grid_out: str = option("", "--lr-grid: folder of the grid runs and grid.json (empty: OUT/grid)")
+    grid_from: str = option("", "--lr-grid: take each scope's rate from this grid.json, kept from an earlier sweep of "
+                                "the same recipe (e.g. committed with a study continued on another machine), "
+                                "instead of training the grid again; it must have the same rates, --grid-steps and "
+                                "--grid-seed and a rate for every ZO scope of this sweep")
     eps: float = same_as(TrainConfig, "eps")
     seed: int = option(0, "run seed, the same for every run")
     seeds: str = option("", "repeat the whole sweep for each of these run seeds (e.g. 0,1,2) in OUT/seed<S>/ and "
@@ -396,6 +400,8 @@ class SweepConfig(TaskOptions, DataOptions):
         _at_least_one(self, "steps", "batch_size", "grid_steps")
         for name in ("lr", "eps", "adamw_lr"):
             _positive(self, name)
+        if self.grid_from and not self.lr_grid:
+            raise DlzoError("--grid-from needs --lr-grid (the rates the kept grid was trained with)")
         references = reference_names(self.references)  # an unknown one is reported whatever --layers says
         if self.layers == "none" and not references:
             raise DlzoError("--layers none and no --references: nothing to sweep")

@@ -152,35 +152,51 @@ def plot_race(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _reported_results(seed_dir: Path) -> list[Path]:
-    """The results.json of each run the seed's sweep reported (its sweep.json): a folder moved aside in runs/
-    is none of them. Without a sweep.json yet, every finished run in runs/."""
+def best_dev_step(run_dir: Path) -> int | None:
+    """The step of the run's lowest logged dev loss (the checkpoint its test figure comes from); None if none."""
+    losses = RunFolder(run_dir).dev_losses()
+    return min(losses, key=losses.get) if losses else None
+
+
+def _seed_records(seed_dir: Path) -> list[dict]:
+    """One record per run the seed's sweep reported (its sweep.json), from the run's results.json: a folder
+    moved aside in runs/ is none of them; without a sweep.json yet, every finished run in runs/. A run listed in
+    sweep.json whose folder is not on this machine (a study continued elsewhere from its committed sweep.json
+    files) is taken from its sweep.json entry."""
     sweep_file = seed_dir / "sweep.json"
-    if not sweep_file.exists():
-        return sorted(seed_dir.glob("runs/*/results.json"))
-    names = [entry["name"] for entry in json.loads(sweep_file.read_text()).get("runs", [])]
-    return [seed_dir / "runs" / name / "results.json" for name in names
-            if (seed_dir / "runs" / name / "results.json").exists()]
+    entries = json.loads(sweep_file.read_text()).get("runs", []) if sweep_file.exists() else [
+        {"name": results.parent.name} for results in sorted(seed_dir.glob("runs/*/results.json"))]
+    records = []
+    for entry in entries:
+        run_dir = seed_dir / "runs" / entry["name"]
+        if (run_dir / "results.json").exists():
+            record = {**json.loads((run_dir / "results.json").read_text()), "best_step": best_dev_step(run_dir)}
+        elif not (run_dir / "run.json").exists() and "test_metric" in entry:  # moved aside: not reported
+            record = {"test_value": entry["test_metric"], "test_metric": entry["metric"], "steps": entry["steps"],
+                      "scope": entry["scope"], "dev_loss_best": entry["dev_loss_end"],
+                      "seconds_per_step": entry["seconds_per_step"], "best_step": entry.get("best_step")}
+        else:
+            continue
+        records.append({**record, "name": entry["name"], "seed": seed_dir.name})
+    return records
 
 
 def seed_summary(folder: Path, seeds: list[int] | None = None) -> dict[str, dict]:
-    """Runs repeated over seeds (FOLDER/seed<S>/runs/NAME/results.json), grouped by NAME: test metric and best
-    dev loss as mean, sample standard deviation and standard error, and at which step the dev loss was lowest.
+    """Runs repeated over seeds (FOLDER/seed<S>/runs/NAME/results.json, or a seed's sweep.json entry where its
+    run folders are not on this machine), grouped by NAME: test metric and best dev loss as mean, sample standard
+    deviation and standard error, and at which step the dev loss was lowest.
     With `seeds`, only those seeds' folders (a sweep's --seeds: an earlier study's other seeds in the same
     folder are not averaged in); a run trained for other steps or another scope than its group is refused."""
     seed_dirs = ([Path(folder) / f"seed{seed}" for seed in seeds] if seeds is not None
                  else sorted(p for p in Path(folder).glob("seed*") if p.is_dir()))
     groups: dict[str, list[dict]] = {}
-    for results in (r for seed_dir in seed_dirs for r in _reported_results(seed_dir)):
-        record = json.loads(results.read_text())
-        devs = [json.loads(x) for x in (results.parent / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in x]
-        record["best_step"] = min(devs, key=lambda d: d["dev_loss"])["step"] if devs else None
-        record["seed"] = results.parent.parent.parent.name
-        group = groups.setdefault(results.parent.name, [])
+    for record in (r for seed_dir in seed_dirs for r in _seed_records(seed_dir)):
+        group = groups.setdefault(record["name"], [])
         for key in ("steps", "scope"):
             if group and record.get(key) != group[0].get(key):
-                raise DlzoError(f"{results}: {key} {record.get(key)!r}, but {group[0]['seed']}'s "
-                                f"{results.parent.name} has {group[0].get(key)!r}; a mean over seeds needs one recipe")
+                raise DlzoError(f"{record['seed']}/runs/{record['name']}: {key} {record.get(key)!r}, but "
+                                f"{group[0]['seed']}'s {record['name']} has {group[0].get(key)!r}; a mean over "
+                                f"seeds needs one recipe")
         group.append(record)
     summary = {}
     for name, records in groups.items():

@@ -12,11 +12,18 @@ from tqdm import tqdm
 
 from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
-from dlzo.lr_grid import choose_rates, parse_grid
+from dlzo.lr_grid import choose_rates, kept_rates, parse_grid, read_kept_grid
 from dlzo.models import load_model, load_tokenizer
 from dlzo.options import SweepConfig, TrainConfig, reference_names, same_path_option
 from dlzo.probe import find_dominant_layer
-from dlzo.report import format_seed_summary, format_sweep, plot_sweep, seed_summary, sweep_verdict
+from dlzo.report import (
+    best_dev_step,
+    format_seed_summary,
+    format_sweep,
+    plot_sweep,
+    seed_summary,
+    sweep_verdict,
+)
 from dlzo.run import RunFolder
 from dlzo.tasks import load_task, task_splits
 from dlzo.training import load_data, train
@@ -100,6 +107,8 @@ def sweep(config: SweepConfig) -> dict:
     out = Path(config.out)
     probe_file = out / "probe.json"
     rates = parse_grid(config.lr_grid) if config.lr_grid else None  # a bad flag is reported before any run
+    kept_grid = read_kept_grid(Path(config.grid_from), rates, config.grid_steps, config.grid_seed) \
+        if config.grid_from else None
     train_examples = None
     if config.data:  # the rows are read and checked before the sweep folder is made
         config.validate_data_options()
@@ -124,9 +133,12 @@ def sweep(config: SweepConfig) -> dict:
     rule_layers = {rule: layer for rule, layer in probe.get("picks", {}).items() if layer is not None}
     runs = _sweep_runs(config, len(probe["layers"]), probe_layer, sorted(set(rule_layers.values())))
     grid = None
-    if rates:  # each ZO scope's rate chosen on dev loss (dlzo.lr_grid), the same for every seed
+    if kept_grid:  # the rates an earlier sweep of this recipe chose (its grid runs need not be here)
+        grid = kept_rates(kept_grid, runs)
+    elif rates:  # each ZO scope's rate chosen on dev loss (dlzo.lr_grid), the same for every seed
         base = TrainConfig(**{**shared_train_options(config), "seed": config.grid_seed})
         grid = choose_rates(base, runs, rates, config.grid_steps, Path(config.grid_out or out / "grid"))
+    if grid:
         runs = [(name, {**overrides, "lr": grid["chosen"][name]["lr"]} if name in grid["chosen"] else overrides)
                 for name, overrides in runs]
     entries = []
@@ -150,6 +162,7 @@ def sweep(config: SweepConfig) -> dict:
                         "layer": int(name[5:]) if name.startswith("layer") else None, "lr": overrides["lr"],
                         "test_metric": value, "metric": metric,
                         "dev_loss_start": results["dev_loss_start"], "dev_loss_end": results["dev_loss_best"],
+                        "best_step": best_dev_step(run_dir),
                         "steps": results["steps"], "seconds": results["train_seconds"],
                         "seconds_per_step": results["seconds_per_step"]})
         summary = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
