@@ -66,13 +66,17 @@ def test_seeds_whose_run_folders_are_elsewhere_are_taken_from_their_sweep_json(t
     (tmp_path / "seed2" / "sweep.json").write_text(json.dumps({"runs": [{"name": "layer05"}]}))
     for seed, test, dev, best in ((0, 0.571, 0.787, None), (1, 0.536, 0.757, 300)):
         (tmp_path / f"seed{seed}").mkdir()
-        entry = {"name": "layer05", "scope": "layers [5]", "metric": "accuracy", "test_metric": test,
+        entry = {"name": "layer05", "scope": "layer:5", "metric": "accuracy", "test_metric": test,
                  "dev_loss_end": dev, "steps": 300, "seconds_per_step": 26.0}
         (tmp_path / f"seed{seed}" / "sweep.json").write_text(json.dumps(
             {"runs": [entry if best is None else {**entry, "best_step": best}]}))
     row = seed_summary(tmp_path, [0, 1, 2])["layer05"]
     assert row["test"]["values"] == [0.571, 0.536, 0.50] and row["dev_best"]["values"] == [0.787, 0.757, 0.70]
     assert row["best_steps"] == [None, 300, 250] and row["seeds"] == ["seed0", "seed1", "seed2"]
+    assert row["scope"] == "layers [5]"  # a sweep entry names the option (layer:5), a run the tuned layers
+    (tmp_path / "seed1" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "steps": 60}]}))
+    with pytest.raises(DlzoError, match="seed1/runs/layer05: steps 60, but seed0's layer05 has 300"):
+        seed_summary(tmp_path)
     assert row["test"]["mean"] == pytest.approx(statistics.fmean([0.571, 0.536, 0.50]))
 
 

@@ -170,11 +170,13 @@ def _seed_records(seed_dir: Path) -> list[dict]:
     for entry in entries:
         run_dir = seed_dir / "runs" / entry["name"]
         if (run_dir / "results.json").exists():
-            record = {**json.loads((run_dir / "results.json").read_text()), "best_step": best_dev_step(run_dir)}
+            record = {**json.loads((run_dir / "results.json").read_text()), "best_step": best_dev_step(run_dir),
+                      "source": "run"}
         elif not (run_dir / "run.json").exists() and "test_metric" in entry:  # moved aside: not reported
             record = {"test_value": entry["test_metric"], "test_metric": entry["metric"], "steps": entry["steps"],
                       "scope": entry["scope"], "dev_loss_best": entry["dev_loss_end"],
-                      "seconds_per_step": entry["seconds_per_step"], "best_step": entry.get("best_step")}
+                      "seconds_per_step": entry["seconds_per_step"], "best_step": entry.get("best_step"),
+                      "source": "sweep.json"}  # its scope is the option (layer:5), a run's the description
         else:
             continue
         records.append({**record, "name": entry["name"], "seed": seed_dir.name})
@@ -193,6 +195,8 @@ def seed_summary(folder: Path, seeds: list[int] | None = None) -> dict[str, dict
     for record in (r for seed_dir in seed_dirs for r in _seed_records(seed_dir)):
         group = groups.setdefault(record["name"], [])
         for key in ("steps", "scope"):
+            if key == "scope" and group and record["source"] != group[0]["source"]:
+                continue
             if group and record.get(key) != group[0].get(key):
                 raise DlzoError(f"{record['seed']}/runs/{record['name']}: {key} {record.get(key)!r}, but "
                                 f"{group[0]['seed']}'s {record['name']} has {group[0].get(key)!r}; a mean over "
@@ -201,7 +205,8 @@ def seed_summary(folder: Path, seeds: list[int] | None = None) -> dict[str, dict
     summary = {}
     for name, records in groups.items():
         test = spread([r["test_value"] for r in records])  # n: the seeds with a test figure
-        summary[name] = {"seeds": [r["seed"] for r in records], "n": test["n"], "scope": records[0]["scope"],
+        shown = next((r for r in records if r["source"] == "run"), records[0])
+        summary[name] = {"seeds": [r["seed"] for r in records], "n": test["n"], "scope": shown["scope"],
                          "steps": records[0]["steps"], "test": test, "metric": records[0]["test_metric"],
                          "dev_best": spread([r["dev_loss_best"] for r in records]),
                          "seconds_per_step": spread([r["seconds_per_step"] for r in records]),
