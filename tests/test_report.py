@@ -74,10 +74,24 @@ def test_seeds_whose_run_folders_are_elsewhere_are_taken_from_their_sweep_json(t
     assert row["test"]["values"] == [0.571, 0.536, 0.50] and row["dev_best"]["values"] == [0.787, 0.757, 0.70]
     assert row["best_steps"] == [None, 300, 250] and row["seeds"] == ["seed0", "seed1", "seed2"]
     assert row["scope"] == "layers [5]"  # a sweep entry names the option (layer:5), a run the tuned layers
-    (tmp_path / "seed1" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "steps": 60}]}))
-    with pytest.raises(DlzoError, match="seed1/runs/layer05: steps 60, but seed0's layer05 has 300"):
-        seed_summary(tmp_path)
     assert row["test"]["mean"] == pytest.approx(statistics.fmean([0.571, 0.536, 0.50]))
+    # a seed with run folders reports only them: a run moved aside is not brought back from its entry
+    (tmp_path / "seed2" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "name": "layer05"}]}))
+    run.rename(run.with_name("layer05.old"))
+    assert seed_summary(tmp_path)["layer05"]["test"]["values"] == [0.571, 0.536]
+    run.with_name("layer05.old").rename(run)
+    # within a source scopes must agree (entries name the option), across sources steps and metric must
+    (tmp_path / "seed0" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "scope": "layer:6"}]}))
+    with pytest.raises(DlzoError, match=r"seed1/sweep.json \(layer05\): scope 'layer:5', but seed0's layer05 "
+                                        r"has 'layer:6'"):
+        seed_summary(tmp_path)
+    (tmp_path / "seed0" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "steps": 60}]}))
+    with pytest.raises(DlzoError, match="seed1/sweep.json .layer05.: steps 300, but seed0's layer05 has 60"):
+        seed_summary(tmp_path)
+    (tmp_path / "seed0" / "sweep.json").write_text(json.dumps({"runs": [{**entry, "metric": "1/perplexity",
+                                                                          "test_metric": 0.25}]}))
+    with pytest.raises(DlzoError, match="test_metric 'accuracy', but seed0's layer05 has 'perplexity'"):
+        seed_summary(tmp_path)
 
 
 def test_one_seed_has_no_spread_and_the_summary_stays_strict_json(tmp_path):

@@ -97,8 +97,8 @@ def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp
 def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, monkeypatch):
     """--grid-from: a study continued on another machine takes the rates from its committed grid.json (the grid's
     run folders are not there); every seed trains at them, no grid run is made, and the sweep records where the
-    rates came from. A grid.json of other rates, steps or seed, or without a rate for a scope, is one line before
-    anything is written."""
+    rates came from. A file that is not such a grid.json, or of other rates, steps or seed, is one line before
+    anything is written; one without a rate for a scope of this sweep is one line before any run."""
     import dlzo.lr_grid as lr_grid
 
     monkeypatch.setattr(lr_grid, "train", lambda config: pytest.fail(f"grid run trained: {config.out}"))
@@ -113,6 +113,10 @@ def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, m
         assert run["config"]["lr"] == rate and run["config"]["seed"] == 1
     record = json.loads((tmp_path / "s" / "seed1" / "sweep.json").read_text())
     assert record["lr_grid"]["kept_from"] == str(kept) and not (tmp_path / "s" / "grid").exists()
+    (bad_json := tmp_path / "bad.json").write_text("{")
+    (no_chosen := tmp_path / "nochosen.json").write_text(json.dumps({"rates": [1e-4, 1e-2], "steps": 2, "seed": 5}))
+    (no_rate := tmp_path / "norate.json").write_text(json.dumps({"rates": [1e-4, 1e-2], "steps": 2, "seed": 5,
+                                                                  "chosen": {**chosen, "full": {}}}))
     best = {e["name"]: e["best_step"] for e in record["runs"]}
     for name, step in best.items():
         losses = RunFolder(tmp_path / "s" / "seed1" / "runs" / name).dev_losses()
@@ -122,12 +126,16 @@ def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, m
                             (dict(grid_steps=3), "its grid had steps 2, this sweep has --grid-steps 3"),
                             (dict(grid_seed=0), "its grid had seed 5, this sweep has --grid-seed 0"),
                             (dict(lr_grid=""), "--grid-from needs --lr-grid"),
-                            (dict(grid_from=str(tmp_path / "none.json")), "none.json: cannot read")):
+                            (dict(grid_from=str(tmp_path / "none.json")), "none.json: cannot read"),
+                            (dict(grid_from=str(bad_json)), "bad.json: not JSON"),
+                            (dict(grid_from=str(no_chosen)), "nochosen.json: not a grid.json"),
+                            (dict(grid_from=str(no_rate)), "norate.json: the rate chosen for full is None")):
         with pytest.raises(DlzoError, match=message):
             sweep(replace(config, out=str(tmp_path / "bad"), **change))
         assert not (tmp_path / "bad").exists()
     with pytest.raises(DlzoError, match=r"grid.json: no rate for layer03 \(it chose rates for full, layer01\)"):
         sweep(replace(config, out=str(tmp_path / "other"), layers="3"))
+    assert not (tmp_path / "other" / "seed1" / "runs").exists()
 
 
 def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):

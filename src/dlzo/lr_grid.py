@@ -106,7 +106,8 @@ def read_kept_grid(path: Path, rates: list[float], steps: int, seed: int) -> dic
     """A grid.json written by an earlier sweep (`--grid-from`), checked before anything is written: it must come
     from the same grid (rates, steps, seed), or its choices answer another question. Its run folders need not be
     on this machine: the record of the choice is what a continued study needs (a study's grid.json is committed
-    with its results, the runs are not)."""
+    with its results, the runs are not). grid.json does not record the grid runs' other options (model, task,
+    eps, batch): that it belongs to this recipe is the caller's word, as with --lr."""
     try:
         record = json.loads(Path(path).read_text())
     except OSError as err:
@@ -115,6 +116,10 @@ def read_kept_grid(path: Path, rates: list[float], steps: int, seed: int) -> dic
         raise DlzoError(f"--grid-from {path}: not JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(record, dict) or not isinstance(record.get("chosen"), dict):
         raise DlzoError(f"--grid-from {path}: not a grid.json of `dlzo sweep --lr-grid` (no 'chosen' rates)")
+    for name, choice in record["chosen"].items():
+        rate = choice.get("lr") if isinstance(choice, dict) else None
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+            raise DlzoError(f"--grid-from {path}: the rate chosen for {name} is {rate!r}, not a positive number")
     for key, now in (("rates", rates), ("steps", steps), ("seed", seed)):
         if record.get(key) != now:
             flag = {"rates": "--lr-grid", "steps": "--grid-steps", "seed": "--grid-seed"}[key]

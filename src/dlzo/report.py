@@ -160,23 +160,27 @@ def best_dev_step(run_dir: Path) -> int | None:
 
 def _seed_records(seed_dir: Path) -> list[dict]:
     """One record per run the seed's sweep reported (its sweep.json), from the run's results.json: a folder
-    moved aside in runs/ is none of them; without a sweep.json yet, every finished run in runs/. A run listed in
-    sweep.json whose folder is not on this machine (a study continued elsewhere from its committed sweep.json
-    files) is taken from its sweep.json entry."""
+    moved aside in runs/ is none of them; without a sweep.json yet, every finished run in runs/. A seed folder
+    with a sweep.json and no runs/ at all (a study continued on another machine from its committed sweep.json
+    files) is taken from the sweep.json entries: the figures that sweep reported."""
     sweep_file = seed_dir / "sweep.json"
     entries = json.loads(sweep_file.read_text()).get("runs", []) if sweep_file.exists() else [
         {"name": results.parent.name} for results in sorted(seed_dir.glob("runs/*/results.json"))]
+    from_entries = sweep_file.exists() and not (seed_dir / "runs").exists()
     records = []
     for entry in entries:
         run_dir = seed_dir / "runs" / entry["name"]
-        if (run_dir / "results.json").exists():
+        if from_entries:
+            value, metric = entry["test_metric"], entry["metric"]
+            if metric == "1/perplexity":  # the sweep turned --data perplexity round for its verdict
+                value, metric = (None if value is None else 1 / value), "perplexity"
+            record = {"test_value": value, "test_metric": metric, "steps": entry["steps"], "scope": entry["scope"],
+                      "dev_loss_best": entry["dev_loss_end"], "seconds_per_step": entry["seconds_per_step"],
+                      "best_step": entry.get("best_step"), "source": "sweep.json",  # scope: the option, layer:5
+                      "where": f"{seed_dir.name}/sweep.json ({entry['name']})"}
+        elif (run_dir / "results.json").exists():  # scope: the tuned layers, "layers [5]"
             record = {**json.loads((run_dir / "results.json").read_text()), "best_step": best_dev_step(run_dir),
-                      "source": "run"}
-        elif not (run_dir / "run.json").exists() and "test_metric" in entry:  # moved aside: not reported
-            record = {"test_value": entry["test_metric"], "test_metric": entry["metric"], "steps": entry["steps"],
-                      "scope": entry["scope"], "dev_loss_best": entry["dev_loss_end"],
-                      "seconds_per_step": entry["seconds_per_step"], "best_step": entry.get("best_step"),
-                      "source": "sweep.json"}  # its scope is the option (layer:5), a run's the description
+                      "source": "run", "where": f"{seed_dir.name}/runs/{entry['name']}"}
         else:
             continue
         records.append({**record, "name": entry["name"], "seed": seed_dir.name})
@@ -184,23 +188,22 @@ def _seed_records(seed_dir: Path) -> list[dict]:
 
 
 def seed_summary(folder: Path, seeds: list[int] | None = None) -> dict[str, dict]:
-    """Runs repeated over seeds (FOLDER/seed<S>/runs/NAME/results.json, or a seed's sweep.json entry where its
+    """Runs repeated over seeds (FOLDER/seed<S>/runs/NAME/results.json, or a seed's sweep.json entries where its
     run folders are not on this machine), grouped by NAME: test metric and best dev loss as mean, sample standard
     deviation and standard error, and at which step the dev loss was lowest.
     With `seeds`, only those seeds' folders (a sweep's --seeds: an earlier study's other seeds in the same
-    folder are not averaged in); a run trained for other steps or another scope than its group is refused."""
+    folder are not averaged in); a run trained for other steps, another metric or another scope than its group
+    is refused (scopes are compared within each source: a sweep entry names the option, a run the layers)."""
     seed_dirs = ([Path(folder) / f"seed{seed}" for seed in seeds] if seeds is not None
                  else sorted(p for p in Path(folder).glob("seed*") if p.is_dir()))
     groups: dict[str, list[dict]] = {}
     for record in (r for seed_dir in seed_dirs for r in _seed_records(seed_dir)):
         group = groups.setdefault(record["name"], [])
-        for key in ("steps", "scope"):
-            if key == "scope" and group and record["source"] != group[0]["source"]:
-                continue
-            if group and record.get(key) != group[0].get(key):
-                raise DlzoError(f"{record['seed']}/runs/{record['name']}: {key} {record.get(key)!r}, but "
-                                f"{group[0]['seed']}'s {record['name']} has {group[0].get(key)!r}; a mean over "
-                                f"seeds needs one recipe")
+        for key in ("steps", "test_metric", "scope"):
+            first = next((r for r in group if key != "scope" or r["source"] == record["source"]), None)
+            if first is not None and record.get(key) != first.get(key):
+                raise DlzoError(f"{Path(folder) / record['where']}: {key} {record.get(key)!r}, but {first['seed']}'s "
+                                f"{record['name']} has {first.get(key)!r}; a mean over seeds needs one recipe")
         group.append(record)
     summary = {}
     for name, records in groups.items():

@@ -107,8 +107,8 @@ def sweep(config: SweepConfig) -> dict:
     out = Path(config.out)
     probe_file = out / "probe.json"
     rates = parse_grid(config.lr_grid) if config.lr_grid else None  # a bad flag is reported before any run
-    kept_grid = read_kept_grid(Path(config.grid_from), rates, config.grid_steps, config.grid_seed) \
-        if config.grid_from else None
+    kept_grid = (read_kept_grid(Path(config.grid_from), rates, config.grid_steps, config.grid_seed)
+                 if config.grid_from else None)
     train_examples = None
     if config.data:  # the rows are read and checked before the sweep folder is made
         config.validate_data_options()
