@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -36,6 +37,60 @@ def test_sweep_rejects_bad_layers(tmp_path):
         sweep(SweepConfig(**FAST, out=str(tmp_path), layers="9", references="", steps=1))
 
 
+
+
+def test_two_only_processes_share_one_sweep_folder_and_match_one_sweep(tmp_path):
+    """Two `dlzo sweep --only` processes at once, each training its own run in one folder, leave what one sweep
+    leaves: the same entries to the last digit; the verdict waits for every run, and the sweep without --only
+    afterwards trains nothing again."""
+    common = ["--model", str(STORIES), "--task", "sst2", "--data-dir", str(DATA), "--num-train", "32", "--num-dev",
+              "16", "--num-test", "16", "--batch-size", "4", "--lr", "1e-3", "--layers", "0,1", "--references", "",
+              "--steps", "2", "--eval-every", "0", "--out", str(tmp_path / "shared")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lanes = [subprocess.Popen([sys.executable, "-m", "dlzo", "sweep", *common, "--only", name], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("layer00", "layer01")]
+    outputs = [lane.communicate()[0] for lane in lanes]
+    assert [lane.returncode for lane in lanes] == [0, 0], outputs
+    assert any("not finished yet (layer01)" in o or "not finished yet (layer00)" in o for o in outputs) or all(
+        "best single layer" in o for o in outputs)  # whichever lane ended first may have seen the other running
+    stamps = {n: (tmp_path / "shared" / "runs" / n / "results.json").stat().st_mtime_ns for n in ("layer00", "layer01")}
+    config = SweepConfig(**FAST, layers="0,1", references="", steps=2, eval_every=0)
+    joined = sweep(replace(config, out=str(tmp_path / "shared")))
+    assert {n: (tmp_path / "shared" / "runs" / n / "results.json").stat().st_mtime_ns for n in stamps} == stamps
+    alone = sweep(replace(config, out=str(tmp_path / "alone")))
+    strip = lambda s: [{k: v for k, v in e.items() if "seconds" not in k} for e in s["runs"]]  # noqa: E731
+    assert strip(joined) == strip(alone) and joined["verdict"] == alone["verdict"] and "pending" not in joined
+
+
+def test_only_trains_the_named_runs_and_the_verdict_waits_for_the_rest(tmp_path):
+    config = SweepConfig(**FAST, out=str(tmp_path / "s"), layers="0,1", references="", steps=2, eval_every=0)
+    first = sweep(replace(config, only="layer01"))
+    assert [e["name"] for e in first["runs"]] == ["layer01"] and first["pending"] == ["layer00"]
+    assert "verdict" not in first and not (tmp_path / "s" / "sweep.png").exists()
+    assert not (tmp_path / "s" / "runs" / "layer00").exists()
+    kept = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert kept["pending"] == ["layer00"] and [e["name"] for e in kept["runs"]] == ["layer01"]
+    # a finished run trained otherwise is refused before the other process trains anything
+    with pytest.raises(DlzoError, match="layer01 was trained with lr=0.001, but this sweep runs layer01 with lr=0.01"):
+        sweep(replace(config, lr=1e-2, only="layer00"))
+    assert not (tmp_path / "s" / "runs" / "layer00").exists()
+    second = sweep(replace(config, only="layer00"))
+    assert [e["name"] for e in second["runs"]] == ["layer00", "layer01"] and "pending" not in second
+    assert "best single layer" in second["verdict"] and (tmp_path / "s" / "sweep.png").exists()
+    # per seed: no seeds.json while a seed has runs left
+    seeds = sweep(replace(config, out=str(tmp_path / "seeds"), seeds="0,1", only="layer00"))
+    assert seeds["pending"] == {"seed0": ["layer01"], "seed1": ["layer01"]}
+    assert not (tmp_path / "seeds" / "seeds.json").exists()
+
+
+def test_only_names_a_run_of_the_sweep_before_anything_is_trained(tmp_path):
+    config = SweepConfig(**FAST, out=str(tmp_path / "s"), layers="0,1", references="full", steps=1, eval_every=0)
+    with pytest.raises(DlzoError, match=r"--only 'layer3' is not a run name \(layer<KK> such as layer03"):
+        sweep(replace(config, only="layer3"))
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(DlzoError, match="--only layer05: not a run of this sweep \\(its runs: layer00, layer01, full\\)"):
+        sweep(replace(config, only="layer00,layer05"))
+    assert not (tmp_path / "s" / "runs").exists()
 
 
 def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):

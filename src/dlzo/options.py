@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def same_path_option(name: str, was: object, now: object) -> bool:
     if name not in PATH_OPTIONS or not (isinstance(was, str) and isinstance(now, str) and was and now):
         return False
     return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
+
+
+RUN_NAME = r"layer\d{2,}|full|lora|adamw|lezo\d+"  # the names `dlzo sweep` gives its runs (runs/<name>)
+
+
+def only_names(only: str) -> list[str]:
+    """The run names of a sweep's --only (empty: every run)."""
+    return [name.strip() for name in only.split(",") if name.strip()]
 
 
 def _at_least_one(config: object, *names: str) -> None:
@@ -391,6 +400,9 @@ class SweepConfig(TaskOptions, DataOptions):
     eval_every: int = same_as(TrainConfig, "eval_every", default=50)
     dtype: str = same_as(TrainConfig, "dtype")
     prefix_store: str = same_as(TrainConfig, "prefix_store")
+    only: str = option("", "train only these runs (comma-separated names, e.g. layer03 or layer23,full): two "
+                           "processes with different --only share one sweep folder, each on its own cores; the other "
+                           "runs are reported once finished, and the verdict waits until every run is")
     quiet: bool = option(True, "no per-step progress bars")
 
     def validate(self) -> None:
@@ -398,6 +410,9 @@ class SweepConfig(TaskOptions, DataOptions):
         if not self.model:
             raise DlzoError("--model is required")
         _at_least_one(self, "steps", "batch_size", "grid_steps")
+        bad = next((name for name in only_names(self.only) if not re.fullmatch(RUN_NAME, name)), None)
+        if bad is not None:
+            raise DlzoError(f"--only {bad!r} is not a run name (layer<KK> such as layer03, full, lora, adamw, lezo<K>)")
         for name in ("lr", "eps", "adamw_lr"):
             _positive(self, name)
         if self.grid_from and not self.lr_grid:

@@ -14,7 +14,7 @@ from dlzo.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.lr_grid import choose_rates, kept_rates, parse_grid, read_kept_grid
 from dlzo.models import load_model, load_tokenizer
-from dlzo.options import SweepConfig, TrainConfig, reference_names, same_path_option
+from dlzo.options import SweepConfig, TrainConfig, only_names, reference_names, same_path_option
 from dlzo.probe import find_dominant_layer
 from dlzo.report import (
     best_dev_step,
@@ -141,39 +141,66 @@ def sweep(config: SweepConfig) -> dict:
     if grid:
         runs = [(name, {**overrides, "lr": grid["chosen"][name]["lr"]} if name in grid["chosen"] else overrides)
                 for name, overrides in runs]
-    entries = []
+    names = [name for name, _ in runs]
+    only = only_names(config.only)
+    missing = next((name for name in only if name not in names), None)
+    if missing is not None:
+        raise DlzoError(f"--only {missing}: not a run of this sweep (its runs: {', '.join(names)})")
+    header = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
+              "rule_layers": rule_layers, "config": asdict(config), "lr_grid": grid}
+    summary = _collect(config, out, runs, header)  # a finished run trained otherwise is refused before any training
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
-        results_file = run_dir / "results.json"
+        if (only and name not in only) or (run_dir / "results.json").exists():
+            continue
         train_config = TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
-        if results_file.exists():
-            _check_finished_run(run_dir, train_config, name)
-        else:
-            if (run_dir / "run.json").exists() and train_config.optimizer == "zo":
-                train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
-            elif (run_dir / "run.json").exists():   # the resume refuses changed options)
-                _clear_interrupted_first_order_run(run_dir)
-            train(train_config)
-        results = json.loads(results_file.read_text())
-        metric, value = results["test_metric"], results["test_value"]
-        if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
-            metric, value = "1/perplexity", 1 / value
-        entries.append({"name": name, "scope": overrides["scope"], "optimizer": overrides.get("optimizer", "zo"),
-                        "layer": int(name[5:]) if name.startswith("layer") else None, "lr": overrides["lr"],
-                        "test_metric": value, "metric": metric,
-                        "dev_loss_start": results["dev_loss_start"], "dev_loss_end": results["dev_loss_best"],
-                        "best_step": best_dev_step(run_dir),
-                        "steps": results["steps"], "seconds": results["train_seconds"],
-                        "seconds_per_step": results["seconds_per_step"]})
-        summary = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
-                   "rule_layers": rule_layers, "config": asdict(config), "lr_grid": grid,
-                   "runs": entries}
-        atomic_write_json(out / "sweep.json", summary)  # saved as each run finishes
+        if (run_dir / "run.json").exists() and train_config.optimizer == "zo":
+            train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
+        elif (run_dir / "run.json").exists():   # the resume refuses changed options)
+            _clear_interrupted_first_order_run(run_dir)
+        train(train_config)
+        summary = _collect(config, out, runs, header)  # saved as each run finishes
+    if summary.get("pending"):  # left to another --only process, or to a later sweep
+        print(format_sweep(summary))
+        print(f"{out}: {len(summary['pending'])} run(s) not finished yet ({', '.join(summary['pending'])}); "
+              f"run the same sweep without --only once they are, for the verdict and the plot")
+        return summary
     summary["verdict"] = sweep_verdict(summary)
     atomic_write_json(out / "sweep.json", summary)
     plot_sweep(summary, out / "sweep.png")
     print(format_sweep(summary))
     print(summary["verdict"])
+    return summary
+
+
+def _entry(name: str, overrides: dict, run_dir: Path) -> dict:
+    """A finished run as the sweep reports it."""
+    results = json.loads((run_dir / "results.json").read_text())
+    metric, value = results["test_metric"], results["test_value"]
+    if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
+        metric, value = "1/perplexity", 1 / value
+    return {"name": name, "scope": overrides["scope"], "optimizer": overrides.get("optimizer", "zo"),
+            "layer": int(name[5:]) if name.startswith("layer") else None, "lr": overrides["lr"],
+            "test_metric": value, "metric": metric,
+            "dev_loss_start": results["dev_loss_start"], "dev_loss_end": results["dev_loss_best"],
+            "best_step": best_dev_step(run_dir),
+            "steps": results["steps"], "seconds": results["train_seconds"],
+            "seconds_per_step": results["seconds_per_step"]}
+
+
+def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], header: dict) -> dict:
+    """OUT/sweep.json from every run finished now (in this process or, with --only, in another one), each
+    checked to be trained as this sweep would train it; the others are listed as pending."""
+    entries, pending = [], []
+    for name, overrides in runs:
+        run_dir = out / "runs" / name
+        if not (run_dir / "results.json").exists():
+            pending.append(name)
+            continue
+        _check_finished_run(run_dir, TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides), name)
+        entries.append(_entry(name, overrides, run_dir))
+    summary = {**header, "runs": entries, **({"pending": pending} if pending else {})}
+    atomic_write_json(out / "sweep.json", summary)
     return summary
 
 
@@ -185,9 +212,16 @@ def sweep_seeds(config: SweepConfig) -> dict:
     except ValueError:
         raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
     out = Path(config.out)
+    pending = {}
     for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds
-        sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
-                      grid_out=config.grid_out or str(out / "grid")))
+        done = sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
+                             grid_out=config.grid_out or str(out / "grid")))
+        if done.get("pending"):
+            pending[f"seed{seed}"] = done["pending"]
+    if pending:  # a mean over seeds with some runs missing would not be the study's figure
+        print(f"{out}: no seeds.json yet, runs not finished: "
+              + "; ".join(f"{seed} {', '.join(names)}" for seed, names in pending.items()))
+        return {"config": asdict(config), "pending": pending}
     summary = {"config": asdict(config), "runs": seed_summary(out, seeds)}
     atomic_write_json(out / "seeds.json", summary)
     print(format_seed_summary(summary["runs"]))
