@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -10,9 +11,16 @@ import pytest
 
 from conftest import DATA, STORIES
 from dlzo.errors import DlzoError
-from dlzo.options import SweepConfig, TrainConfig
+from dlzo.options import RUN_NAME, SweepConfig, TrainConfig
+from dlzo.report import report
 from dlzo.run import RunFolder
-from dlzo.sweep import _check_finished_run, _check_probe_is_for, _clear_interrupted_first_order_run, sweep
+from dlzo.sweep import (
+    _check_finished_run,
+    _check_probe_is_for,
+    _clear_interrupted_first_order_run,
+    _sweep_runs,
+    sweep,
+)
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
             batch_size=4, lr=1e-3)
@@ -51,8 +59,11 @@ def test_two_only_processes_share_one_sweep_folder_and_match_one_sweep(tmp_path)
                               stderr=subprocess.STDOUT, text=True) for name in ("layer00", "layer01")]
     outputs = [lane.communicate()[0] for lane in lanes]
     assert [lane.returncode for lane in lanes] == [0, 0], outputs
-    assert any("not finished yet (layer01)" in o or "not finished yet (layer00)" in o for o in outputs) or all(
-        "best single layer" in o for o in outputs)  # whichever lane ended first may have seen the other running
+    for output, own, other in ((outputs[0], "layer00", "layer01"), (outputs[1], "layer01", "layer00")):
+        # each lane trained its own run only; it ends on the verdict or, if the other lane was still running,
+        # on the other run pending
+        assert f"runs/{own}/results.json" in output and f"runs/{other}/results.json" not in output, output
+        assert f"not finished yet ({other})" in output or "best single layer" in output, output
     stamps = {n: (tmp_path / "shared" / "runs" / n / "results.json").stat().st_mtime_ns for n in ("layer00", "layer01")}
     config = SweepConfig(**FAST, layers="0,1", references="", steps=2, eval_every=0)
     joined = sweep(replace(config, out=str(tmp_path / "shared")))
@@ -73,6 +84,7 @@ def test_only_trains_the_named_runs_and_the_verdict_waits_for_the_rest(tmp_path)
     assert not (tmp_path / "s" / "runs" / "layer00").exists()
     kept = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert kept["pending"] == ["layer00"] and [e["name"] for e in kept["runs"]] == ["layer01"]
+    assert "Verdict: waiting for layer00 (not finished yet)" in report([str(tmp_path / "s")], str(tmp_path / "r.md"))
     # a finished run trained otherwise is refused before the other process trains anything
     with pytest.raises(DlzoError, match="layer01 was trained with lr=0.001, but this sweep runs layer01 with lr=0.01"):
         sweep(replace(config, lr=1e-2, only="layer00"))
@@ -91,9 +103,20 @@ def test_only_names_a_run_of_the_sweep_before_anything_is_trained(tmp_path):
     with pytest.raises(DlzoError, match=r"--only 'layer3' is not a run name \(layer<KK> such as layer03"):
         sweep(replace(config, only="layer3"))
     assert not (tmp_path / "s").exists()
+    with pytest.raises(DlzoError, match="--only ',' names no run"):
+        sweep(replace(config, only=","))
+    assert not (tmp_path / "s").exists()
     with pytest.raises(DlzoError, match="--only layer05: not a run of this sweep \\(its runs: layer00, layer01, full\\)"):
-        sweep(replace(config, only="layer00,layer05"))
-    assert not (tmp_path / "s" / "runs").exists()
+        sweep(replace(config, only="layer00,layer05", lr_grid="1e-3,1e-2"))
+    assert not (tmp_path / "s" / "runs").exists() and not (tmp_path / "s" / "grid").exists()  # before the grid
+
+
+def test_every_name_a_sweep_gives_its_runs_is_an_only_name():
+    config = SweepConfig(**FAST, layers="all", references="full,lora,adamw,lezo:2,lezo:12")
+    names = [name for name, _ in _sweep_runs(config, 120, None)]
+    assert {"layer00", "layer119", "full", "lora", "adamw", "lezo2", "lezo12"} <= set(names)
+    assert all(re.fullmatch(RUN_NAME, name) for name in names)
+    assert not any(re.fullmatch(RUN_NAME, name) for name in ("layer3", "layer", "Full", "lezo", "layer03 "))
 
 
 def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):

@@ -48,7 +48,9 @@ def same_path_option(name: str, was: object, now: object) -> bool:
     return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
 
 
-RUN_NAME = r"layer\d{2,}|full|lora|adamw|lezo\d+"  # the names `dlzo sweep` gives its runs (runs/<name>)
+# the names `dlzo sweep` gives its runs (runs/<name>), so that a misspelt --only is refused before anything is
+# written (which runs a sweep has is known only after its probe); a test ties this to the names given
+RUN_NAME = r"layer\d{2,}|full|lora|adamw|lezo\d+"
 
 
 def only_names(only: str) -> list[str]:
@@ -410,6 +412,8 @@ class SweepConfig(TaskOptions, DataOptions):
         if not self.model:
             raise DlzoError("--model is required")
         _at_least_one(self, "steps", "batch_size", "grid_steps")
+        if self.only.strip() and not only_names(self.only):
+            raise DlzoError(f"--only {self.only!r} names no run (give e.g. layer03 or layer23,full)")
         bad = next((name for name in only_names(self.only) if not re.fullmatch(RUN_NAME, name)), None)
         if bad is not None:
             raise DlzoError(f"--only {bad!r} is not a run name (layer<KK> such as layer03, full, lora, adamw, lezo<K>)")

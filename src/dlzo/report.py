@@ -346,8 +346,9 @@ def report(folders: list[str], out: str) -> str:
         sweep_file = folder / "sweep.json"
         if sweep_file.exists():
             data = json.loads(sweep_file.read_text())
-            lines += ["**Layer sweep**", "", "```", format_sweep(data), "```", "",
-                      f"Verdict: {data.get('verdict') or sweep_verdict(data)}", ""]
+            verdict = (f"waiting for {', '.join(data['pending'])} (not finished yet)" if data.get("pending")
+                       else data.get("verdict") or sweep_verdict(data))
+            lines += ["**Layer sweep**", "", "```", format_sweep(data), "```", "", f"Verdict: {verdict}", ""]
             if (folder / "sweep.png").exists():
                 lines.append(picture(folder / "sweep.png", "sweep"))
         runs = _find_runs(folder)

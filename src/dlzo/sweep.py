@@ -132,6 +132,11 @@ def sweep(config: SweepConfig) -> dict:
     # every rule's pick is swept (sun: the probe's layer; onset: the largest persistent jump; docs/rules.md)
     rule_layers = {rule: layer for rule, layer in probe.get("picks", {}).items() if layer is not None}
     runs = _sweep_runs(config, len(probe["layers"]), probe_layer, sorted(set(rule_layers.values())))
+    names = [name for name, _ in runs]  # checked before the grid, which may train for hours
+    only = only_names(config.only)
+    missing = next((name for name in only if name not in names), None)
+    if missing is not None:
+        raise DlzoError(f"--only {missing}: not a run of this sweep (its runs: {', '.join(names)})")
     grid = None
     if kept_grid:  # the rates an earlier sweep of this recipe chose (its grid runs need not be here)
         grid = kept_rates(kept_grid, runs)
@@ -141,14 +146,10 @@ def sweep(config: SweepConfig) -> dict:
     if grid:
         runs = [(name, {**overrides, "lr": grid["chosen"][name]["lr"]} if name in grid["chosen"] else overrides)
                 for name, overrides in runs]
-    names = [name for name, _ in runs]
-    only = only_names(config.only)
-    missing = next((name for name in only if name not in names), None)
-    if missing is not None:
-        raise DlzoError(f"--only {missing}: not a run of this sweep (its runs: {', '.join(names)})")
     header = {"model": config.model, "task": config.data or config.task, "probe_layer": probe_layer,
               "rule_layers": rule_layers, "config": asdict(config), "lr_grid": grid}
-    summary = _collect(config, out, runs, header)  # a finished run trained otherwise is refused before any training
+    checked: set[str] = set()
+    summary = _collect(config, out, runs, header, checked)  # a run trained otherwise is refused before any training
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
         if (only and name not in only) or (run_dir / "results.json").exists():
@@ -159,7 +160,7 @@ def sweep(config: SweepConfig) -> dict:
         elif (run_dir / "run.json").exists():   # the resume refuses changed options)
             _clear_interrupted_first_order_run(run_dir)
         train(train_config)
-        summary = _collect(config, out, runs, header)  # saved as each run finishes
+        summary = _collect(config, out, runs, header, checked)  # saved as each run finishes
     if summary.get("pending"):  # left to another --only process, or to a later sweep
         print(format_sweep(summary))
         print(f"{out}: {len(summary['pending'])} run(s) not finished yet ({', '.join(summary['pending'])}); "
@@ -188,16 +189,20 @@ def _entry(name: str, overrides: dict, run_dir: Path) -> dict:
             "seconds_per_step": results["seconds_per_step"]}
 
 
-def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], header: dict) -> dict:
+def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], header: dict, checked: set[str]) -> dict:
     """OUT/sweep.json from every run finished now (in this process or, with --only, in another one), each
-    checked to be trained as this sweep would train it; the others are listed as pending."""
+    checked once (`checked`: a --data check hashes the files) to be trained as this sweep would train it; the
+    others are listed as pending."""
     entries, pending = [], []
     for name, overrides in runs:
         run_dir = out / "runs" / name
         if not (run_dir / "results.json").exists():
             pending.append(name)
             continue
-        _check_finished_run(run_dir, TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides), name)
+        if name not in checked:
+            _check_finished_run(run_dir, TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides),
+                                name)
+            checked.add(name)
         entries.append(_entry(name, overrides, run_dir))
     summary = {**header, "runs": entries, **({"pending": pending} if pending else {})}
     atomic_write_json(out / "sweep.json", summary)
@@ -212,7 +217,7 @@ def sweep_seeds(config: SweepConfig) -> dict:
     except ValueError:
         raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
     out = Path(config.out)
-    pending = {}
+    pending: dict[str, list[str]] = {}
     for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds
         done = sweep(replace(config, seed=seed, seeds="", out=str(out / f"seed{seed}"),
                              grid_out=config.grid_out or str(out / "grid")))
