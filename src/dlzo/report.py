@@ -291,6 +291,13 @@ def eval_lines(folder: Path) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _sweep_lines(data: dict) -> list[str]:
+    """A sweep.json's table and verdict; while --only processes have runs left, the runs it waits for."""
+    verdict = (f"waiting for {', '.join(data['pending'])} (not finished yet)" if data.get("pending")
+               else data.get("verdict") or sweep_verdict(data))
+    return ["**Layer sweep**", "", "```", format_sweep(data), "```", "", f"Verdict: {verdict}", ""]
+
+
 def report(folders: list[str], out: str) -> str:
     """Markdown with the tables and pictures found in the given output folders."""
     target = Path(out)
@@ -345,10 +352,7 @@ def report(folders: list[str], out: str) -> str:
             lines += [f"**Across seeds** ({folder})", "", format_seed_summary(seeds), ""]
         sweep_file = folder / "sweep.json"
         if sweep_file.exists():
-            data = json.loads(sweep_file.read_text())
-            verdict = (f"waiting for {', '.join(data['pending'])} (not finished yet)" if data.get("pending")
-                       else data.get("verdict") or sweep_verdict(data))
-            lines += ["**Layer sweep**", "", "```", format_sweep(data), "```", "", f"Verdict: {verdict}", ""]
+            lines += _sweep_lines(json.loads(sweep_file.read_text()))
             if (folder / "sweep.png").exists():
                 lines.append(picture(folder / "sweep.png", "sweep"))
         runs = _find_runs(folder)
