@@ -36,6 +36,11 @@ def shared_train_options(config: SweepConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k in train_fields and k not in per_run}
 
 
+def _run_config(config: SweepConfig, run_dir: Path, overrides: dict) -> TrainConfig:
+    """How the sweep trains one run: its shared options, its folder and its scope's own (lr, scope, ...)."""
+    return TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
+
+
 def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
                 extra_layers: list[int] = ()) -> list[tuple[str, dict]]:
     if config.layers == "none":  # references only (e.g. full MeZO at equal wall time)
@@ -154,7 +159,7 @@ def sweep(config: SweepConfig) -> dict:
         run_dir = out / "runs" / name
         if (only and name not in only) or (run_dir / "results.json").exists():
             continue
-        train_config = TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides)
+        train_config = _run_config(config, run_dir, overrides)
         if (run_dir / "run.json").exists() and train_config.optimizer == "zo":
             train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
         elif (run_dir / "run.json").exists():   # the resume refuses changed options)
@@ -200,8 +205,7 @@ def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], heade
             pending.append(name)
             continue
         if name not in checked:
-            _check_finished_run(run_dir, TrainConfig(**shared_train_options(config), out=str(run_dir), **overrides),
-                                name)
+            _check_finished_run(run_dir, _run_config(config, run_dir, overrides), name)
             checked.add(name)
         entries.append(_entry(name, overrides, run_dir))
     summary = {**header, "runs": entries, **({"pending": pending} if pending else {})}
