@@ -2,7 +2,7 @@
 
 An ordinary transformers Trainer script (tokenize, mask the prompt's labels, pad with a collator, train,
 save). Against a backprop script it differs in two places, marked `# dlzo`: `Trainer` -> `dlzo.ZOTrainer`
-and `zo_args=dlzo.ZOArguments(...)`. Models load with dlzo.models.load_model, which is
+and `zo_args=dlzo.ZOArguments(...)`. Models load with dlzo.model.loading.load_model, which is
 AutoModelForCausalLM.from_pretrained for hub ids and folders and also takes GGUF files (dequantized once,
 cached, so that save_model can write them) and the short names smollm2-135m / stories260k.
 
@@ -25,7 +25,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 import dlzo
-from dlzo.models import load_model, load_tokenizer
+from dlzo.model.loading import load_model, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE.parent.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dlzo.options import TrainConfig
-from dlzo.replay import replay
-from dlzo.training import Session, train
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import Session, train
+from dlzo.training.replay import replay
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -72,7 +72,7 @@ def tiny_model(arch: str, layers: int = 4, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def stories_tokenizer():
-    from dlzo.models import load_tokenizer
+    from dlzo.model.loading import load_tokenizer
 
     return load_tokenizer(str(STORIES))
 

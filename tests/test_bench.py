@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import DATA, STORIES
-from dlzo.bench import TimedOptimizer, bench, repeated_batch, run_variant, synthetic_batches
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.layer_choice import layer_parameters
 from dlzo.errors import DlzoError
-from dlzo.fastpath import BranchedForward
-from dlzo.layers import layer_parameters
-from dlzo.models import load_model
-from dlzo.options import BenchConfig
+from dlzo.model.loading import load_model
+from dlzo.studies.bench import TimedOptimizer, bench, repeated_batch, run_variant, synthetic_batches
+from dlzo.studies.options import BenchConfig
 
 VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "layer_cached", "lora", "floor", "inference"]
 

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from dlzo.cli import main
-from dlzo.config import load_recipe
+from dlzo.cli.flags import load_recipe
+from dlzo.cli.main import main
 from dlzo.errors import DlzoError
-from dlzo.options import RaceConfig, TrainConfig
+from dlzo.studies.options import RaceConfig
+from dlzo.training.config import TrainConfig
 
 RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.toml"))
 
@@ -16,8 +17,8 @@ def test_the_recipes_are_found():
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_recipe_parses_into_its_config(path):
-    from dlzo.lr_grid import parse_grid
-    from dlzo.options import SweepConfig
+    from dlzo.studies.lr_grid import parse_grid
+    from dlzo.studies.options import SweepConfig
 
     if "race-" in path:
         config = RaceConfig(**load_recipe(path, RaceConfig))
@@ -49,7 +50,7 @@ def test_flags_override_recipe(tmp_path, monkeypatch):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "m"\nsteps = 7\nlr = 0.5\n')
     seen = {}
-    monkeypatch.setattr("dlzo.cli.train", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("dlzo.cli.main.train", lambda config: seen.setdefault("config", config))
     main(["train", "--config", str(recipe), "--lr", "0.25"])
     assert seen["config"].steps == 7 and seen["config"].lr == 0.25 and seen["config"].model == "m"
 

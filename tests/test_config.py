@@ -2,8 +2,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlzo.config import add_arguments, option, same_as
-from dlzo.options import SweepConfig, TrainConfig, absolute_paths
+from dlzo.cli.flags import add_arguments
+from dlzo.fields import option, same_as
+from dlzo.studies.options import SweepConfig
+from dlzo.training.config import TrainConfig, absolute_paths
 
 
 def test_same_as_shares_help_and_default_unless_overridden():

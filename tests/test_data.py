@@ -1,4 +1,4 @@
-"""Fine-tuning on your own data (dlzo.data): the four formats, the sources, the split, the one-line errors,
+"""Fine-tuning on your own data (dlzo.data.user_data): the four formats, the sources, the split, the one-line errors,
 and that the losses read exactly the intended tokens, on the fast path as on the plain one."""
 
 import copy
@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from dlzo.data import UserTask, count_truncated, load_user_data, parse_hub_source, read_rows, row_ranges
-from dlzo.errors import DlzoError
-from dlzo.fastpath import BranchedForward
-from dlzo.scoring import (
-    SpanExample,
+from dlzo.data.examples import Example, SpanExample
+from dlzo.data.readers import parse_hub_source, read_rows
+from dlzo.data.user_data import UserTask, count_truncated, load_user_data, row_ranges
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.scoring import (
     batch_loss,
     candidate_scores,
     encode,
@@ -24,7 +24,7 @@ from dlzo.scoring import (
     span_tokens,
     token_logprobs,
 )
-from dlzo.tasks import Example
+from dlzo.errors import DlzoError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 FORMAT_FILES = {"text": "text", "prompt_completion": "prompt-completion", "chat": "chat",

@@ -2,8 +2,8 @@ import json
 import re
 
 from conftest import SHARED
-from dlzo.demo import run_demo
-from dlzo.options import DemoConfig
+from dlzo.studies.demo import run_demo
+from dlzo.studies.options import DemoConfig
 
 
 def test_demo_runs_end_to_end_on_stories(tmp_path, monkeypatch, capsys):

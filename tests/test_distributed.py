@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, STORIES
-from dlzo.options import TrainConfig
-from dlzo.run import checkpoint_metadata
-from dlzo.training import train
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import train
+from dlzo.training.run_folder import checkpoint_metadata
 
 # Float32 losses of differently packed batches differ by ~1e-7; the update scales that by lr/2eps, so
 # the tolerance is met with lr 1e-4 (the rate SmolLM2 needs too); see docs/distributed.md.

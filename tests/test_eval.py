@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from conftest import DATA, STORIES
-from dlzo.cli import main
+from dlzo.cli.eval import _default_to_the_runs_data, _the_runs_pool, eval_command
+from dlzo.cli.main import main
+from dlzo.cli.options import EvalConfig
+from dlzo.data.benchmarks import load_task
 from dlzo.errors import DlzoError
-from dlzo.eval import _default_to_the_runs_data, _the_runs_pool, demonstrations, eval_command, evaluate
-from dlzo.models import load_model, load_tokenizer
-from dlzo.options import EvalConfig
-from dlzo.run import recorded_test_options
-from dlzo.tasks import load_task
+from dlzo.evaluation.evaluate import demonstrations, evaluate
+from dlzo.model.loading import load_model, load_tokenizer
+from dlzo.training.run_folder import recorded_test_options
 
 
 def test_eval_cli_zero_shot_and_in_context(tmp_path, capsys):

@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.export import export_adapter, load_tuned
-from dlzo.models import load_model
-from dlzo.options import TrainConfig
-from dlzo.run import load_checkpoint_of_run
-from dlzo.training import train
+from dlzo.model.loading import load_model
+from dlzo.training.config import TrainConfig
+from dlzo.training.export import export_adapter, load_tuned
+from dlzo.training.loop import train
+from dlzo.training.run_folder import load_checkpoint_of_run
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8,
              batch_size=4, lr=1e-2, quiet=True, eval_every=0)

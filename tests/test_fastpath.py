@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from conftest import DATA, tiny_model
-from dlzo.fastpath import BranchedForward
-from dlzo.layers import layer_parameters
-from dlzo.scoring import batch_loss, encode
-from dlzo.tasks import Example, load_task
+from dlzo.data.benchmarks import load_task
+from dlzo.data.examples import Example
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.layer_choice import layer_parameters
+from dlzo.engine.scoring import batch_loss, encode
 
 ARCHS = ["llama", "qwen3", "mistral", "opt", "gpt2", "gemma2", "phi3", "gpt_neox", "falcon"]
 
@@ -25,7 +26,7 @@ def perturbed_pair_plain(model, batch, named, zs, eps):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("layers,layout", [([1], "padded"), ([0, 2], "padded"), ([2], "packed")])
 def test_fast_path_equals_plain_path(arch, layers, layout, stories_tokenizer):
-    from dlzo.scoring import supports_packing
+    from dlzo.engine.scoring import supports_packing
 
     if layout == "packed" and not supports_packing(tiny_model(arch), stories_tokenizer):
         pytest.skip(f"{arch} refuses packed sequences; the trainer pads for it")

@@ -10,7 +10,7 @@ import torch
 
 from conftest import SMOLLM2, STORIES, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.models import gguf_cache_folder, load_model, load_tokenizer, resolve_model_source
+from dlzo.model.loading import gguf_cache_folder, load_model, load_tokenizer, resolve_model_source
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -133,8 +133,8 @@ def test_smollm2_has_massive_activations_from_layer_11(tmp_path_factory):
     if not SMOLLM2.exists():
         pytest.skip("../shared SmolLM2 GGUF not present")
     from conftest import DATA
-    from dlzo.probe import find_dominant_layer
-    from dlzo.tasks import load_task
+    from dlzo.data.benchmarks import load_task
+    from dlzo.model.probe import find_dominant_layer
 
     start = time.time()
     model = load_model("smollm2-135m")

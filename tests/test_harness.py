@@ -1,4 +1,4 @@
-"""dlzo.harness: a loaded model handed to lm-evaluation-harness on a local, offline task, and the harness's
+"""dlzo.evaluation.harness: a loaded model handed to lm-evaluation-harness on a local, offline task, and the harness's
 per-choice log-likelihoods checked against dlzo's own scoring of the same prompt and choices."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import STORIES
+from dlzo.data.examples import Example
+from dlzo.engine.scoring import candidate_scores, encode, token_logprobs
 from dlzo.errors import DlzoError
-from dlzo.harness import evaluate_with_harness
-from dlzo.models import load_model, load_tokenizer
-from dlzo.scoring import candidate_scores, encode, token_logprobs
-from dlzo.tasks import Example
+from dlzo.evaluation.harness import evaluate_with_harness
+from dlzo.model.loading import load_model, load_tokenizer
 
 TASK = "dlzo_tiny_choice"
 ROWS = [
@@ -101,9 +101,9 @@ def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from safetensors.torch import load_file
 
-    import dlzo.eval as eval_module
+    import dlzo.cli.eval as eval_module
     from conftest import DATA
-    from dlzo.cli import main
+    from dlzo.cli.main import main
 
     handed, real = [], eval_module.evaluate_with_harness
     monkeypatch.setattr(eval_module, "evaluate_with_harness", lambda model, *a: handed.append(model) or real(model, *a))

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dlzo.fastpath import BranchedForward
-from dlzo.layers import layer_parameters
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.layer_choice import layer_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_scheduler_lr_drives_each_step_and_the_log_replays(stories_path, tmp_pat
     rebuild the trained weights bit for bit from the base model with ZOOptimizer.replay_step."""
     from transformers import get_scheduler
 
-    from dlzo.zo import ZOOptimizer
+    from dlzo.engine.zo import ZOOptimizer
 
     trainer = make_trainer(stories_path, tmp_path, max_steps=6, lr_scheduler_type="linear", warmup_steps=2,
                            weight_decay=0.1)
@@ -390,7 +390,7 @@ def test_dominant_scope_falls_back_to_the_most_sensitive_layer(stories_path, tmp
 
 def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tmp_path, monkeypatch):
     import dlzo
-    import dlzo.layers
+    import dlzo.engine.layer_choice
 
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
     rules = []
@@ -399,7 +399,7 @@ def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tm
         rules.append(rule)
         return SimpleNamespace(dominant_layer=3, reason="a planted jump", layers=stats)
 
-    monkeypatch.setattr(dlzo.layers, "find_dominant_layer", planted)
+    monkeypatch.setattr(dlzo.engine.layer_choice, "find_dominant_layer", planted)
     assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments()).zo_scope.layers == [3]
     onset = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="onset"))
     assert rules == ["sun", "onset"] and onset.zo_scope.layers == [3]
@@ -437,7 +437,7 @@ def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_pa
     """dominant-lora: the layer is probed on the base model, the adapters go on that layer alone, and only they
     train; with no massive activations and no layer given it says what to pass."""
     import dlzo
-    import dlzo.layers
+    import dlzo.engine.layer_choice
 
     given = make_trainer(stories_path, tmp_path / "given", max_steps=2,
                          zo=dlzo.ZOArguments(scope="dominant-lora", layer=2))
@@ -452,7 +452,7 @@ def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_pa
     with pytest.raises(ValueError, match="dominant-lora: probe found no massive activations.*layer=K"):
         make_trainer(stories_path, tmp_path / "none", zo=dlzo.ZOArguments(scope="dominant-lora"))
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
-    monkeypatch.setattr(dlzo.layers, "find_dominant_layer",
+    monkeypatch.setattr(dlzo.engine.layer_choice, "find_dominant_layer",
                         lambda *args, **kwargs: SimpleNamespace(dominant_layer=1, layers=stats))
     probed = make_trainer(stories_path, tmp_path / "probed", zo=dlzo.ZOArguments(scope="dominant-lora"))
     assert all(".layers.1." in n for n in probed.zo_scope.names) and "probe" in probed.zo_layer_reason

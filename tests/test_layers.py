@@ -1,10 +1,10 @@
 import pytest
 
 from conftest import DATA, tiny_model
-from dlzo.layers import layer_parameters, layer_sensitivity, propagation, rank_correlation
-from dlzo.scoring import batch_loss, encode
-from dlzo.tasks import load_task
-from dlzo.zo import ZOOptimizer
+from dlzo.data.benchmarks import load_task
+from dlzo.engine.layer_choice import layer_parameters, layer_sensitivity, propagation, rank_correlation
+from dlzo.engine.scoring import batch_loss, encode
+from dlzo.engine.zo import ZOOptimizer
 
 
 def test_sensitivity_matches_brute_force_perturbation(stories_tokenizer):

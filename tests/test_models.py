@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.models import (
+from dlzo.model.loading import (
     decoder_layers,
     decoder_layers_with_path,
     load_model,

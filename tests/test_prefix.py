@@ -1,4 +1,4 @@
-"""The frozen-prefix cache (dlzo.prefix): same losses as the uncached fast path and the plain path, the layers
+"""The frozen-prefix cache (dlzo.engine.prefix): same losses as the uncached fast path and the plain path, the layers
 below really skipped, exact resume with the cache on, and the limit."""
 
 import json
@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from conftest import DATA, tiny_model
-from dlzo.eval import dev_loss
-from dlzo.fastpath import BranchedForward
-from dlzo.layers import layer_parameters
-from dlzo.options import TrainConfig
-from dlzo.prefix import FrozenPrefix, sequence_spans
-from dlzo.prefix_store import PrefixStore, prefix_fingerprint, start_loss_key
-from dlzo.scoring import batch_loss, encode, supports_packing
-from dlzo.tasks import Example, load_task
-from dlzo.training import train
+from dlzo.data.benchmarks import load_task
+from dlzo.data.examples import Example
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.layer_choice import layer_parameters
+from dlzo.engine.prefix import FrozenPrefix, sequence_spans
+from dlzo.engine.prefix_store import PrefixStore, prefix_fingerprint, start_loss_key
+from dlzo.engine.scoring import batch_loss, encode, supports_packing
+from dlzo.evaluation.evaluate import dev_loss
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import train
 
 
 def _examples():
@@ -177,12 +178,12 @@ def _step0(folder):
 def test_the_dev_loss_at_step_0_is_measured_once_per_layer_and_data(tmp_path, stories_path, capsys, monkeypatch):
     """A sweep's runs of one layer (other rate, other seed) read the untrained model's dev loss that the first
     stored: the very float a run without the store measures. Another layer or another dev set measures it."""
-    import dlzo.training
+    import dlzo.training.loop
 
     store = str(tmp_path / "store")
     measured = []
-    real = dlzo.training.dev_loss
-    monkeypatch.setattr(dlzo.training, "dev_loss", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = dlzo.training.loop.dev_loss
+    monkeypatch.setattr(dlzo.training.loop, "dev_loss", lambda *a, **k: measured.append(1) or real(*a, **k))
     train(_config(tmp_path, stories_path, "a", prefix_store=store))
     assert len(measured) == 4  # steps 0, 4, 8, 12
     (kept,) = (tmp_path / "store").rglob("start-loss-*.json")

@@ -6,16 +6,16 @@ import torch
 
 from conftest import tiny_model
 from dlzo.errors import DlzoError
-from dlzo.models import decoder_layers, load_model
-from dlzo.probe import (
+from dlzo.model.loading import decoder_layers, load_model
+from dlzo.model.probe import (
     LayerStats,
     _StreamingStats,
     find_dominant_layer,
     format_table,
     onset_decision,
     onset_layer,
-    plot,
 )
+from dlzo.studies.plots import plot
 
 ARCHS = ["llama", "qwen3", "opt", "gpt2"]
 
@@ -103,7 +103,7 @@ def test_bfloat16_probe_runs(stories_tokenizer):
 
 
 def test_cli_writes_json_and_png(stories_path, tmp_path, capsys):
-    from dlzo.cli import main
+    from dlzo.cli.main import main
 
     assert main(["probe", "--model", stories_path, "--out", str(tmp_path), "--max-tokens", "128"]) == 0
     assert "no massive activations found" in capsys.readouterr().out
@@ -120,7 +120,7 @@ def test_probe_cli_on_a_local_folder_of_each_architecture(arch, tmp_path):
     import shutil
 
     from conftest import STORIES
-    from dlzo.cli import main
+    from dlzo.cli.main import main
 
     folder = tmp_path / arch
     tiny_model(arch, layers=3).save_pretrained(folder)

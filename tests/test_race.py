@@ -8,13 +8,14 @@ import types
 import pytest
 
 from conftest import DATA, STORIES
-from dlzo import race as race_module
-from dlzo.cli import main
-from dlzo.config import load_recipe
+from dlzo.cli.flags import load_recipe
+from dlzo.cli.main import main
 from dlzo.errors import DlzoError
-from dlzo.eval import EvalResult
-from dlzo.options import RaceConfig
-from dlzo.race import parse_recipes, race, race_ratios
+from dlzo.evaluation.evaluate import EvalResult
+from dlzo.studies import race as race_module
+from dlzo.studies.options import RaceConfig
+from dlzo.studies.race import race, race_ratios
+from dlzo.studies.recipes import parse_recipes
 
 TINY = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8, batch_size=4,
             eval_batch_size=16)

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, STORIES, tiny_model
-from dlzo.cli import main
+from dlzo.cli.main import main
 from dlzo.errors import DlzoError
-from dlzo.options import TrainConfig
-from dlzo.run import RunFolder, build_for_run
-from dlzo.training import Session, train
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import Session, train
+from dlzo.training.run_folder import RunFolder, build_for_run
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
              batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)
@@ -303,7 +303,7 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_disk_full_is_one_line_and_leaves_no_half_written_file(tmp_path, capsys, monkeypatch):
-    import dlzo.checkpoint as checkpoint
+    import dlzo.engine.checkpoint as checkpoint
 
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:

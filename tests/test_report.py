@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from dlzo.errors import DlzoError
-from dlzo.report import format_seed_summary, report, seed_summary, unfinished_lines
-from dlzo.spread import spread
+from dlzo.studies.report import format_seed_summary, report, seed_summary, unfinished_lines
+from dlzo.studies.spread import spread
 
 
 def test_seed_summary_gives_mean_sample_std_and_standard_error(tmp_path):

@@ -1,9 +1,9 @@
 import pytest
 
 from conftest import tiny_model
+from dlzo.engine.scope import add_lora, parse_scope, select
 from dlzo.errors import DlzoError
-from dlzo.models import decoder_layers
-from dlzo.scope import add_lora, parse_scope, select
+from dlzo.model.loading import decoder_layers
 
 
 @pytest.mark.parametrize("text,kind,layers", [

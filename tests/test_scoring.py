@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import DATA, tiny_model
-from dlzo.models import load_model
-from dlzo.scoring import batch_loss, candidate_scores, encode, per_example_losses, token_logprobs
-from dlzo.tasks import Example, load_task
+from dlzo.data.benchmarks import load_task
+from dlzo.data.examples import Example
+from dlzo.engine.scoring import batch_loss, candidate_scores, encode, per_example_losses, token_logprobs
+from dlzo.model.loading import load_model
 
 
 def examples(name, count=6):
@@ -76,7 +77,7 @@ def test_packed_rows_are_no_wider_than_the_longest_sequence(stories_tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"])
 def test_packed_layout_equals_padded_or_is_refused(arch, stories_tokenizer):
-    from dlzo.scoring import supports_packing
+    from dlzo.engine.scoring import supports_packing
 
     model = tiny_model(arch)
     chosen = examples("copa", 5) + examples("sst2", 4)

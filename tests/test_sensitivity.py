@@ -4,13 +4,13 @@ import re
 import pytest
 
 from conftest import DATA, STORIES
+from dlzo.data.benchmarks import load_task
+from dlzo.engine.layer_choice import layer_sensitivity, leading_batches, rank_correlation
 from dlzo.errors import DlzoError
-from dlzo.layers import layer_sensitivity, leading_batches, rank_correlation
-from dlzo.models import load_model, load_tokenizer
-from dlzo.options import SensitivityConfig
-from dlzo.report import report
-from dlzo.sensitivity import sensitivity
-from dlzo.tasks import load_task
+from dlzo.model.loading import load_model, load_tokenizer
+from dlzo.studies.options import SensitivityConfig
+from dlzo.studies.report import report
+from dlzo.studies.sensitivity import sensitivity
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
             batch_size=4, lr=1e-3)

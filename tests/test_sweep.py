@@ -11,16 +11,17 @@ import pytest
 
 from conftest import DATA, STORIES
 from dlzo.errors import DlzoError
-from dlzo.options import RUN_NAME, SweepConfig, TrainConfig
-from dlzo.report import report
-from dlzo.run import RunFolder
-from dlzo.sweep import (
+from dlzo.studies.options import RUN_NAME, SweepConfig
+from dlzo.studies.report import report
+from dlzo.studies.sweep import (
     _check_finished_run,
     _check_probe_is_for,
     _clear_interrupted_first_order_run,
     _sweep_runs,
     sweep,
 )
+from dlzo.training.config import TrainConfig
+from dlzo.training.run_folder import RunFolder
 
 FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
             batch_size=4, lr=1e-3)
@@ -143,8 +144,8 @@ def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp
     """Grid runs have no test examples and the grid seed; the chosen rate is the argmin of the dev loss at the
     last grid step (read back from each run's metrics), the full runs of every seed train at it, and a second
     sweep reruns no grid run."""
-    import dlzo.lr_grid as lr_grid
-    from dlzo.run import RunFolder
+    import dlzo.studies.lr_grid as lr_grid
+    from dlzo.training.run_folder import RunFolder
 
     trained = []
     original = lr_grid.train
@@ -180,7 +181,7 @@ def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, m
     run folders are not there); every seed trains at them, no grid run is made, and the sweep records where the
     rates came from. A file that is not such a grid.json, or of other rates, steps or seed, is one line before
     anything is written; one without a rate for a scope of this sweep is one line before any run."""
-    import dlzo.lr_grid as lr_grid
+    import dlzo.studies.lr_grid as lr_grid
 
     monkeypatch.setattr(lr_grid, "train", lambda config: pytest.fail(f"grid run trained: {config.out}"))
     kept = tmp_path / "grid.json"
@@ -237,7 +238,7 @@ def test_a_sweep_with_nothing_to_run_or_a_bad_reference_stops_before_writing(tmp
 
 
 def _scripted_train(curves: dict[float, list[float] | None], calls: list):
-    """A stand-in for dlzo.training.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
+    """A stand-in for dlzo.training.loop.train writing what a grid run leaves (run.json, metrics.jsonl, results.json):
     curves[lr] are the dev losses at steps 0, 1, ..., None makes the run diverge."""
     from dlzo.errors import Diverged
 
@@ -257,7 +258,7 @@ def _scripted_train(curves: dict[float, list[float] | None], calls: list):
 def test_the_grid_judges_the_last_step_not_the_best_seen_and_marks_diverged_rates(tmp_path, monkeypatch):
     """1e-2 has the lowest dev loss seen (0.2 at step 1) but the worst at the last step; 1e-1 diverges; 1e-3
     wins at the last step. Rerunning trains nothing; other grid options are refused; all-diverged is one line."""
-    import dlzo.lr_grid as lr_grid
+    import dlzo.studies.lr_grid as lr_grid
 
     calls = []
     monkeypatch.setattr(lr_grid, "train", _scripted_train({1e-3: [0.9, 0.5, 0.4], 1e-2: [0.9, 0.2, 0.8],

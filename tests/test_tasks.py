@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import DATA
+from dlzo.data.benchmarks import load_task
+from dlzo.data.examples import Example
+from dlzo.data.metrics import best_over_answers, exact_match, f1_score
 from dlzo.errors import DlzoError
-from dlzo.tasks import (
-    Example,
-    best_over_answers,
-    exact_match,
-    f1_score,
-    load_task,
-)
 
 OFFICIAL_SIZES = {  # (train, validation) rows of the official files in ../shared/data
     "sst2": (67349, 872), "rte": (2490, 277), "cb": (250, 56), "wsc": (554, 104), "wic": (5428, 638),

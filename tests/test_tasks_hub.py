@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from conftest import DATA, STORIES
+from dlzo.data.benchmarks import load_task, parse_hub_source
 from dlzo.errors import DlzoError
-from dlzo.tasks import load_task, parse_hub_source
 
 datasets = pytest.importorskip("datasets")
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from conftest import DATA, STORIES, assert_replay_and_resume_exact, tiny_model
 from dlzo.errors import DlzoError
-from dlzo.options import TrainConfig
-from dlzo.replay import replay
-from dlzo.step import batch_indices
-from dlzo.training import train
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import train
+from dlzo.training.replay import replay
+from dlzo.training.step import batch_indices
 
 SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
              batch_size=4, lr=1e-3, eps=1e-3, quiet=True, eval_batch_size=16)
@@ -112,7 +112,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 def test_gradient_accumulation_uses_one_direction(tmp_path, monkeypatch):
     """Each step of --grad-accum 2 evaluates two micro-batches of 2 under the same direction: the halves'
     mean equals the 4-row batch's loss only if both saw the same z (another z per micro-batch would not)."""
-    import dlzo.training as training_module
+    import dlzo.training.loop as training_module
     sizes, original = [], training_module.step_batches
 
     def recording(*args, **kwargs):
@@ -185,7 +185,7 @@ def test_zero_nonfinite_allowance_is_refused_before_the_run(tmp_path):
 def test_export_writes_a_folder_plain_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dlzo.export import export
+    from dlzo.training.export import export
 
     train(TrainConfig(**SMALL, out=str(tmp_path / "run"), steps=3, eval_every=0, scope="layer:2"))
     export(tmp_path / "run", tmp_path / "merged", "final")
@@ -203,7 +203,7 @@ def test_lora_export_merges_adapters_on_grouped_query_qwen3(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from dlzo.export import export
+    from dlzo.training.export import export
 
     folder = tmp_path / "qwen3"
     tiny_model("qwen3").save_pretrained(folder)

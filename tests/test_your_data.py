@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STORIES
-from dlzo.cli import main
-from dlzo.data import file_digest, load_user_data
-from dlzo.eval import own_eval_rows
-from dlzo.generate import chat_prompt
-from dlzo.models import load_tokenizer
-from dlzo.options import EvalConfig
-from dlzo.replay import replay
+from dlzo.cli.eval import own_eval_rows
+from dlzo.cli.main import main
+from dlzo.cli.options import EvalConfig
+from dlzo.data.user_data import file_digest, load_user_data
+from dlzo.evaluation.generation import chat_prompt
+from dlzo.model.loading import load_tokenizer
+from dlzo.training.replay import replay
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 ZORBISH = [json.loads(line) for line in (EXAMPLES / "zorbish.jsonl").read_text().splitlines()]

@@ -7,11 +7,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import DATA, STORIES, assert_replay_and_resume_exact
+from dlzo.cli.commands import replay_command
+from dlzo.cli.options import ReplayConfig
+from dlzo.engine.zo import ZOOptimizer, direction_seed
 from dlzo.errors import DlzoError
-from dlzo.options import ReplayConfig, TrainConfig
-from dlzo.replay import hessian_summary, replay_command
-from dlzo.training import train
-from dlzo.zo import ZOOptimizer, direction_seed
+from dlzo.training.config import TrainConfig
+from dlzo.training.loop import train
+from dlzo.training.replay import hessian_summary
 
 
 def quadratic(params, target):

@@ -16,13 +16,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "find_dominant_layer": "dlzo.probe",
-    "ZOOptimizer": "dlzo.zo",
-    "ZOTrainer": "dlzo.hf_trainer",
-    "ZOArguments": "dlzo.hf_trainer",
-    "TrainConfig": "dlzo.options",
-    "train": "dlzo.training",
-    "load_tuned": "dlzo.export",
+    "find_dominant_layer": "dlzo.model.probe",
+    "ZOOptimizer": "dlzo.engine.zo",
+    "ZOTrainer": "dlzo.training.hf_trainer",
+    "ZOArguments": "dlzo.training.hf_trainer",
+    "TrainConfig": "dlzo.training.config",
+    "train": "dlzo.training.loop",
+    "load_tuned": "dlzo.training.export",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -1,5 +1,5 @@
 import sys
 
-from dlzo.cli import main
+from dlzo.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,1 @@
+"""The examples every task, file and scorer shares, and where they come from: the benchmarks, your own files."""

@@ -1,0 +1,71 @@
+"""The ZO directions z, regenerated from seeds: never from the global RNG, so that any process (resume, replay,
+another data-parallel rank) rebuilds exactly the z a step used.
+
+A direction's seed comes from (run seed, step, direction) and each tensor's z from (direction seed, tensor index)
+through splitmix64, on a dedicated torch.Generator per device.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+def mix(*values: int) -> int:
+    """splitmix64 over the values: well-spread 64-bit seeds from small integers."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 29
+    return state & ((1 << 63) - 1)
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    return mix(run_seed, step, direction)
+
+
+class Directions:
+    """z for each tensor of a direction: Gaussian or Rademacher, over every tensor or, with LeZO
+    (arXiv 2410.09823), over `sampled_layers` of the layer groups drawn from the direction's seed (so replay and
+    resume draw the same ones)."""
+
+    def __init__(self, num_tensors: int, distribution: str = "gaussian", layer_groups: list[int] | None = None,
+                 sampled_layers: int = 0):
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be gaussian or rademacher, not {distribution!r}")
+        self.distribution = distribution
+        self.layer_groups, self.sampled_layers = list(layer_groups or []), sampled_layers
+        if self.layer_groups and len(self.layer_groups) != num_tensors:
+            raise ValueError("layer_groups needs one group per tensor")
+        self._active: tuple[int | None, set[int]] = (None, set())
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def active(self, seed: int) -> set[int] | None:
+        """The tensors direction `seed` perturbs: all (None), or those of its LeZO layers."""
+        if not self.sampled_layers:
+            return None
+        if self._active[0] != seed:
+            groups = sorted(set(self.layer_groups))
+            chosen = set(random.Random(mix(seed, 0x1E20)).sample(groups, min(self.sampled_layers, len(groups))))
+            self._active = (seed, {i for i, g in enumerate(self.layer_groups) if g in chosen})
+        return self._active[1]
+
+    def sample(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+        """z for tensor `index` of direction `seed`, shaped and typed like `like` (zero for a tensor outside the
+        direction's LeZO layers)."""
+        active = self.active(seed)
+        if active is not None and index not in active:
+            return torch.zeros_like(like)
+        generator = self._generators.get(like.device)
+        if generator is None:
+            generator = self._generators[like.device] = torch.Generator(device=like.device)
+        generator.manual_seed(mix(seed, index))
+        if self.distribution == "gaussian":
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return bits.mul_(2).sub_(1)

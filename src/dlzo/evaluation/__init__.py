@@ -1,0 +1,1 @@
+"""How good a (tuned) model is: accuracy, dev loss, generation metrics, lm-evaluation-harness."""

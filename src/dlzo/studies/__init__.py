@@ -1,0 +1,1 @@
+"""Measurements a fine-tuner does not need: sweep, lr grid, race, bench, sensitivity, report, plots, demo."""

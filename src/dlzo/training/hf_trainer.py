@@ -1,0 +1,384 @@
+"""`dlzo.ZOTrainer`: a `transformers.Trainer` that fine-tunes with zeroth-order SPSA (MeZO), forward only,
+on one dominant decoder layer unless told otherwise. A Trainer script becomes a ZO script by changing
+`Trainer` to `dlzo.ZOTrainer` and adding `zo_args=dlzo.ZOArguments(...)`; see docs/hf-trainer.md.
+
+How the Trainer's machinery is reused, not replaced (the inner loop is transformers' own):
+- `training_step` evaluates the model's own loss (from the batch's `labels`, -100 ignored) at θ+εz and θ-εz
+  for one micro-batch and keeps the pair; it never calls backward. Scopes inside decoder layers take the
+  fast path (dlzo.engine.fastpath.BranchedForward.pair_model_loss: both branches in one forward of 2B rows).
+- The optimizer the loop steps is a `ZOStepOptimizer`: one placeholder tensor, no model parameter and no
+  state. Its `step()` is the ZO update: the losses of all micro-batches of the optimizer step (one z for
+  all of them: the seed is a function of the optimizer step) are averaged, weighted by their label-token
+  counts, into one projected gradient, and θ <- θ - lr·(g·z + wd·θ) is applied with the lr that
+  transformers' scheduler set in `param_groups[0]["lr"]`.
+- Checkpoints are the Trainer's: the model weights, the scheduler, the RNG state, trainer_state.json, and
+  optimizer.pt, which here holds the ZO state (step count, seed, tuned tensor names). z never comes from
+  the global RNG, so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.layer_choice import layer_sensitivity as layers_sensitivity
+from dlzo.engine.layer_choice import probed_layer
+from dlzo.engine.scope import Scope, add_lora, parse_scope, select
+from dlzo.engine.zo import StepResult, ZOOptimizer
+
+logger = logging.getLogger(__name__)
+
+ZO_STATE_FILE = "dlzo_zo.json"  # written beside the weights by save_model (and so into every checkpoint)
+FALLBACK_SENSITIVITY = {"batches": 2, "seeds": 2}  # the dominant layer's fallback measurement
+
+
+@dataclass
+class ZOArguments:
+    """What a zeroth-order run needs beyond `TrainingArguments` (which keeps lr, schedule, steps, batches,
+    evaluation, saving, logging, seed and precision). Parses with `HfArgumentParser` beside it."""
+
+    scope: str = field(default="dominant", metadata={"help": (
+        "Which tensors to tune: dominant (the probe's layer: the first decoder layer with massive "
+        "activations; when the probe finds none, the layer whose perturbation moves the training loss most) "
+        "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections) "
+        "| dominant-lora (LoRA adapters on the dominant layer only)")})
+    layer: int | None = field(default=None, metadata={"help": (
+        "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead of probing for it")})
+    rule: str = field(default="sun", metadata={"help": (
+        "How the probe picks the dominant layer: sun (the first layer with max|h| > 100 and >= 1000x the median) "
+        "| onset (the largest persistent jump of max|h|, no absolute threshold; see docs/rules.md)")})
+    eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation scale ε: losses at θ ± εz"})
+    q: int = field(default=1, metadata={"help": "Random directions z per optimizer step (their estimates are averaged)"})
+    distribution: str = field(default="gaussian", metadata={"help": "Distribution of z: gaussian | rademacher"})
+    params: str = field(default="all", metadata={"help": (
+        "Within the scope, tune only: all | mlp | attn | a regex over parameter names")})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (scope=lora)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scope=lora)"})
+    fast_path: bool = field(default=True, metadata={"help": (
+        "Evaluate both branches in one forward of 2B rows when the scope lies inside decoder layers and the "
+        "loss is the model's own; False perturbs the weights in place and runs two forwards")})
+
+    def __post_init__(self):
+        spec = parse_scope(self.scope)  # raises on an unknown scope
+        if self.layer is not None and spec.kind not in ("dominant", "dominant-lora"):
+            raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant or dominant-lora, "
+                             f"not {self.scope!r}")
+        if self.rule not in ("sun", "onset"):
+            raise ValueError(f"ZOArguments.rule must be sun or onset, not {self.rule!r}")
+        if self.distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"ZOArguments.distribution must be gaussian or rademacher, not {self.distribution!r}")
+        if self.q < 1 or not self.eps > 0:
+            raise ValueError("ZOArguments needs q >= 1 and eps > 0")
+
+
+def _tokenizer_of(processing_class, data_collator):
+    """The tokenizer a Trainer was given: processing_class (a processor wraps one), else the collator's."""
+    candidate = getattr(processing_class, "tokenizer", processing_class)
+    if candidate is None or not callable(candidate):
+        candidate = getattr(data_collator, "tokenizer", None)
+    return candidate
+
+
+def _given_or_probed_layer(zo_args: ZOArguments, model: nn.Module, tokenizer) -> tuple[int | None, str]:
+    """The first two ways both dominant scopes choose their layer: ZOArguments.layer, else the probe's rule
+    ((None, why not) when it finds none)."""
+    if zo_args.layer is not None:
+        return zo_args.layer, "layer given by ZOArguments.layer"
+    return probed_layer(model, tokenizer, rule=zo_args.rule)
+
+
+class ZOStepOptimizer(torch.optim.Optimizer):
+    """The optimizer transformers' loop steps. It holds one placeholder tensor (torch optimizers need one),
+    no model parameter and no state: `param_groups[0]["lr"]` is where the lr scheduler writes the current
+    learning rate, and `step()` hands that rate to the ZO update. Its state_dict carries the ZO state."""
+
+    def __init__(self, lr: float, apply_step, zo_state, load_zo_state, device: torch.device):
+        # fp16 runs step through a GradScaler, which unscales and checks the gradients of the optimizer's
+        # tensors before stepping: a zero gradient on the placeholder keeps it stepping (ZO scales no loss).
+        self.placeholder = torch.zeros((), device=device)
+        self.placeholder.grad = torch.zeros((), device=device)
+        super().__init__([self.placeholder], {"lr": lr})
+        self._apply_step, self._zo_state, self._load_zo_state = apply_step, zo_state, load_zo_state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self._apply_step(float(self.param_groups[0]["lr"]))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass  # no gradients: the placeholder's zero gradient stays for the GradScaler
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["dlzo"] = self._zo_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("dlzo", None)
+        super().load_state_dict(state_dict)
+        if zo is not None:
+            self._load_zo_state(zo)
+
+
+def _default(name: str):
+    return TrainingArguments.__dataclass_fields__[name].default
+
+
+# TrainingArguments with no meaning for a ZO update: one warning each when set away from the default.
+_IGNORED_ARGS = {
+    "optim": "ZOTrainer's update is θ <- θ - lr·(g·z + weight_decay·θ) with the SPSA estimate g; there is no "
+             "other optimizer",
+    "optim_args": "there is no optimizer to configure",
+    "adam_beta1": "the ZO update has no Adam moments",
+    "adam_beta2": "the ZO update has no Adam moments",
+    "adam_epsilon": "the ZO update has no Adam moments",
+    "max_grad_norm": "there are no gradients to clip, and the projected gradient g is not clipped (MeZO does not)",
+    "neftune_noise_alpha": "NEFTune adds noise only in train mode; ZO steps run the model in eval mode",
+    "activation_checkpointing": "there is no backward pass whose activations could be recomputed",
+    "gradient_checkpointing": "there is no backward pass whose activations could be recomputed",
+}
+
+
+class ZOTrainer(Trainer):
+    """A `transformers.Trainer` whose step is a zeroth-order SPSA step on a chosen scope (default: the
+    dominant decoder layer). The constructor is Trainer's plus `zo_args`; the model is tuned from its own
+    loss on batches with `labels`, e.g. from `DataCollatorForLanguageModeling(tokenizer, mlm=False)`.
+
+    After construction: `zo_scope` (the tuned tensors), `zo_layer_reason` (how the layer was chosen) and,
+    after train(), `zo_history` (one dict per optimizer step: step, lr, seeds, projected grads, losses at
+    θ±εz, skipped), from which `ZOOptimizer.replay_step` rebuilds the tuned weights."""
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *trainer_args,
+                 zo_args: ZOArguments | None = None, **trainer_kwargs):
+        self.zo_args = zo_args = zo_args or ZOArguments()
+        if model is None or trainer_kwargs.get("model_init") is not None:
+            raise ValueError("ZOTrainer needs a model (model_init is not supported)")
+        optimizers = trainer_kwargs.get("optimizers", (None, None))
+        if optimizers[0] is not None or trainer_kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError("ZOTrainer brings its own update; pass no optimizer (lr and schedule come from args)")
+        if optimizers[1] is not None:
+            raise ValueError("ZOTrainer builds the lr scheduler from args.lr_scheduler_type; pass no scheduler")
+        spec = parse_scope(zo_args.scope)
+        layers, self.zo_layer_reason = spec.layers, ""
+        if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
+            tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
+                                      trainer_kwargs.get("data_collator"))
+            layer, self.zo_layer_reason = _given_or_probed_layer(zo_args, model, tokenizer)
+            if layer is None:
+                raise ValueError(f"scope=dominant-lora: {self.zo_layer_reason}; pass ZOArguments(layer=K), or use "
+                                 f"scope=dominant, whose fallback measures layer sensitivity on the training data")
+            layers = [layer]
+        if spec.uses_lora:
+            model = add_lora(model, layers if spec.kind == "dominant-lora" else None, r=zo_args.lora_r,
+                             alpha=zo_args.lora_alpha)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self._check_args()
+
+        if spec.kind == "dominant":
+            layers, self.zo_layer_reason = self._dominant_layer()
+            layers = [layers]
+        self.zo_scope: Scope = select(self.model, spec, layers, zo_args.params)
+        params = dict(self.model.named_parameters())
+        self._zo = ZOOptimizer([(n, params[n]) for n in self.zo_scope.names], lr=self.args.learning_rate,
+                               eps=zo_args.eps, q=zo_args.q, weight_decay=self.args.weight_decay,
+                               seed=self.args.seed, distribution=zo_args.distribution,
+                               exact_restore=spec.kind != "full")
+        self._branched = (BranchedForward(self.model, self.zo_scope.names)
+                          if zo_args.fast_path and self.zo_scope.layers else None)
+        self._pending: list[tuple[int, StepResult, float]] = []  # (optimizer step, micro-batch result, weight)
+        self.zo_history: list[dict] = []
+        self._skipped_before = 0  # skipped steps of the run before a resume (its checkpoint's dlzo_zo.json)
+        logger.info("ZOTrainer tunes %s: %d of %d parameters (%.3f%%)%s", self.zo_scope.description,
+                    self.zo_scope.tuned, self.zo_scope.total, 100 * self.zo_scope.fraction,
+                    f"; {self.zo_layer_reason}" if self.zo_layer_reason else "")
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _check_args(self) -> None:
+        args = self.args
+        if args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("ZOTrainer runs in one process (no DDP, DeepSpeed or FSDP); for data- or "
+                                      "perturbation-parallel ZO see dlzo.engine.distributed")
+        if args.n_gpu > 1:
+            raise NotImplementedError(f"ZOTrainer runs on one device, and {args.n_gpu} GPUs are visible: set "
+                                      "CUDA_VISIBLE_DEVICES to one of them")
+        for name, why in _IGNORED_ARGS.items():
+            if name not in TrainingArguments.__dataclass_fields__:
+                continue
+            value, default = getattr(args, name, None), _default(name)
+            if isinstance(default, bool) or default is None:  # switches: only an enabled one means something
+                changed = bool(value)
+            elif name == "max_grad_norm":
+                changed = value not in (default, 0, None)  # 0 asks for no clipping, which is what happens
+            else:
+                changed = str(getattr(value, "value", value)) != str(getattr(default, "value", default))
+            if changed:
+                warnings.warn(f"ZOTrainer ignores TrainingArguments.{name}={value!r}: {why}", UserWarning, stacklevel=3)
+
+    def _dominant_layer(self) -> tuple[int, str]:
+        """ZOArguments.layer; else the probe's layer (massive activations, on the probe's calibration text);
+        else the layer whose perturbation changes the model's loss most on the first training batches."""
+        tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
+        layer, why = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
+        if layer is not None:
+            return layer, why
+        if self.train_dataset is None:
+            raise ValueError("scope=dominant: the probe found no massive activations and there is no train_dataset "
+                             "to measure layer sensitivity on; pass ZOArguments(layer=K)")
+        layer, values = self.layer_sensitivity()
+        measured = ", ".join(f"{i}:{v:.3g}" for i, v in enumerate(values))
+        reason = (f"{why}; fell back to the most perturbation-sensitive layer on the first "
+                  f"{FALLBACK_SENSITIVITY['batches']} training batches (mean |L+ - L-|/2eps: {measured})")
+        logger.warning("ZOTrainer: layer %d chosen; %s", layer, reason)
+        return layer, reason
+
+    @torch.no_grad()
+    def layer_sensitivity(self, batches: int = FALLBACK_SENSITIVITY["batches"],
+                          seeds: int = FALLBACK_SENSITIVITY["seeds"]) -> tuple[int, list[float]]:
+        """(most sensitive layer, per-layer mean |L(θ+εz_l) - L(θ-εz_l)| / 2ε): each decoder layer perturbed
+        alone along `seeds` directions, on the first `batches` training batches in dataset order, with the
+        model's own loss (the rule of dlzo.engine.layer_choice.choose_dominant_layer's fallback)."""
+        self.model.eval()
+        loader = self.get_test_dataloader(self.train_dataset)  # dataset order: no RNG drawn
+        data = [self._prepare_inputs(b) for b in itertools.islice(iter(loader), batches)]
+        with self.accelerator.autocast():
+            measured = layers_sensitivity(
+                self.model, data, self.zo_args.eps, seeds, distribution=self.zo_args.distribution,
+                pair_loss=lambda runner, batch, plus, minus, cache: runner.pair_model_loss(batch, plus, minus,
+                                                                                         prefix_cache=cache))
+        means = []
+        for layer in measured:  # half precision can overflow: a non-finite value says nothing about the layer
+            finite = [v for v in layer.values if math.isfinite(v)]
+            means.append(sum(finite) / len(finite) if finite else 0.0)
+        return max(range(len(means)), key=means.__getitem__), means
+
+    # ------------------------------------------------------------------------------------ the step
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = ZOStepOptimizer(self.args.learning_rate, self._apply_zo_step, self._zo_state,
+                                             self._load_zo_state, self.args.device)
+        return self.optimizer
+
+    def _uses_model_loss(self, inputs) -> bool:
+        """The fast path computes transformers' causal-LM loss itself: only when that is the loss in use."""
+        return ("labels" in inputs and self.compute_loss_func is None and self.label_smoother is None
+                and type(self).compute_loss is Trainer.compute_loss)
+
+    def _label_count(self, inputs) -> float | None:
+        """A micro-batch's label items, counted as Trainer counts num_items_in_batch (shift_labels, else labels
+        without their first position for a causal-LM loss, else every label), so the shares add up to one."""
+        if not isinstance(inputs, Mapping):  # BatchEncoding is a Mapping, not a dict
+            return None
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", True):
+                labels = labels[..., 1:]
+        return float(labels.ne(-100).sum()) if isinstance(labels, torch.Tensor) else None
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """Losses at θ±εz of this optimizer step's direction(s) on one micro-batch, kept for the update that
+        the optimizer step applies; returns the mean of the two, detached (what MeZO logs as the loss)."""
+        model.eval()  # dropout off: both branches must see the same function
+        inputs = self._prepare_inputs(inputs)
+        step = self.state.global_step
+        self._zo.step_count = step  # the directions are a function of (seed, optimizer step)
+        self._pending = [p for p in self._pending if p[0] == step]
+        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+            if self._branched is not None and self._uses_model_loss(inputs):
+                result = self._zo.step_functional(
+                    lambda plus, minus: self._branched.pair_model_loss(inputs, plus, minus), update=False)
+            else:  # a copy per forward: with label smoothing or compute_loss_func, compute_loss pops "labels"
+                result = self._zo.step(lambda: self.compute_loss(model, dict(inputs)), update=False)
+        counted = self._label_count(inputs)
+        weight = counted if counted is not None else 1.0
+        self._pending.append((step, result, weight))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(torch.zeros((), device=self.args.device))  # fp16: sets up the scale it checks at step
+        if num_items_in_batch is not None and counted is not None:
+            share = weight / max(float(num_items_in_batch), 1.0)
+        else:
+            share = 1.0 / self.current_gradient_accumulation_steps
+        return torch.tensor(result.loss * share if weight > 0 else 0.0, device=self.args.device)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Trainer's documented hook for total_flos: a forward costs about 2 FLOPs per parameter and token, and
+        a ZO step makes `evaluations_per_step` of them and no backward (Trainer's default counts 6, a forward and
+        a backward). An upper bound: the layers below the tuned one run once for both branches on the fast path."""
+        backprop = super().floating_point_ops(inputs)  # 6 x tokens x non-embedding parameters, or 0 if unknown
+        return backprop // 6 * 2 * self._zo.evaluations_per_step
+
+    def _apply_zo_step(self, lr: float) -> None:
+        """The update of one optimizer step from its micro-batches' losses, weighted by label tokens."""
+        step = self.state.global_step
+        pending = [(r, w) for s, r, w in self._pending if s == step and w > 0]
+        self._pending = []
+        if not pending:
+            return
+        if len(pending) == 1:
+            result = pending[0][0]
+        else:
+            total = sum(w for _, w in pending)
+            directions = len(pending[0][0].seeds)
+            plus = [sum(r.loss_plus[d] * w for r, w in pending) / total for d in range(directions)]
+            minus = [sum(r.loss_minus[d] * w for r, w in pending) / total for d in range(directions)]
+            grads = [(p - m) / (2 * self._zo.eps) for p, m in zip(plus, minus)]
+            result = StepResult(list(pending[0][0].seeds), grads, plus, minus)
+        self._zo.step_count = step
+        self._zo.lr = lr
+        result = self._zo.finish(result)
+        self.zo_history.append({"step": step, "lr": lr, "seeds": result.seeds, "projected_grads": result.projected_grads,
+                                "loss_plus": result.loss_plus, "loss_minus": result.loss_minus,
+                                "skipped": result.skipped})
+        if result.skipped:
+            logger.warning("ZOTrainer: step %d skipped, non-finite loss (L+ %s, L- %s)", step, result.loss_plus,
+                           result.loss_minus)
+
+    # ------------------------------------------------------------------------------------ state, logs, saving
+
+    def _zo_state(self) -> dict:
+        return {**self._zo.state_dict(), "names": list(self.zo_scope.names),
+                "scope": self.zo_scope.description, "zo_args": dataclasses.asdict(self.zo_args),
+                "skipped_steps": self._skipped_before + sum(h["skipped"] for h in self.zo_history)}
+
+    def _load_zo_state(self, state: dict) -> None:
+        if list(state.get("names", self.zo_scope.names)) != list(self.zo_scope.names):
+            raise ValueError(f"the checkpoint tuned {state.get('scope')!r}, this trainer tunes "
+                             f"{self.zo_scope.description!r}: pass the checkpoint's ZOArguments (e.g. layer=K)")
+        if int(state.get("seed", self._zo.seed)) != self._zo.seed:
+            raise ValueError(f"the checkpoint's ZO seed is {state['seed']}, args.seed is {self._zo.seed}")
+        self._zo.load_state_dict(state)
+        self._skipped_before = int(state.get("skipped_steps", 0))  # zo_skipped_steps counts the whole run
+        self.zo_history = []  # this train() call's steps from here (a reused trainer would count twice)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.zo_history:  # a training log: grad_norm is 0 without gradients
+            logs.pop("grad_norm", None)
+            logs["zo_projected_grad"] = self.zo_history[-1]["projected_grads"][0]
+            logs["zo_skipped_steps"] = self._skipped_before + sum(h["skipped"] for h in self.zo_history)
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            info = {**self._zo_state(), "layer_reason": self.zo_layer_reason,
+                    "global_step": self.state.global_step, "tuned": self.zo_scope.tuned, "total": self.zo_scope.total}
+            with open(os.path.join(output_dir, ZO_STATE_FILE), "w") as handle:
+                json.dump(info, handle, indent=1)

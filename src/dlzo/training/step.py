@@ -1,0 +1,113 @@
+"""One training step, for either optimizer: which examples a step sees, how its losses are evaluated (plain
+or through the fast path), the ZO step and the first-order (AdamW) reference step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlzo.data.examples import Example
+from dlzo.engine import distributed as dist
+from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.prefix import FrozenPrefix
+from dlzo.engine.scope import Scope
+from dlzo.engine.scoring import EncodedBatch, batch_loss, encode, loss_from_logprobs, token_logprobs
+from dlzo.engine.zo import StepResult, ZOOptimizer
+
+
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of a step: a pure function of the step, so a resumed run sees the same batches."""
+    per_epoch = max(num_examples // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.RandomState((seed * 1_000_003 + epoch) % 2**32).permutation(num_examples)
+    return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+def step_batches(tokenizer, examples: list[Example], grad_accum: int, device: torch.device, *, fast_path: bool,
+                 max_length: int, generation: bool, layout: str) -> list[EncodedBatch]:
+    """A step's examples as `grad_accum` encoded micro-batches (one z is used across all of them)."""
+    micro = max(len(examples) // grad_accum, 1)
+    return [encode(tokenizer, examples[i : i + micro], pack_single_token=fast_path, max_length=max_length,
+                   generation=generation, layout=layout).to(device)
+            for i in range(0, len(examples), micro)]
+
+
+class StepRunner:
+    """Evaluates the training loss of a step's micro-batches, plain or through the fast path."""
+
+    def __init__(self, model: nn.Module, scope: Scope, fast_path: bool, average_across_ranks: bool = True,
+                 frozen: FrozenPrefix | None = None):
+        self.model, self.fast, self.average = model, fast_path, average_across_ranks
+        self.branched = BranchedForward(model, scope.names, frozen) if fast_path and scope.layers else None
+
+    def loss(self, batches: list[EncodedBatch]) -> float:
+        losses = [float(batch_loss(self.model, b, full_logits=not self.fast)) for b in batches]
+        local = sum(losses) / len(losses)
+        return dist.mean_across_ranks(local) if self.average else local
+
+    def step_prefix(self, batches: list[EncodedBatch]) -> FrozenPrefix | None:
+        """The frozen layers' output for a step's batches: the run's cache, else one computed for this step
+        only (its q+1 one-sided evaluations then share it); None when the first tuned layer is layer 0."""
+        if self.branched.frozen is not None or self.branched.first_tuned < 1:
+            return self.branched.frozen
+        local = FrozenPrefix(self.model, self.branched.first_tuned, limit_bytes=2**62)
+        for batch in batches:
+            local.fill(batch)
+        return local
+
+    def loss_at(self, batches: list[EncodedBatch], tensors: dict | None, frozen: FrozenPrefix | None) -> float:
+        local = sum(float(self.branched.loss_at(b, tensors, frozen)) for b in batches) / len(batches)
+        return dist.mean_across_ranks(local) if self.average else local
+
+    def loss_pair(self, batches: list[EncodedBatch], plus: dict, minus: dict) -> tuple[float, float]:
+        pairs = [self.branched.loss_pair(b, plus, minus) for b in batches]
+        local = (sum(float(p) for p, _ in pairs) / len(pairs), sum(float(m) for _, m in pairs) / len(pairs))
+        return dist.mean_pair_across_ranks(local) if self.average else local
+
+
+def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch],
+            directions: list[int] | None = None) -> StepResult:
+    """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z (one-sided: L(θ+εz) and L(θ);
+    hizoo: L(θ) and L(θ±εz/sqrt(D))).
+
+    With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
+    direction's (g, L+, L-) and apply the same updates in direction order."""
+    update = directions is None
+    if runner.branched is not None and (optimizer.estimator == "one-sided" or optimizer.update_rule == "hizoo"):
+        # hizoo: L(θ) and L(θ±εu) all from forwards of the same B rows, so they round alike on any kernel
+        # (its curvature divides their difference by 2ε²; a 2B-row pair forward could round differently)
+        frozen = runner.step_prefix(batches)
+        stepper = optimizer.step_hizoo if optimizer.update_rule == "hizoo" else optimizer.step_one_sided
+        result = stepper(lambda tensors: runner.loss_at(batches, tensors, frozen), directions, update)
+    elif runner.branched is not None:
+        pair: Callable = lambda plus, minus: runner.loss_pair(batches, plus, minus)  # noqa: E731
+        result = optimizer.step_functional(pair, directions, update)
+    else:
+        result = optimizer.step(lambda: runner.loss(batches), directions, update)
+    if update:
+        return result
+    grads, plus, minus = dist.gather_directions(optimizer.q, directions, result.projected_grads,
+                                                result.loss_plus, result.loss_minus)
+    return optimizer.finish(StepResult(optimizer.seeds_for_step(optimizer.step_count), grads, plus, minus))
+
+
+def adamw_step(model: nn.Module, adam: torch.optim.Optimizer, batches: list[EncodedBatch],
+               params: list[torch.Tensor]) -> tuple[float, bool]:
+    """First-order reference: backpropagation through the same loss. Returns (loss, skipped)."""
+    model.train(False)  # no dropout, same loss as the ZO runs
+    adam.zero_grad(set_to_none=True)
+    total = 0.0
+    with torch.enable_grad():
+        for batch in batches:
+            loss = loss_from_logprobs(batch, token_logprobs(model, batch)) / len(batches)
+            loss.backward()
+            total += float(loss.detach())
+    if not math.isfinite(total):
+        return total, True
+    dist.average_gradients(params)
+    adam.step()
+    return total, False
