@@ -1,7 +1,16 @@
-"""Shared fixtures: tiny random-init models of several architectures and the real assets in ../shared."""
+"""Shared fixtures: tiny random-init models of several architectures, the real assets in ../shared, the small
+run most training tests share and its command-line flags.
+
+Markers (registered in pyproject.toml): `slow` (make test-fast leaves these out), `requires_shared` (skipped when
+the sample assets are absent), `cuda` (skipped without a CUDA GPU)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -12,11 +21,75 @@ from safetensors.torch import load_file
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import Session, train
 from dlzo.training.replay import replay
+from dlzo.training.run_folder import RunFolder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The sample assets: $DLZO_SHARED (as dlzo itself reads it), else ../shared beside the checkout.
+SHARED = Path(os.environ.get("DLZO_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 STORIES = SHARED / "models" / "stories260K"
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = SHARED / "data"
+HAVE_SHARED = STORIES.is_dir() and DATA.is_dir()
+NO_SHARED = f"needs the sample assets (stories260K, SST-2/SuperGLUE) in {SHARED}: put ../shared beside the " \
+            "checkout or set DLZO_SHARED"
+
+# The small stories260K SST-2 run the training tests share: a second or two a run on a CPU.
+SMALL_RUN = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
+                 batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)
+
+
+def small_run(*left_out: str, **changes) -> dict:
+    """SMALL_RUN with `changes`, without the `left_out` keys (an options class that lacks them, or a test that
+    runs at that option's default)."""
+    unknown = set(left_out) - set(SMALL_RUN)
+    assert not unknown, f"not options of SMALL_RUN: {sorted(unknown)}"
+    return {**{k: v for k, v in SMALL_RUN.items() if k not in left_out}, **changes}
+
+
+def flags(values: dict) -> list[str]:
+    """The command-line flags giving these option values: --name value, a bool as --name or --no-name."""
+    args = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_task_files_parsed_once():
+    """The official task files in ../shared are read-only: each split is parsed once a session and handed out
+    as a new list of the same Examples (SST-2's 67,349 training rows took about 1 s of every small run's 1.5 s).
+    Files anywhere else (the tests' own, malformed ones) and the hub are read each time, as dlzo reads them."""
+    from dlzo.data.benchmarks import Task
+
+    parsed, read_split = {}, Task.read_split
+    shared_data = DATA.resolve()
+
+    def read_split_once(self, split):
+        folder = (Path(self.data_dir) / self.folder).resolve()
+        if self.hub_source is not None or not folder.is_relative_to(shared_data):
+            return read_split(self, split)
+        key = (type(self), folder, split)
+        if key not in parsed:
+            parsed[key] = read_split(self, split)
+        return list(parsed[key])
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(Task, "read_split", read_split_once)
+    yield
+    patch.undo()
+
+
+def pytest_collection_modifyitems(config, items):
+    """requires_shared tests skip when the sample assets are absent, cuda tests without a CUDA GPU."""
+    no_gpu = not torch.cuda.is_available()
+    for item in items:
+        if not HAVE_SHARED and item.get_closest_marker("requires_shared"):
+            item.add_marker(pytest.mark.skip(reason=NO_SHARED))
+        if no_gpu and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def tiny_config(arch: str, layers: int = 4, vocab: int = 512):
@@ -71,17 +144,17 @@ def tiny_model(arch: str, layers: int = 4, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def stories_tokenizer():
-    from dlzo.model.loading import load_tokenizer
-
-    return load_tokenizer(str(STORIES))
+def stories_path() -> str:
+    if not STORIES.is_dir():
+        pytest.skip(NO_SHARED)
+    return str(STORIES)
 
 
 @pytest.fixture(scope="session")
-def stories_path() -> str:
-    if not STORIES.exists():
-        pytest.skip("../shared/models/stories260K is not beside the checkout")
-    return str(STORIES)
+def stories_tokenizer(stories_path):
+    from dlzo.model.loading import load_tokenizer
+
+    return load_tokenizer(stories_path)
 
 
 def assert_replay_and_resume_exact(tmp_path: Path, options: dict, stops: list[int]) -> tuple[dict, Path]:
@@ -112,3 +185,26 @@ def assert_replay_and_resume_exact(tmp_path: Path, options: dict, stops: list[in
     resumed = load_file(stopped / "final.safetensors")
     assert all(torch.equal(resumed[n], whole[n]) for n in whole)
     return whole, stopped
+
+
+@contextmanager
+def another_process_holding(folder: Path) -> Iterator[int]:
+    """A live process holding the run folder `folder` as a run does (RunFolder.lock: its lock file locked
+    through filelock, its pid written beside it) until the block ends, then killed (its pid file left behind,
+    as a kill leaves it). Yields its pid."""
+    run = RunFolder(folder)
+    run.path.mkdir(parents=True, exist_ok=True)
+    code = ("import os, sys, time, filelock\n"
+            "lock = filelock.FileLock(sys.argv[1])\n"
+            "lock.acquire(timeout=0)\n"
+            "open(sys.argv[2], 'w').write(f'{os.getpid()}\\n')\n"
+            "print('held', flush=True)\n"
+            "time.sleep(300)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(run.lock_file), str(run.holder_file)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()

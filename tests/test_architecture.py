@@ -5,6 +5,8 @@ import pkgutil
 import re
 from pathlib import Path
 
+import pytest
+
 import dlzo
 
 PACKAGE = Path(dlzo.__file__).parent
@@ -91,6 +93,7 @@ def test_the_checker_sees_a_circle():
     assert find_circle({**graph, "dlzo.c": {"dlzo.d"}}) is None
 
 
+@pytest.mark.slow
 def test_top_level_names_survive_their_modules_import():
     """`dlzo.train(config)` named the submodule dlzo.train once anything had imported it (Python sets a package
     attribute to each submodule it imports): no export may share a submodule's name, and each one, read after

@@ -14,6 +14,7 @@ from dlzo.studies.options import BenchConfig
 VARIANTS = ["upstream_full", "full", "layer_plain", "layer_fast", "layer_cached", "lora", "floor", "inference"]
 
 
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("task", ["", "sst2"])
 def test_bench_writes_every_variant_and_ratios_from_the_same_run(tmp_path, task):
     report = bench(BenchConfig(model=str(STORIES), task=task, data_dir=str(DATA), batch=4, seq=16, layer=1,
@@ -44,6 +45,7 @@ def test_synthetic_batches_pack_two_candidates_per_row():
     assert packed.token_row.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+@pytest.mark.requires_shared
 def test_a_layer_the_model_lacks_or_no_repeat_is_one_line(tmp_path):
     with pytest.raises(DlzoError, match=r"--layer 99: .* has layers 0\.\.4"):
         bench(BenchConfig(model=str(STORIES), variants="layer_fast", repeats=1, batch=2, seq=8, layer=99,
@@ -53,6 +55,7 @@ def test_a_layer_the_model_lacks_or_no_repeat_is_one_line(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.requires_shared
 def test_unknown_variant_is_an_error(tmp_path):
     with pytest.raises(DlzoError, match="unknown bench variant 'fastest'"):
         bench(BenchConfig(model=str(STORIES), variants="fastest", repeats=1, batch=2, seq=8, out=str(tmp_path)))
@@ -70,6 +73,7 @@ def test_upstream_variant_keeps_mezo_four_noise_passes(upstream, passes):
     assert len(sampled) == passes and optimizer.update_s > 0
 
 
+@pytest.mark.requires_shared
 def test_hf_trainer_variant_steps_the_layer_and_reports_its_memory_ratio(tmp_path):
     """The ZOTrainer step really updates the tuned layer (and only it) and the ratio is its peak over the
     inference forward's, from the same run."""
@@ -86,6 +90,7 @@ def test_hf_trainer_variant_steps_the_layer_and_reports_its_memory_ratio(tmp_pat
         variants["hf_trainer"]["peak_mem_bytes"] / variants["hf_inference"]["peak_mem_bytes"])
 
 
+@pytest.mark.requires_shared
 def test_rows_variants_repeat_the_batch_and_report_the_per_direction_ratio(tmp_path):
     """rows_xN runs the cached pair forward over N copies of the batch: the same examples, so the same mean
     loss; bench.json gives each copy count's forward time per copy against rows_x1's."""

@@ -48,7 +48,7 @@ def test_recipe_with_unknown_key_is_one_line_error(tmp_path, capsys):
 
 def test_flags_override_recipe(tmp_path, monkeypatch):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('model = "m"\nsteps = 7\nlr = 0.5\n')
+    recipe.write_text('model = "m"\ntask = "sst2"\nsteps = 7\nlr = 0.5\n')
     seen = {}
     monkeypatch.setattr("dlzo.cli.main.train", lambda config: seen.setdefault("config", config))
     main(["train", "--config", str(recipe), "--lr", "0.25"])
@@ -59,4 +59,30 @@ def test_wrong_type_in_recipe(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('steps = "many"\n')
     with pytest.raises(DlzoError, match="key 'steps' should be int"):
+        load_recipe(str(recipe), TrainConfig)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--model", "m", "--zo-update", "nesterov"],
+     "argument --zo-update: invalid choice: 'nesterov' (choose from 'sgd', 'momentum', 'adam', 'hizoo')"),
+    (["eval", "--checkpoint", "newest"], "argument --checkpoint: invalid choice: 'newest'"),
+    (["train", "--model", "m", "--lerning-rate", "1e-3"], "unrecognized arguments: --lerning-rate 1e-3"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2(argv, message, capsys):
+    """argparse's own mistakes (a value outside the choices, an unknown flag) are one line like every other bad
+    input, without argparse's usage block, and exit 2."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dlzo: error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_recipe_value_outside_the_choices_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "m"\ndistribution = "uniform"\n')
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dlzo: error: --config {recipe}: key 'distribution' should be one of gaussian, rademacher, "
+                   f"got 'uniform'\n")
+    recipe.write_text('zo_update = true\n')
+    with pytest.raises(DlzoError, match="key 'zo_update' should be one of sgd, momentum, adam, hizoo, got True"):
         load_recipe(str(recipe), TrainConfig)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from dlzo.data.examples import Example, SpanExample
-from dlzo.data.readers import parse_hub_source, read_rows
+from dlzo.data.hub import parse_hub_source
+from dlzo.data.readers import read_rows
 from dlzo.data.user_data import UserTask, count_truncated, load_user_data, row_ranges
 from dlzo.engine.fastpath import BranchedForward
 from dlzo.engine.scoring import (
@@ -85,7 +86,11 @@ def test_each_example_file_is_read_in_its_format(name, fmt, chat_tokenizer):
                                                           "loss" if data.generation else "accuracy")
     splits = task.splits(seed=5, num_train=1)  # the split was made at load time
     assert (splits.train, splits.dev, splits.test) == (data.train, data.dev, [])
-    assert all(isinstance(task.prompt_text(e), str) for e in splits.train)
+    # the text a probe or an in-context demonstration reads: the row's prompt with its right answer
+    whole = {"text": lambda r: r["text"], "prompt-completion": lambda r: r["prompt"] + r["completion"],
+             "classification": lambda r: r["prompt"] + r["options"][row_label(r)]}
+    if fmt in whole:
+        assert sorted(task.prompt_text(e) for e in data.train + data.dev) == sorted(map(whole[fmt], example_rows(name)))
 
 
 def test_rows_become_the_examples_the_scorer_expects(chat_tokenizer):
@@ -115,12 +120,13 @@ def test_chat_scores_every_assistant_turn_and_its_end_of_turn(chat_tokenizer):
 
 
 def test_hub_sources_name_config_split_and_a_split_slice():
-    assert parse_hub_source("hf:org/rows") == ("org/rows", None, "train")
+    assert parse_hub_source("hf:org/rows") == ("org/rows", None, None)  # read_rows takes the train split
     assert parse_hub_source("hf:org/rows::test") == ("org/rows", None, "test")
     assert parse_hub_source("hf:org/rows:en:train[:100]") == ("org/rows", "en", "train[:100]")
-    for bad in ("hf:", "hf:a:b:c:d"):
-        with pytest.raises(DlzoError, match="expected hf:NAME"):
-            parse_hub_source(bad)
+    assert parse_hub_source("rows.jsonl") is None and parse_hub_source("hfrows.jsonl") is None
+    for bad in ("hf:", "hf", "hf:a:b:c:d"):
+        with pytest.raises(DlzoError, match=f"^{bad}: expected hf:NAME"):
+            read_rows(bad)
 
 
 def test_an_empty_assistant_turn_is_not_scored(tmp_path, chat_tokenizer):

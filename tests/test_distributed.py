@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES
+from conftest import STORIES, flags, small_run
+from dlzo.engine.checkpoint import checkpoint_metadata
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
-from dlzo.training.run_folder import checkpoint_metadata
 
 # Float32 losses of differently packed batches differ by ~1e-7; the update scales that by lr/2eps, so
 # the tolerance is met with lr 1e-4 (the rate SmolLM2 needs too); see docs/distributed.md.
-BASE = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
-            lr=1e-4, eps=1e-3, quiet=True, eval_batch_size=16, scope="layer:1")
+BASE = small_run("batch_size", lr=1e-4, eps=1e-3, scope="layer:1")
+# every test here launches two ranks
+pytestmark = [pytest.mark.slow, pytest.mark.requires_shared]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -33,11 +34,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 
 
 def torchrun(out, extra: dict, wait: bool = True, launcher: list[str] = TORCHRUN):
-    values = {**BASE, **extra, "out": str(out)}
-    args = [*launcher, "-m", "dlzo", "train"]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+    args = [*launcher, "-m", "dlzo", "train", *flags({**BASE, **extra, "out": str(out)})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DLZO_DIST_TIMEOUT": "60"}
     if not wait:
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -8,12 +8,14 @@ from dlzo.cli.eval import _default_to_the_runs_data, _the_runs_pool, eval_comman
 from dlzo.cli.main import main
 from dlzo.cli.options import EvalConfig
 from dlzo.data.benchmarks import load_task
+from dlzo.engine.scoring import candidate_scores, encode, token_logprobs
 from dlzo.errors import DlzoError
 from dlzo.evaluation.evaluate import demonstrations, evaluate
 from dlzo.model.loading import load_model, load_tokenizer
 from dlzo.training.run_folder import recorded_test_options
 
 
+@pytest.mark.requires_shared
 def test_eval_cli_zero_shot_and_in_context(tmp_path, capsys):
     assert main(["eval", "--task", "sst2", "--model", str(STORIES), "--data-dir", str(DATA), "--num-test", "24",
                  "--out", str(tmp_path / "zs")]) == 0
@@ -24,12 +26,14 @@ def test_eval_cli_zero_shot_and_in_context(tmp_path, capsys):
     assert "sst2 accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.requires_shared
 def test_demonstrations_are_solved_training_examples():
     train = load_task("sst2", DATA).splits(num_train=10, num_dev=0, num_test=1).train
     demos = demonstrations(train, 3, seed=0)
     assert demos.count("\n\n") == 3 and demos.count(" It was ") == 3
 
 
+@pytest.mark.requires_shared
 def test_squad_generation_metrics(tmp_path):
     folder = tmp_path / "squad"
     folder.mkdir()
@@ -56,12 +60,22 @@ def test_squad_generation_metrics(tmp_path):
     assert result.value == pytest.approx((1 + 2 / 3 + 0) / 3) and result.exact_match == pytest.approx(1 / 3)
 
 
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("task", ["copa", "wic"])
-def test_eval_accuracy_is_a_fraction(task):
+def test_eval_accuracy_is_the_brute_force_count(task):
+    """The fraction of examples whose best candidate (mean answer log-prob) is a right one, each example scored
+    alone on the plain path (one sequence per candidate, full logits): 20 examples in batches of 16 and 4."""
     t = load_task(task, DATA)
     model, tokenizer = load_model(str(STORIES)), load_tokenizer(str(STORIES))
-    result = evaluate(model, tokenizer, t, t.splits(num_test=20).test, quiet=True)
-    assert result.num_examples == 20 and result.value * 20 == round(result.value * 20)
+    examples = t.splits(num_test=20).test
+    result = evaluate(model, tokenizer, t, examples, quiet=True)
+    right = 0
+    with torch.no_grad():
+        for example in examples:
+            batch = encode(tokenizer, [example], pack_single_token=False)
+            best = int(candidate_scores(batch, token_logprobs(model, batch, full_logits=True))[0].argmax())
+            right += best in (example.correct or [example.label])
+    assert result.num_examples == 20 and result.value == right / 20
 
 
 def test_a_run_is_evaluated_on_what_it_trained_on_unless_told(tmp_path):
@@ -94,6 +108,7 @@ def test_a_run_is_evaluated_on_what_it_trained_on_unless_told(tmp_path):
                                                                   "prompt=question,completion=answer")
 
 
+@pytest.mark.requires_shared
 def test_eval_of_a_run_scores_the_rows_and_cut_its_results_were_measured_on(tmp_path):
     """`dlzo eval --run R` alone reproduces R's test figure: its --num-test, --data-seed, --max-length and
     --eval-batch-size are eval's defaults (it sampled the whole validation split before), and on BoolQ, which
@@ -116,9 +131,10 @@ def test_eval_of_a_run_scores_the_rows_and_cut_its_results_were_measured_on(tmp_
     record = json.loads((run / "run.json").read_text())
     record["config"]["num_test"] = 0  # a grid run's: no test rows, so eval's own count, not a refused --num-test 0
     (run / "run.json").write_text(json.dumps(record))
-    assert recorded_test_options(run) == {"data_seed": 3, "max_length": 96, "batch_size": 4}
+    assert recorded_test_options(run) == {"data_seed": 3, "max_length": 96, "batch_size": 4, "max_new_tokens": 50}
 
 
+@pytest.mark.requires_shared
 def test_a_boolq_run_whose_training_used_the_whole_validation_file_has_no_test_rows(tmp_path):
     """BoolQ has no train file: a run that drew train and dev rows from all of the validation file left no test
     rows; eval says so in one line (it divided by zero)."""

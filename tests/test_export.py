@@ -5,16 +5,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES, tiny_model
+from conftest import STORIES, small_run, tiny_model
 from dlzo.errors import DlzoError
 from dlzo.model.loading import load_model
 from dlzo.training.config import TrainConfig
 from dlzo.training.export import export_adapter, load_tuned
 from dlzo.training.loop import train
-from dlzo.training.run_folder import load_checkpoint_of_run
+from dlzo.training.run_model import load_checkpoint_of_run
 
-SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8,
-             batch_size=4, lr=1e-2, quiet=True, eval_every=0)
+pytestmark = pytest.mark.requires_shared
+
+SMALL = small_run("eval_batch_size", num_train=32, num_dev=8, num_test=8, lr=1e-2, eval_every=0)
 
 
 def test_layer_adapter_round_trip_changes_only_the_tuned_layer(tmp_path):
@@ -79,6 +80,7 @@ def test_tensorboard_scalars_and_cosine_schedule(tmp_path):
     assert [e.value for e in events.Scalars("train/lr")] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_report_to_wandb_in_offline_mode(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 from dlzo.errors import DlzoError
 from dlzo.model.loading import (
     decoder_layers,
@@ -49,6 +49,7 @@ def test_load_model_from_local_folder(arch, tmp_path):
     assert loaded.dtype == torch.float32 and not loaded.training
 
 
+@pytest.mark.slow
 def test_missing_hub_model_offline_is_one_line_exit_2(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HOME": str(tmp_path)}
     run = subprocess.run([sys.executable, "-m", "dlzo", "probe", "--model", "nobody/no-such-model", "--out",
@@ -68,7 +69,3 @@ def test_a_gpu_this_machine_lacks_is_one_line():
 def test_missing_local_path_is_an_error():
     with pytest.raises(DlzoError, match="not found"):
         resolve_model_source("./no/such/folder")
-
-
-def test_config_fixture_sanity():
-    assert tiny_config("llama").num_hidden_layers == 4

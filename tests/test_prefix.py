@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import DATA, tiny_model
+from conftest import DATA, small_run, tiny_model
 from dlzo.data.benchmarks import load_task
 from dlzo.data.examples import Example
 from dlzo.engine.fastpath import BranchedForward
@@ -112,9 +112,9 @@ def test_dev_loss_through_the_cache(stories_tokenizer):
 
 
 def _config(tmp_path, stories_path, name, **extra):
-    return TrainConfig(model=stories_path, task="copa", data_dir=str(DATA), scope="layer:2", steps=12, lr=1e-3,
-                       batch_size=4, num_train=16, num_dev=8, num_test=4, eval_every=4, quiet=True,
-                       out=str(tmp_path / name), **extra)
+    options = small_run("eval_batch_size", model=stories_path, task="copa", scope="layer:2", steps=12, num_train=16,
+                        num_dev=8, num_test=4, eval_every=4)
+    return TrainConfig(**options, out=str(tmp_path / name), **extra)
 
 
 def test_training_with_and_without_the_cache(tmp_path, stories_path, capsys):

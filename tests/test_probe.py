@@ -13,7 +13,7 @@ from dlzo.model.probe import (
     find_dominant_layer,
     format_table,
     onset_decision,
-    onset_layer,
+    sun_decision,
 )
 from dlzo.studies.plots import plot
 
@@ -114,6 +114,7 @@ def test_cli_writes_json_and_png(stories_path, tmp_path, capsys):
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2",
                                   "gpt_neox", "falcon"])
 def test_probe_cli_on_a_local_folder_of_each_architecture(arch, tmp_path):
@@ -156,21 +157,62 @@ def test_onset_picks_layer_11_on_smollm2_not_the_earlier_7x_jump():
     assert layer == 11
     assert "-> 24,926 (161x) at layer 11, held for 3 layers" in reason
     # A tiny embedding output makes layer 0 a 778x jump, but another >= 4x rise follows it: still 11.
-    assert onset_layer(curve(SMOLLM2_CURVE), embedding=emb(0.05)) == 11
+    assert onset_decision(curve(SMOLLM2_CURVE), embedding=emb(0.05))[0] == 11
 
 
 def test_onset_is_scale_free():
-    assert onset_layer(curve([v * 1e-3 for v in SMOLLM2_CURVE])) == 11
-    assert onset_layer(curve([v * 1e3 for v in QWEN_CURVE])) == 5
+    assert onset_decision(curve([v * 1e-3 for v in SMOLLM2_CURVE]))[0] == 11
+    assert onset_decision(curve([v * 1e3 for v in QWEN_CURVE]))[0] == 5
 
 
 def test_onset_picks_layer_5_on_qwen():
-    assert onset_layer(curve(QWEN_CURVE)) == 5
+    assert onset_decision(curve(QWEN_CURVE))[0] == 5
     # Layer 0 is a 29x jump over the embedding output, but it is an intermediate step (75 >= 4 x 2.53 follows).
     layer, reason = onset_decision(curve(QWEN_CURVE), embedding=emb(QWEN_EMBEDDING))
     assert layer == 5
     assert "(11x) at layer 5" in reason and "29.1x at layer 0" in reason
-    assert onset_layer(curve(QWEN_CURVE), min_jump=12.0) is None
+    assert onset_decision(curve(QWEN_CURVE), min_jump=12.0)[0] is None
+
+
+# The third family of issue 35 (measured outside this repository): the outlier appears at layer 0, a 127x
+# jump over the embedding output to about 5,000x the median, and keeps climbing about 35x over the next 14
+# layers, never by a single jump of 4x; a plateau after it, and a renormalised final layer.
+CLIMB = [1.31, 1.18, 1.42, 1.25, 1.36, 1.22, 1.30, 1.28, 1.19, 1.45, 1.21, 1.33, 1.27, 1.30]  # product 34.7
+THIRD_EMBEDDING = 1.0
+
+
+def climbing_curve(onset: int, layers: int = 24, flat: float = 1.0) -> list[float]:
+    """max|h| per layer: `flat` below `onset`, 127x `flat` at it, then the 14-layer climb, then held."""
+    values = [flat] * onset + [127.0 * flat]
+    for factor in CLIMB:
+        values.append(values[-1] * factor)
+    values += [values[-1] * 0.98] * (layers - 1 - len(values))
+    return values + [values[-1] * 0.2]
+
+
+def test_onset_finds_an_outlier_that_appears_at_layer_0_and_keeps_growing():
+    values = climbing_curve(0)
+    assert values[14] / values[0] == pytest.approx(34.7, rel=0.01)
+    layers = [LayerStats(i, v, 127.0 / 5000, v / (127.0 / 5000)) for i, v in enumerate(values)]
+    layer, reason = onset_decision(layers, embedding=emb(THIRD_EMBEDDING))
+    assert layer == 0
+    assert "(127x) at layer 0, held for 3 layers" in reason
+    assert sun_decision(layers)[0] == 0  # 127 > 100 and 5,000x the median: the paper's rule agrees
+    assert onset_decision(curve([v * 1e-4 for v in values]), embedding=emb(THIRD_EMBEDDING * 1e-4))[0] == 0
+    # Without the embedding output layer 0 has no predecessor, and the climb alone has no 4x jump.
+    assert onset_decision(curve(values))[0] is None
+
+
+def test_onset_finds_a_growing_outlier_at_any_layer():
+    values = climbing_curve(6, layers=28, flat=5.0)
+    layer, reason = onset_decision(curve(values), embedding=emb(2.0))
+    assert layer == 6 and "(127x) at layer 6" in reason
+    # A jump-sized rise still to come supersedes it: a persistent 10x jump at layer 21 after the climb.
+    values[21:27] = [values[20] * 10] * 6
+    layer, reason = onset_decision(curve(values), embedding=emb(2.0))
+    assert layer == 21
+    assert "127x at layer 6, is rejected: the regime begins later, at a further persistent 10x jump at layer 21" \
+        in reason
 
 
 def test_flat_curve_has_no_onset():
@@ -183,7 +225,7 @@ def test_flat_curve_has_no_onset():
 def test_transient_spike_is_not_picked():
     values = [10.0] * 12
     values[4] = 1000.0  # 100x for one layer, then back
-    assert onset_layer(curve(values)) is None
+    assert onset_decision(curve(values))[0] is None
     values[8:] = [200.0] * 4  # a 20x jump that is held from layer 8 on (layer 11 is the final layer)
     layer, reason = onset_decision(curve(values))
     assert layer == 8
@@ -191,26 +233,26 @@ def test_transient_spike_is_not_picked():
     # A two-layer plateau passes with persistence 2 but not 3.
     values = [10.0] * 10
     values[3:5] = [500.0, 500.0]
-    assert onset_layer(curve(values), persistence=3) is None
-    assert onset_layer(curve(values), persistence=2) == 3
+    assert onset_decision(curve(values), persistence=3)[0] is None
+    assert onset_decision(curve(values), persistence=2)[0] == 3
 
 
 def test_jump_at_the_last_layer_only_is_not_picked():
-    assert onset_layer(curve([5.0] * 9 + [5000.0])) is None
+    assert onset_decision(curve([5.0] * 9 + [5000.0]))[0] is None
     # A smaller held jump earlier wins over the final layer's 125x.
-    assert onset_layer(curve([1.0, 1.0, 1.0, 8.0, 8.0, 8.0, 8.0, 8.0, 1000.0])) == 3
+    assert onset_decision(curve([1.0, 1.0, 1.0, 8.0, 8.0, 8.0, 8.0, 8.0, 1000.0]))[0] == 3
     # The layer before the final one has no second non-final layer to hold it.
-    assert onset_layer(curve([5.0] * 8 + [5000.0, 5000.0])) is None
+    assert onset_decision(curve([5.0] * 8 + [5000.0, 5000.0]))[0] is None
 
 
 def test_onset_ties_go_to_the_earliest_layer():
     values = [1.0, 1.0, 10.0, 10.0, 10.0, 1.0, 1.0, 10.0, 10.0, 10.0, 10.0, 10.0]
-    assert onset_layer(curve(values)) == 2
+    assert onset_decision(curve(values))[0] == 2
 
 
 def test_onset_rejects_bad_parameters():
     with pytest.raises(DlzoError, match=r"onset rule: need min_jump >= 1.*got 0\.5"):
-        onset_layer(curve(SMOLLM2_CURVE), min_jump=0.5)
+        onset_decision(curve(SMOLLM2_CURVE), min_jump=0.5)
     with pytest.raises(DlzoError, match="unknown probe rule 'median'; choose one of sun, onset"):
         find_dominant_layer(None, None, rule="median")
 

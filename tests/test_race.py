@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from conftest import DATA, STORIES
+from conftest import DATA, STORIES, small_run
 from dlzo.cli.flags import load_recipe
 from dlzo.cli.main import main
 from dlzo.errors import DlzoError
@@ -17,8 +17,7 @@ from dlzo.studies.options import RaceConfig
 from dlzo.studies.race import race, race_ratios
 from dlzo.studies.recipes import parse_recipes
 
-TINY = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=8, num_test=8, batch_size=4,
-            eval_batch_size=16)
+TINY = small_run("lr", "quiet", num_train=32, num_dev=8, num_test=8)
 SCORING = 3600.0  # seconds each scripted scoring takes on the race's clock (virtual: nothing sleeps)
 
 
@@ -97,6 +96,8 @@ def test_time_to_full_mezos_best_dev_loss():
     assert "full_best_dev_loss" not in race_ratios(never, None, "full", "adamw")["references"]  # no improvement
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, monkeypatch):
     """--no-stop-at-target: a recipe that reached the target keeps training to --max-steps, its reach kept."""
     monkeypatch.setattr(race_module, "evaluate",
@@ -119,6 +120,8 @@ def test_a_race_without_stopping_trains_every_recipe_for_its_budget(tmp_path, mo
     assert (tmp_path / "race" / "race.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_a_target_met_past_the_budget_is_not_reached(tmp_path, monkeypatch):
     """The budget is checked after each step, so the last one can end past it: a target met at that scoring
     counted as reached (182.4 s against a 180 s budget in the CB race). Here every scoring meets the target;
@@ -133,6 +136,8 @@ def test_a_target_met_past_the_budget_is_not_reached(tmp_path, monkeypatch):
     assert dom["seconds_below_target"] == 0.0  # over the target at every scoring: it may have crossed at 0 s
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_choosing_the_dominant_layer_is_training_time(tmp_path, monkeypatch):
     """--scope dominant chooses its layer by inference on training texts (on stories260K: the probe finds no
     massive activation, then the sensitivity fallback's forwards): counted like the cache's build, it was not."""
@@ -145,6 +150,8 @@ def test_choosing_the_dominant_layer_is_training_time(tmp_path, monkeypatch):
                                                        abs=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkeypatch):
     """Scripted test metrics (each scoring takes an hour on the race's clock, advanced by the fake evaluation:
     a real sleep made the test depend on the machine's load): full never reaches 0.7, dominant does at step 2."""
@@ -192,6 +199,8 @@ def test_race_writes_curves_ratios_and_excludes_evaluation_time(tmp_path, monkey
     assert saved["summary"]["dominant"]["ratios"]["vs_full"]["n"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_race_command_scores_for_real_with_the_lever_and_dev_loss(tmp_path, capsys):
     out = tmp_path / "race"
     args = ["race", "--model", str(STORIES), "--data-dir", str(DATA), "--num-train", "32", "--num-dev", "8",
@@ -206,6 +215,8 @@ def test_race_command_scores_for_real_with_the_lever_and_dev_loss(tmp_path, caps
     assert main(args) == 2  # the folder already holds a race
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_a_killed_race_resumes_from_its_finished_recipes(tmp_path, monkeypatch):
     """Finished recipes (and the upstream timing) are read back; a recipe killed midway starts over."""
     config = dict(TINY, recipes="full: scope=full lr=1e-4; dominant: scope=layer:1 lr=1e-3", seeds="0",

@@ -15,23 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES, tiny_model
+from conftest import STORIES, another_process_holding, flags, small_run, tiny_model
 from dlzo.cli.main import main
 from dlzo.errors import DlzoError
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import Session, train
-from dlzo.training.run_folder import RunFolder, build_for_run
+from dlzo.training.run_folder import RunFolder
+from dlzo.training.run_model import build_for_run
 
-SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=8, num_test=8,
-             batch_size=4, lr=1e-3, quiet=True, eval_batch_size=16)
+pytestmark = pytest.mark.requires_shared
 
-
-def flags(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        args += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
-    return args
+SMALL = small_run(num_dev=8, num_test=8)
 
 
 def logged_steps(folder) -> int:
@@ -90,6 +84,7 @@ def test_kills_resume_bit_identically_for_every_perturbation(tmp_path, scope, ex
     assert_same_run(tmp_path / "reference", tmp_path / "killed")
 
 
+@pytest.mark.slow
 def test_resume_replays_logged_steps_after_the_checkpoint(tmp_path, capsys):
     """Killed after step 7 with the last checkpoint at 5: resume re-applies 6 and 7 instead of recomputing."""
     options = dict(SMALL, steps=10, eval_every=5, scope="layer:1")
@@ -110,6 +105,7 @@ def test_resume_replays_logged_steps_after_the_checkpoint(tmp_path, capsys):
     assert_same_run(tmp_path / "reference", killed)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     options = dict(SMALL, steps=400, eval_every=0, scope="layer:1", out=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-m", "dlzo", "train", *flags(options)], stdout=subprocess.DEVNULL,
@@ -218,6 +214,7 @@ def test_a_run_trained_on_a_device_this_machine_lacks_is_loaded_on_auto(tmp_path
     assert prepared.config.device == "cpu" and next(prepared.model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path):
     """In a fresh interpreter: wandb keeps process-wide settings (another test's offline mode would pass)."""
     pytest.importorskip("wandb")
@@ -233,22 +230,21 @@ def test_wandb_without_a_login_is_one_line_before_anything_is_written(tmp_path):
 
 
 def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    """The lock is the OS's (filelock): a live holder refuses a second run naming its pid; killed, it lets go,
+    and its pid left beside the lock is taken over with a message. A pid file alone holds nothing: our own
+    pid left there (a container's PID 1 before a restart) is stale too."""
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "lock").write_text(f"{os.getppid()}\n")  # a live process holds it
     args = ["train", *flags(dict(SMALL, steps=1, eval_every=0, scope="layer:1", out=str(out)))]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"in use by process {os.getppid()}" in err
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (out / "lock").write_text(f"{dead.pid}\n")
-    assert main(args) == 0
-    assert f"taking over the stale lock of process {dead.pid}" in capsys.readouterr().out
-    assert not (out / "lock").exists()
+    with another_process_holding(out) as holder:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by process {holder}" in err
+    assert main(args) == 0  # the holder was killed: its lock went with it, its pid file stayed
+    assert f"taking over the stale lock of process {holder}" in capsys.readouterr().out
+    assert not RunFolder(out).holder_file.exists()
     folder = RunFolder(tmp_path / "restarted")  # a lock naming our own pid, left by a process before a restart
     folder.path.mkdir()
-    folder.lock_file.write_text(f"{os.getpid()}\n")
+    folder.holder_file.write_text(f"{os.getpid()}\n")
     folder.lock()
     assert f"taking over the stale lock of process {os.getpid()}" in capsys.readouterr().out
     second = RunFolder(tmp_path / "restarted")  # but a second run in this process, while the first holds it
@@ -257,7 +253,7 @@ def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_
     folder.unlock()
     second.lock()  # free again once the first let go
     second.unlock()
-    assert not folder.lock_file.exists()
+    assert not folder.holder_file.exists()
 
 
 @pytest.mark.parametrize("change,message", [
@@ -266,7 +262,7 @@ def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_
     ({"eps": 0}, "--eps must be a positive finite number"),
     ({"eval_every": -1}, "--eval-every must not be negative"),
     ({"num_dev": -5}, "--num-dev must be -1"),
-    ({"dtype": "float8"}, "--dtype 'float8' is not one of"),
+    ({"dtype": "float8"}, "argument --dtype: invalid choice: 'float8'"),
     ({"device": "tpu"}, "--device 'tpu' is not"),
     ({"model": "/nonexistent/model", "data_dir": "/nonexistent/data"}, "model path not found: /nonexistent/model"),
     ({"task": "nope"}, "--task 'nope' is not one of sst2, rte"),
@@ -274,15 +270,16 @@ def test_second_run_on_a_live_folder_is_refused_and_a_stale_lock_taken_over(tmp_
     ({"scope": "layer:99"}, "layer 99 does not exist"),
     ({"max_length": 1}, "--max-length 1 is below the longest answer"),
     ({"num_train": 0, "num_dev": 2000}, "no training examples"),
-    ({"rule": "median"}, "--rule 'median' is not sun or onset"),
-    ({"lr_scheduler": "exp"}, "--lr-scheduler 'exp' is not one of"),
+    ({"rule": "median"}, "argument --rule: invalid choice: 'median'"),
+    ({"lr_scheduler": "exp"}, "argument --lr-scheduler: invalid choice: 'exp'"),
 ])
 def test_bad_values_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
     out = tmp_path / "out"
     assert main(["train", *flags({**SMALL, "steps": 1, "eval_every": 0, "scope": "layer:1", "out": str(out), **change})]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dlzo: error:") and err.count("\n") == 1 and message in err, err
-    assert not out.exists() or not any(p.name != "lock" for p in out.iterdir())
+    # the folder's lock (taken before the layer and the answers' lengths are checked) is no output
+    assert not out.exists() or not any(p.name not in ("lock", "lock.flock") for p in out.iterdir())
 
 
 def test_lora_targets_flag_exists_and_names_peft_modules(tmp_path):

@@ -19,10 +19,8 @@ def single_token_examples():
 
 
 @pytest.fixture(scope="module")
-def stories():
-    from conftest import STORIES
-
-    return load_model(str(STORIES))
+def stories(stories_path):
+    return load_model(stories_path)
 
 
 @pytest.mark.parametrize("task", ["sst2", "copa", "cb"])

@@ -12,8 +12,7 @@ from dlzo.studies.options import SensitivityConfig
 from dlzo.studies.report import report
 from dlzo.studies.sensitivity import sensitivity
 
-FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
-            batch_size=4, lr=1e-3)
+pytestmark = pytest.mark.requires_shared
 
 
 def test_sensitivity_command_and_report(tmp_path):

@@ -9,24 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, STORIES
+from conftest import STORIES, another_process_holding, flags, small_run
 from dlzo.errors import DlzoError
 from dlzo.studies.options import RUN_NAME, SweepConfig
 from dlzo.studies.report import report
 from dlzo.studies.sweep import (
-    _check_finished_run,
     _check_probe_is_for,
-    _clear_interrupted_first_order_run,
+    _decide,
     _sweep_runs,
     sweep,
 )
 from dlzo.training.config import TrainConfig
-from dlzo.training.run_folder import RunFolder
+from dlzo.training.run_folder import RESTART, START, RunFolder
 
-FAST = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=32, num_dev=16, num_test=16,
-            batch_size=4, lr=1e-3)
+FAST = small_run("quiet", "eval_batch_size", num_train=32)
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_sweep_writes_entries_resumes_and_plots(tmp_path, capsys):
     config = SweepConfig(**FAST, out=str(tmp_path), layers="0,3", references="full", steps=3, eval_every=0)
     summary = sweep(config)
@@ -41,6 +41,7 @@ def test_sweep_writes_entries_resumes_and_plots(tmp_path, capsys):
     assert (tmp_path / "runs" / "layer00" / "results.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.requires_shared
 def test_sweep_rejects_bad_layers(tmp_path):
     with pytest.raises(DlzoError, match="layer 9 does not exist"):
         sweep(SweepConfig(**FAST, out=str(tmp_path), layers="9", references="", steps=1))
@@ -48,13 +49,13 @@ def test_sweep_rejects_bad_layers(tmp_path):
 
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_two_only_processes_share_one_sweep_folder_and_match_one_sweep(tmp_path):
     """Two `dlzo sweep --only` processes at once, each training its own run in one folder, leave what one sweep
     leaves: the same entries to the last digit; the verdict waits for every run, and the sweep without --only
     afterwards trains nothing again."""
-    common = ["--model", str(STORIES), "--task", "sst2", "--data-dir", str(DATA), "--num-train", "32", "--num-dev",
-              "16", "--num-test", "16", "--batch-size", "4", "--lr", "1e-3", "--layers", "0,1", "--references", "",
-              "--steps", "2", "--eval-every", "0", "--out", str(tmp_path / "shared")]
+    common = flags(dict(FAST, layers="0,1", references="", steps=2, eval_every=0, out=str(tmp_path / "shared")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     lanes = [subprocess.Popen([sys.executable, "-m", "dlzo", "sweep", *common, "--only", name], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for name in ("layer00", "layer01")]
@@ -77,6 +78,8 @@ def test_two_only_processes_share_one_sweep_folder_and_match_one_sweep(tmp_path)
     assert strip(joined) == strip(alone) and joined["verdict"] == alone["verdict"] and "pending" not in joined
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_only_trains_the_named_runs_and_the_verdict_waits_for_the_rest(tmp_path):
     config = SweepConfig(**FAST, out=str(tmp_path / "s"), layers="0,1", references="", steps=2, eval_every=0)
     first = sweep(replace(config, only="layer01"))
@@ -99,6 +102,7 @@ def test_only_trains_the_named_runs_and_the_verdict_waits_for_the_rest(tmp_path)
     assert not (tmp_path / "seeds" / "seeds.json").exists()
 
 
+@pytest.mark.requires_shared
 def test_only_names_a_run_of_the_sweep_before_anything_is_trained(tmp_path):
     config = SweepConfig(**FAST, out=str(tmp_path / "s"), layers="0,1", references="full", steps=1, eval_every=0)
     with pytest.raises(DlzoError, match=r"--only 'layer3' is not a run name \(layer<KK> such as layer03"):
@@ -120,6 +124,8 @@ def test_every_name_a_sweep_gives_its_runs_is_an_only_name():
     assert not any(re.fullmatch(RUN_NAME, name) for name in ("layer3", "layer", "Full", "lezo", "layer03 "))
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):
     config = SweepConfig(**FAST, out=str(tmp_path), layers="1", references="lezo:2", steps=2, eval_every=0,
                          seeds="0,1")
@@ -134,12 +140,16 @@ def test_sweep_over_seeds_summarises_each_run_across_seeds(tmp_path):
     assert json.loads((tmp_path / "seeds.json").read_text())["runs"]["lezo2"]["scope"] == "lezo:2"
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_sweep_of_references_only(tmp_path):
     summary = sweep(SweepConfig(**FAST, out=str(tmp_path), layers="none", references="full", steps=1, eval_every=0))
     assert [e["name"] for e in summary["runs"]] == ["full"] and summary["verdict"] == "no single-layer runs"
     assert (tmp_path / "sweep.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp_path, monkeypatch):
     """Grid runs have no test examples and the grid seed; the chosen rate is the argmin of the dev loss at the
     last grid step (read back from each run's metrics), the full runs of every seed train at it, and a second
@@ -176,6 +186,8 @@ def test_the_lr_grid_picks_each_scopes_rate_on_its_last_dev_loss_and_resumes(tmp
                       lr=grid["chosen"]["layer01"]["lr"]))
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, monkeypatch):
     """--grid-from: a study continued on another machine takes the rates from its committed grid.json (the grid's
     run folders are not there); every seed trains at them, no grid run is made, and the sweep records where the
@@ -220,6 +232,7 @@ def test_a_kept_grid_gives_the_rates_without_training_the_grid_again(tmp_path, m
     assert not (tmp_path / "other" / "seed1" / "runs").exists()
 
 
+@pytest.mark.requires_shared
 def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
     for grid, message in (("fast", "--lr-grid 'fast'"), ("0,1e-3", "positive"), ("1e-3", "--grid-steps")):
         with pytest.raises(DlzoError, match=message):
@@ -228,6 +241,7 @@ def test_a_bad_lr_grid_is_one_line_before_anything_is_written(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.requires_shared
 def test_a_sweep_with_nothing_to_run_or_a_bad_reference_stops_before_writing(tmp_path):
     for layers, references, message in (("none", "", "--layers none and no --references: nothing to sweep"),
                                         ("1", "full,lezo:0", "--references: 'lezo:0' is not full, lora, adamw"),
@@ -269,7 +283,7 @@ def test_the_grid_judges_the_last_step_not_the_best_seen_and_marks_diverged_rate
     record = lr_grid.choose_rates(base, runs, [1e-3, 1e-2, 1e-1], 2, tmp_path)
     assert record["chosen"] == {"layer01": {"lr": 1e-3, "dev_loss_at_last_step": {"0.001": 0.4, "0.01": 0.8,
                                                                                    "0.1": None}}}
-    assert (tmp_path / "layer01-lr0.1" / lr_grid.DIVERGED).exists() and sorted(calls) == [1e-3, 1e-2, 1e-1]
+    assert RunFolder(tmp_path / "layer01-lr0.1").diverged() and sorted(calls) == [1e-3, 1e-2, 1e-1]
     lr_grid.choose_rates(base, runs, [1e-3, 1e-2, 1e-1], 2, tmp_path)
     assert len(calls) == 3
     with pytest.raises(DlzoError, match="trained with steps=2, the grid now asks for 3"):
@@ -291,8 +305,9 @@ def test_a_kept_run_whose_data_file_changed_is_not_reused(tmp_path):
     assert folder.changed_since_kept(config) is None
     rows.write_text('{"text": "one"}\n{"text": "three"}\n')
     assert folder.changed_since_kept(config)[0] == "data (content)"
+    (folder.path / "results.json").write_text("{}")  # finished: reused only if trained as asked
     with pytest.raises(DlzoError, match=r"trained with data \(content\)=.*give --out another folder"):
-        _check_finished_run(folder.path, config, "layer01")
+        _decide(folder.path, config, "layer01")
 
 
 def test_a_kept_probe_of_another_model_or_task_is_refused(tmp_path):
@@ -312,14 +327,14 @@ def test_an_interrupted_first_order_reference_starts_again(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "adamw"
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"config": {"steps": 5, "optimizer": "adamw"}}))
-    holder = subprocess.Popen(["sleep", "60"])  # a live process other than this one
-    (run_dir / "lock").write_text(f"{holder.pid}\n")
-    try:
-        with pytest.raises(DlzoError, match=f"in use by process {holder.pid}"):
-            _clear_interrupted_first_order_run(run_dir)
-    finally:
-        holder.kill()
-        holder.wait()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 0.7}) + "\n")
+    config = TrainConfig(optimizer="adamw", scope="full", out=str(run_dir))
+    with another_process_holding(run_dir) as holder:
+        with pytest.raises(DlzoError, match=f"in use by process {holder}"):
+            _decide(run_dir, config, "adamw")
+        assert (run_dir / "run.json").exists() and (run_dir / "metrics.jsonl").exists()
     (run_dir / "lock").write_text(f"{os.getpid()}\n")  # our own pid, left by a process before a restart: stale
-    _clear_interrupted_first_order_run(run_dir)
-    assert not run_dir.exists() and "starts again from step 0" in capsys.readouterr().out
+    assert _decide(run_dir, config, "adamw") == RESTART
+    assert not (run_dir / "run.json").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert "starts again from step 0" in capsys.readouterr().out
+    assert _decide(run_dir, config, "adamw") == START

@@ -17,12 +17,14 @@ OFFICIAL_SIZES = {  # (train, validation) rows of the official files in ../share
 }
 
 
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("name", list(OFFICIAL_SIZES))
 def test_counts_match_official_sizes(name):
     task = load_task(name, DATA)
     assert (len(task.read_split("train")), len(task.read_split("valid"))) == OFFICIAL_SIZES[name]
 
 
+@pytest.mark.requires_shared
 def test_boolq_has_no_train_file_and_samples_disjointly_from_validation():
     task = load_task("boolq", DATA)
     assert len(task.read_split("valid")) == 3270 and not task.has_split("train")
@@ -33,6 +35,7 @@ def test_boolq_has_no_train_file_and_samples_disjointly_from_validation():
     assert any("WARNING" in note for note in splits.notes)
 
 
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("name,sizes", [("sst2", (1000, 500, 872)), ("cb", (150, 100, 56)), ("copa", (300, 100, 100)),
                                         ("wsc", (54, 500, 104)), ("multirc", (1000, 500, 1000))])
 def test_mezo_sampling_sizes(name, sizes):
@@ -40,6 +43,7 @@ def test_mezo_sampling_sizes(name, sizes):
     assert (len(splits.train), len(splits.dev), len(splits.test)) == sizes
 
 
+@pytest.mark.requires_shared
 def test_sampling_is_mezos_seeded_permutation():
     task = load_task("rte", DATA)
     pool = task.read_split("train")
@@ -156,6 +160,8 @@ def test_unknown_label_lists_allowed_values(tmp_path):
         load_task("cb", tmp_path).read_split("valid")
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_malformed_tsv_via_cli_is_one_line_exit_2(tmp_path):
     folder = tmp_path / "glue" / "SST-2"
     folder.mkdir(parents=True)
@@ -170,6 +176,7 @@ def test_malformed_tsv_via_cli_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o" / "eval.json").exists()
 
 
+@pytest.mark.requires_shared
 def test_unknown_task_is_an_error():
     with pytest.raises(DlzoError, match="is not one of"):
         load_task("mnli", DATA)

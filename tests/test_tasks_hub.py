@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from conftest import DATA, STORIES
-from dlzo.data.benchmarks import load_task, parse_hub_source
+from dlzo.data.benchmarks import load_task
+from dlzo.data.hub import parse_hub_source
 from dlzo.errors import DlzoError
 
 datasets = pytest.importorskip("datasets")
@@ -80,6 +81,7 @@ def serve(monkeypatch, table: dict, names: list[str] | None = None) -> list:
     ("wic", ("aps/super_glue", "wic")), ("copa", ("aps/super_glue", "copa")),
     ("multirc", ("aps/super_glue", "multirc")),
 ])
+@pytest.mark.requires_shared
 def test_hub_rows_give_the_official_examples(task, hub, monkeypatch):
     rows = official_rows(task, 2 if task == "multirc" else 40)
     calls = serve(monkeypatch, {(*hub, "validation"): as_hub_rows(task, rows)}, NAMES[task])
@@ -92,6 +94,7 @@ def test_hub_rows_give_the_official_examples(task, hub, monkeypatch):
     assert {e.label for e in from_hub} == set(range(len(from_hub[0].continuations)))  # both classes occur
 
 
+@pytest.mark.requires_shared
 def test_hub_sampling_follows_mezo_protocol_with_a_train_split(monkeypatch):
     # BoolQ has no train file in ../shared, but the hub has a train split: the usual protocol applies.
     rows = as_hub_rows("boolq", official_rows("boolq", 60))
@@ -127,6 +130,7 @@ def test_record_squad_drop_from_hub_schema(monkeypatch):
     assert example.prompt == "Passage: P.\nQuestion: Who?\nAnswer:" and example.continuations == [" Tom, Ann"]
 
 
+@pytest.mark.requires_shared
 def test_hub_mirror_and_config_override(monkeypatch):
     rows = as_hub_rows("rte", official_rows("rte", 3))
     calls = serve(monkeypatch, {("me/sg", "rte", "validation"): rows, ("me/rte-only", "plain", "validation"): rows},
@@ -134,9 +138,12 @@ def test_hub_mirror_and_config_override(monkeypatch):
     assert len(load_task("rte", "hf:me/sg").read_split("valid")) == 3
     assert len(load_task("rte", "hf:me/rte-only:plain").read_split("valid")) == 3
     assert calls == [("me/sg", "rte", "validation"), ("me/rte-only", "plain", "validation")]
-    assert parse_hub_source("../shared/data") is None and parse_hub_source("hf") == (None, None)
+    assert parse_hub_source("../shared/data") is None and parse_hub_source("hf") == (None, None, None)
+    with pytest.raises(DlzoError, match="--data-dir hf:me/sg:rte:train: a task reads its own train and validation"):
+        load_task("rte", "hf:me/sg:rte:train")
 
 
+@pytest.mark.requires_shared
 def test_hub_row_errors_name_the_dataset_and_row(monkeypatch):
     rows = as_hub_rows("wsc", official_rows("wsc", 3))
     rows[2]["span1_text"] = None
@@ -153,6 +160,8 @@ def test_hub_row_errors_name_the_dataset_and_row(monkeypatch):
         load_task("copa", "hf").read_split("valid")
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 def test_offline_hub_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run([sys.executable, "-m", "dlzo", "eval", "--task", "rte", "--model", str(STORIES),

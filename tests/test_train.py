@@ -10,27 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, STORIES, assert_replay_and_resume_exact, tiny_model
+from conftest import STORIES, assert_replay_and_resume_exact, flags, small_run, tiny_model
 from dlzo.errors import DlzoError
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
 from dlzo.training.replay import replay
 from dlzo.training.step import batch_indices
 
-SMALL = dict(model=str(STORIES), task="sst2", data_dir=str(DATA), num_train=64, num_dev=16, num_test=16,
-             batch_size=4, lr=1e-3, eps=1e-3, quiet=True, eval_batch_size=16)
+pytestmark = pytest.mark.requires_shared
 
-
-def cli_args(out, steps, **extra):
-    values = {**SMALL, **extra, "out": str(out), "steps": steps}
-    args = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
+SMALL = small_run(eps=1e-3)
 
 
 def test_train_end_to_end_writes_run_folder(tmp_path):
@@ -62,12 +51,14 @@ def test_replay_rebuilds_weights_bit_exactly(tmp_path, scope, fast):
     assert all(torch.equal(rebuilt[n], trained[n]) for n in trained)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(tmp_path):
     steps = 16
     reference = tmp_path / "reference"
     train(TrainConfig(**SMALL, out=str(reference), steps=steps, eval_every=4, scope="layer:1"))
     interrupted = tmp_path / "interrupted"
-    args = [sys.executable, "-m", "dlzo", "train", *cli_args(interrupted, steps, eval_every=4, scope="layer:1")]
+    options = dict(SMALL, out=str(interrupted), steps=steps, eval_every=4, scope="layer:1")
+    args = [sys.executable, "-m", "dlzo", "train", *flags(options)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = 6 + int(time.time()) % 5  # a step between the checkpoints at 4 and 8 .. 12
     trajectory = interrupted / "trajectory.jsonl"
@@ -79,9 +70,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         time.sleep(0.05)
     process.wait()
     assert not (interrupted / "final.safetensors").exists(), "the run finished before it was killed"
-    done = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(interrupted, steps, eval_every=4,
-                                                                          scope="layer:1"), "--resume", str(interrupted)],
-                          capture_output=True, text=True)
+    done = subprocess.run([*args, "--resume", str(interrupted)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     a, b = load_file(reference / "final.safetensors"), load_file(interrupted / "final.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -170,8 +159,10 @@ def test_batch_order_is_a_function_of_the_step():
     assert sorted(epoch) == list(range(64))
 
 
+@pytest.mark.slow
 def test_bad_scope_flag_is_one_line_exit_2(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "dlzo", "train", *cli_args(tmp_path, 1, scope="layer:x")],
+    run = subprocess.run([sys.executable, "-m", "dlzo", "train", *flags(dict(SMALL, out=str(tmp_path), steps=1,
+                                                                             scope="layer:x"))],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("dlzo: error: --scope") and "Traceback" not in run.stderr
 
@@ -228,7 +219,9 @@ def test_params_narrow_the_tuned_tensors(tmp_path, params, expect, reject):
     assert names and all(expect in n and reject not in n for n in names)
 
 
-@pytest.mark.parametrize("task", ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa"])
+# one run a task: BoolQ (no train file: train, dev and test from the validation file) in the fast tier
+@pytest.mark.parametrize("task", ["boolq", *(pytest.param(t, marks=pytest.mark.slow)
+                                             for t in ["sst2", "rte", "cb", "wsc", "wic", "multirc", "copa"])])
 def test_every_shared_task_trains_a_step(task, tmp_path):
     results = train(TrainConfig(**{**SMALL, "task": task, "num_train": 8, "num_dev": 4, "num_test": 4},
                                 out=str(tmp_path), steps=1, eval_every=0, scope="layer:1"))
@@ -261,6 +254,7 @@ def test_device_map_auto_loads_through_accelerate_and_trains_the_same(tmp_path, 
     assert plain["test_value"] == mapped["test_value"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [True, False])
 def test_lezo_run_replays_and_resumes_bit_exactly(tmp_path, fast):
     options = dict(**SMALL, steps=8, eval_every=3, scope="lezo:2", fast_path=fast)

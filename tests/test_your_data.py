@@ -92,7 +92,7 @@ def dev_losses(out: Path) -> dict[int, float]:
 # ----------------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("scope", ["layer:1", "dominant"])
+@pytest.mark.parametrize("scope", ["layer:1", pytest.param("dominant", marks=pytest.mark.slow)])  # + probe, sensitivity
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_trains_through_the_cli(fmt, scope, files, chat_model, tmp_path, capsys):
     out = tmp_path / "run"
@@ -134,7 +134,8 @@ def test_prompt_completion_learns_at_a_workable_rate(chat_model, tmp_path, capsy
     assert losses[10] < losses[5] < losses[0]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# three runs each: chat (the template, several spans) in the fast tier, the other formats slow
+@pytest.mark.parametrize("fmt", ["chat", *(pytest.param(f, marks=pytest.mark.slow) for f in FORMATS if f != "chat")])
 def test_resume_after_a_partial_run_and_replay_are_bit_exact(fmt, files, chat_model, tmp_path, capsys):
     whole, part = tmp_path / "whole", tmp_path / "part"
     common = ["--scope", "layer:1", "--eval-every", "3"]
@@ -218,6 +219,7 @@ def test_eval_data_on_a_base_model(files, chat_model, tmp_path, capsys):
     assert code == 2 and "text rows, which have no prompt" in err and not (tmp_path / "t").exists()
 
 
+@pytest.mark.requires_shared
 def test_generate_greedy_sampled_and_chat_formatted(chat_run, chat_model, capsys):
     prompt = "Zorbish for cat?"
     code, greedy, err = dlzo("generate", "--run", chat_run, "--prompt", prompt, "--max-new-tokens", "6",
@@ -247,6 +249,7 @@ def test_generation_prompt_is_the_training_prompt_of_a_chat_row(chat_model, tmp_
 # ----------------------------------------------------------------------------------------------- probe, sweep, sensitivity
 
 
+@pytest.mark.slow
 def test_probe_sweep_and_sensitivity_take_data(files, chat_model, tmp_path, capsys):
     assert dlzo("probe", "--model", chat_model, "--data", files["chat"], "--out", tmp_path / "probe")[0] == 0
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["layers"]
@@ -351,10 +354,11 @@ def test_bad_input_is_one_line_naming_the_file_and_nothing_is_written(case, chat
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.requires_shared
 def test_checks_run_in_order_flags_then_folder_then_model_then_data(tmp_path, capsys):
     missing = tmp_path / "absent.jsonl"
     for extra, expected in (
-        (["--data-format", "yaml"], "--data-format 'yaml' is not one of"),
+        (["--data-format", "yaml"], "argument --data-format: invalid choice: 'yaml'"),
         (["--columns", "foo=bar"], "--columns foo=bar: unknown field 'foo'"),
         (["--eval-fraction", "1.5"], "--eval-fraction must be between 0 and 1"),
         (["--model", tmp_path / "no-model"], "model path not found"),
@@ -362,11 +366,12 @@ def test_checks_run_in_order_flags_then_folder_then_model_then_data(tmp_path, ca
         args = ["train", "--model", STORIES, "--data", missing, "--out", tmp_path / "out", *extra]
         code, _, err = dlzo(*args, capsys=capsys)
         assert code == 2 and err.count("\n") == 1 and expected in err, err
-    assert dlzo("train", "--model", STORIES, "--eval-data", missing, "--out", tmp_path / "out",
+    assert dlzo("train", "--model", STORIES, "--task", "sst2", "--eval-data", missing, "--out", tmp_path / "out",
                 capsys=capsys)[2].startswith("dlzo: error: --eval-data needs --data")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.requires_shared
 def test_a_run_is_found_from_any_folder_however_its_files_are_named(files, tmp_path, monkeypatch, capsys):
     """Trained with relative paths: run.json names the model and data absolute, so a resume from another folder
     with the file spelled otherwise is the same run, and `dlzo eval --run --data` scores the held-out rows of
@@ -414,7 +419,7 @@ def test_a_dev_file_that_is_the_training_file_is_said(files, chat_model, tmp_pat
     assert f"{data} holds the rows of {data}: the dev rows are training rows" in printed
     code, _, err = dlzo("export", "--run", tmp_path / "run", "--to", tmp_path / "x", "--checkpoint", "bogus",
                         capsys=capsys)
-    assert code == 2 and "--checkpoint 'bogus' is not best, last or final" in err
+    assert code == 2 and "argument --checkpoint: invalid choice: 'bogus'" in err
 
 
 def test_eval_of_a_run_on_its_eval_data_scores_the_dev_rows_it_was_scored_on(tmp_path, stories_tokenizer):

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import DATA, STORIES, assert_replay_and_resume_exact
+from conftest import STORIES, assert_replay_and_resume_exact, small_run
 from dlzo.cli.commands import replay_command
 from dlzo.cli.options import ReplayConfig
 from dlzo.engine.zo import ZOOptimizer, direction_seed
@@ -63,7 +63,9 @@ def test_noise_is_regenerated_from_seed_not_global_rng():
     torch.randn(100)
     assert torch.equal(first, opt.sample(123, 0, weight))
     assert not torch.equal(first, opt.sample(124, 0, weight))
-    assert direction_seed(0, 5, 0) != direction_seed(0, 5, 1) != direction_seed(1, 5, 0)
+    seeds = [direction_seed(run, step, direction) for run, step, direction in
+             ((0, 5, 0), (0, 5, 1), (1, 5, 0), (0, 6, 0), (1, 4, 0), (0, 4, 1))]
+    assert len(set(seeds)) == len(seeds)  # run seed, step and direction each change it; no two collide
 
 
 def test_rademacher_directions_are_plus_minus_one():
@@ -242,16 +244,18 @@ def test_sgd_rule_keeps_no_state_and_momentum_starts_as_sgd():
         make(update_rule="lion")
 
 
-STATEFUL_RUN = dict(task="sst2", num_train=64, num_dev=8, num_test=8, batch_size=4, quiet=True, eval_batch_size=16)
+STATEFUL_RUN = small_run(num_dev=8, num_test=8)
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("rule,scope,fast", [("momentum", "layer:1", True), ("adam", "layer:1", False),
                                              ("adam", "full", False)])
 def test_stateful_run_replays_and_resumes_bit_exactly(tmp_path, rule, scope, fast):
     """Replay of a momentum / adam run rebuilds its weights bit for bit, and a run stopped at step 5 and at 7
     (the last checkpoint at 5) resumes to the weights and log of an uninterrupted run."""
-    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=10, eval_every=5, scope=scope,
-                   fast_path=fast, zo_update=rule, lr=1e-3 if rule == "adam" else 1e-2, weight_decay=0.01)
+    options = dict(STATEFUL_RUN, steps=10, eval_every=5, scope=scope, fast_path=fast, zo_update=rule,
+                   lr=1e-3 if rule == "adam" else 1e-2, weight_decay=0.01)
     trained, killed = assert_replay_and_resume_exact(tmp_path, options, stops=[5, 7])
     assert (killed / "trajectory.jsonl").read_text() == (tmp_path / "whole" / "trajectory.jsonl").read_text()
     sgd = dict(options, zo_update="sgd")
@@ -298,12 +302,13 @@ def test_one_sided_functional_equals_in_place_and_replays_exactly():
     assert torch.equal(wc, wa) and torch.equal(bc, ba)
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("fast,cache", [(True, 2048), (True, 0), (False, 0)])
 def test_one_sided_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
     """Fast path with the run's prefix cache, with a per-step prefix, and in place (θ copied back)."""
-    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=8, eval_every=4, scope="layer:1",
-                   fast_path=fast, estimator="one-sided", q=3, lr=1e-2, prefix_cache_mb=cache,
-                   exact_restore_fraction=0.1 if fast else 1.0)
+    options = dict(STATEFUL_RUN, steps=8, eval_every=4, scope="layer:1", fast_path=fast, estimator="one-sided", q=3,
+                   lr=1e-2, prefix_cache_mb=cache, exact_restore_fraction=0.1 if fast else 1.0)
     assert_replay_and_resume_exact(tmp_path, options, stops=[6])
 
 
@@ -377,12 +382,13 @@ def test_hizoo_replays_bit_exactly_and_needs_its_curvatures():
         opt.step_functional(lambda p, m: (0.0, 0.0))
 
 
+@pytest.mark.slow
+@pytest.mark.requires_shared
 @pytest.mark.parametrize("fast,cache", [(True, 2048), (False, 0)])
 def test_hizoo_run_replays_and_resumes_bit_exactly(tmp_path, fast, cache):
     """The fast path with the prefix cache, and in place; the Hessian estimate is rebuilt by replaying the log."""
-    options = dict(STATEFUL_RUN, model=str(STORIES), data_dir=str(DATA), steps=8, eval_every=4, scope="layer:1",
-                   fast_path=fast, zo_update="hizoo", hessian_smooth=1e-3, lr=1e-2, prefix_cache_mb=cache,
-                   exact_restore_fraction=0.1 if fast else 1.0)
+    options = dict(STATEFUL_RUN, steps=8, eval_every=4, scope="layer:1", fast_path=fast, zo_update="hizoo",
+                   hessian_smooth=1e-3, lr=1e-2, prefix_cache_mb=cache, exact_restore_fraction=0.1 if fast else 1.0)
     trained, stopped = assert_replay_and_resume_exact(tmp_path, options, stops=[3, 6])
     entries = [json.loads(line) for line in (stopped / "trajectory.jsonl").read_text().splitlines()]
     assert len(entries) == 8 and all(len(e["curvatures"]) == 1 and e["curvatures"][0] >= 0 for e in entries)
@@ -399,6 +405,7 @@ def _hizoo_on_a_quadratic(curvature: torch.Tensor, alpha: float, steps: int) -> 
     return hessian_summary(opt, logged)
 
 
+@pytest.mark.slow
 def test_hessian_summary_tells_learned_curvature_from_noise():
     """Isotropic curvature over 20,000 elements: every difference between elements of D is z² noise, and the
     spread of log D is the one predicted from the logged curvatures alone (to 5%). A planted 100x curvature

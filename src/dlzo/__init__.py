@@ -12,14 +12,21 @@ Names are imported on first use (PEP 562), so `import dlzo` stays cheap for the 
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# torchao (dlzo's --quantize library, imported by transformers whenever it is installed) warns at import about
+# CUDA-only kernels a CPU build cannot load, and torch's pytree about an enum torchao registers: noise on every
+# command's stderr, where dlzo's own errors are one line. Errors from both still show.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 _EXPORTS = {
     "find_dominant_layer": "dlzo.model.probe",
     "ZOOptimizer": "dlzo.engine.zo",
     "ZOTrainer": "dlzo.training.hf_trainer",
-    "ZOArguments": "dlzo.training.hf_trainer",
+    "ZOArguments": "dlzo.training.config",
     "TrainConfig": "dlzo.training.config",
     "train": "dlzo.training.loop",
     "load_tuned": "dlzo.training.export",

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,12 +19,10 @@ from dlzo.errors import DlzoError
 from dlzo.evaluation.generation import chat_prompt, generate_text
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.studies.report import report
-from dlzo.training.export import export, export_adapter
+from dlzo.training.export import export, export_adapter, export_gguf
 from dlzo.training.replay import hessian_summary, replay_with_optimizer
-from dlzo.training.run_folder import (
-    load_checkpoint_of_run,
-    read_jsonl,
-)
+from dlzo.training.run_folder import RunFolder, read_jsonl
+from dlzo.training.run_model import load_checkpoint_of_run
 
 
 def report_command(config: ReportConfig) -> None:
@@ -35,10 +32,7 @@ def report_command(config: ReportConfig) -> None:
 
 def run_data_format(run: str | Path) -> str | None:
     """The format of the rows a run was trained on (None for a task run)."""
-    path = Path(run) / "run.json"
-    if not path.exists():
-        raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
-    return (json.loads(path.read_text()).get("data") or {}).get("format")
+    return (RunFolder(run, "--run").record().get("data") or {}).get("format")
 
 
 def generate_command(config: GenerateConfig) -> str:
@@ -65,11 +59,15 @@ def generate_command(config: GenerateConfig) -> str:
 
 def export_command(config: ExportConfig) -> None:
     config.validate()
+    if config.gguf:
+        check_output(config.gguf, "--gguf", folder=False)
+        print(f"wrote {export_gguf(config.run, config.gguf, config.checkpoint, config.gguf_type)} ({config.gguf_type})")
+        return
     check_output(config.to, "--to", folder=True)
     if config.adapter:
         print(f"wrote the tuned tensors only to {export_adapter(config.run, config.to, config.checkpoint)}")
     else:
-        print(f"wrote a merged Hugging Face folder to {export(config.run, config.to, config.checkpoint)}")
+        print(f"wrote a merged Hugging Face folder to {export(config.run, config.to, config.checkpoint, config.dtype)}")
 
 
 def replay_command(config: ReplayConfig) -> None:

@@ -4,7 +4,6 @@ lm-evaluation-harness; with --run, by default on the rows and settings its resul
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from torch import nn
 from dlzo.cli.options import EvalConfig
 from dlzo.data.benchmarks import load_task, task_splits
 from dlzo.data.examples import Example
-from dlzo.data.readers import HUB_PREFIX
+from dlzo.data.hub import is_hub_source
+from dlzo.data.prompts import load_prompt_rows
 from dlzo.data.user_data import UserData, UserTask, file_digest, load_user_data
 from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.scoring import (
@@ -31,9 +31,13 @@ from dlzo.evaluation.evaluate import (
     perplexity,
 )
 from dlzo.evaluation.harness import evaluate_with_harness
+from dlzo.evaluation.objectives import RunObjective, generated_metrics
+from dlzo.evaluation.rewards import load_reward
+from dlzo.fields import comma_list
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.training.config import DEFAULT_MAX_DEV, TrainConfig
-from dlzo.training.run_folder import load_checkpoint_of_run
+from dlzo.training.run_folder import RunFolder
+from dlzo.training.run_model import load_checkpoint_of_run
 
 
 def eval_command(config: EvalConfig) -> EvalResult | dict:
@@ -41,6 +45,8 @@ def eval_command(config: EvalConfig) -> EvalResult | dict:
     your own rows (--data)."""
     config.validate()
     _default_to_the_runs_data(config)
+    if config.reward:
+        return eval_reward(config)
     if config.data:
         return eval_own_data(config)
     if config.harness:
@@ -66,8 +72,10 @@ def _default_to_the_runs_data(config: EvalConfig) -> None:
     """No --task, --data or --harness: a run is evaluated on what it trained on (its task, from its data
     folder; its own rows: the --eval-data file read with its --data-format and --columns, or the rows it held
     out of --data), anything else on sst2. The data folder defaults to the run's, else ../shared/data."""
-    trained = _run_record(config.run)["config"] if config.run else {}
+    trained = RunFolder(config.run, "--run").config() if config.run else {}
     config.data_dir = config.data_dir or trained.get("data_dir") or TrainConfig.data_dir
+    if trained.get("reward") and not (config.task or config.harness or config.generate):
+        config.reward = config.reward or trained["reward"]  # a reward run is scored by its reward
     if config.task or config.data or config.harness:
         return
     if trained.get("data"):
@@ -81,7 +89,7 @@ def _default_to_the_runs_data(config: EvalConfig) -> None:
 def _the_runs_pool(config: EvalConfig) -> dict:
     """A run scored on its own task draws its training rows as it did: where a task has no train file (BoolQ),
     the test rows are what is left of the validation file after them."""
-    trained = _run_record(config.run)["config"] if config.run else {}
+    trained = RunFolder(config.run, "--run").config() if config.run else {}
     if trained.get("task") != config.task or trained.get("data"):
         return {}
     num_dev = trained.get("num_dev", -1)
@@ -103,7 +111,7 @@ def model_to_evaluate(config: EvalConfig) -> tuple[nn.Module, object]:
 def eval_with_harness(config: EvalConfig) -> dict:
     """`dlzo eval --harness TASKS`: the (tuned) model handed to lm-evaluation-harness (dlzo.evaluation.harness)."""
     model, tokenizer = model_to_evaluate(config)
-    tasks = [t.strip() for t in config.harness.split(",") if t.strip()]
+    tasks = comma_list(config.harness)
     results = evaluate_with_harness(model, tokenizer, tasks, config.harness_include or None,
                                     config.harness_limit or None, config.batch_size, config.icl or None)
     atomic_write_json(Path(config.out) / "harness.json", results)
@@ -115,7 +123,7 @@ def eval_own_data(config: EvalConfig) -> dict:
     """`dlzo eval --data`: the dev loss (per scored token) and perplexity of generation rows, or the accuracy of
     classification rows; with --generate also greedy exact match / F1 against each completion. The model and
     its tokenizer are checked, then the rows are read, then the model is loaded."""
-    record = _run_record(config.run) if config.run else None
+    record = RunFolder(config.run, "--run").record() if config.run else None
     base = config.model or (record["config"]["model"] if record else "")
     if not base:
         raise DlzoError("--model is required (or --run to evaluate a trained run)")
@@ -154,11 +162,44 @@ def eval_own_data(config: EvalConfig) -> dict:
     return result
 
 
-def _run_record(run: str) -> dict:
-    path = Path(run) / "run.json"
-    if not path.exists():
-        raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
-    return json.loads(path.read_text())
+def eval_reward(config: EvalConfig) -> dict:
+    """`dlzo eval --reward PATH.py:FUNCTION`: the mean reward of greedy completions of prompt rows, by a base
+    model or a run's checkpoint. The function and the rows are checked before the model is loaded."""
+    record = RunFolder(config.run, "--run").record() if config.run else None
+    if not config.data:
+        raise DlzoError("--reward needs --data: a file of prompt rows {\"prompt\": ...} (or --run of a reward run)")
+    base = config.model or (record["config"]["model"] if record else "")
+    if not base:
+        raise DlzoError("--model is required (or --run to evaluate a trained run)")
+    resolve_model_source(base)
+    objective = RunObjective("reward", load_reward(config.reward))
+    rows, which = reward_rows(config, record)
+    model, tokenizer = model_to_evaluate(config)
+    metrics = generated_metrics(objective, model, tokenizer, rows, config.batch_size,
+                                context_limit(model, config.max_length), config.max_new_tokens)
+    result = {"reward": config.reward, "mean_reward": metrics["reward"], "data": config.data, "rows": which,
+              "num_examples": len(rows), "max_new_tokens": config.max_new_tokens,
+              "model": base, "run": config.run,
+              "checkpoint": config.checkpoint if config.run else None}
+    out = Path(config.out)
+    atomic_write_json(out / "eval.json", result)
+    print(f"mean reward {result['mean_reward']:.4f} on {which} ({config.reward}); wrote {out / 'eval.json'}")
+    return result
+
+
+def reward_rows(config: EvalConfig, record: dict | None) -> tuple[list[Example], str]:
+    """The prompt rows to score: with --run and its own --data, the dev rows it held out (or drew from its
+    --eval-data), split again with its settings; otherwise every row of --data (a seeded --num-test when more)."""
+    trained = (record or {}).get("config", {})
+    held_out = trained.get("data") and not trained.get("eval_data") and _is_the_runs_data(config.data, record)
+    if held_out or (trained.get("eval_data") and _is_the_runs_data(config.data, record, "eval_data")):
+        num_dev = trained.get("num_dev", -1)
+        rows = load_prompt_rows(config.data, trained.get("columns", ""), "" if held_out else config.data,
+                                trained.get("eval_fraction", 0.1), trained.get("data_seed", 0),
+                                max_eval=num_dev if num_dev > 0 else DEFAULT_MAX_DEV).dev
+        return rows, f"the run's {len(rows)} {'held-out dev' if held_out else 'dev'} prompts"
+    rows = load_prompt_rows(config.data, config.columns, config.data, seed=config.data_seed, max_eval=config.num_test).dev
+    return rows, f"{len(rows)} prompts of {config.data}"
 
 
 def _is_the_runs_data(source: str, record: dict, option: str = "data") -> bool:
@@ -168,7 +209,7 @@ def _is_the_runs_data(source: str, record: dict, option: str = "data") -> bool:
     trained = record.get("config", {}).get(option, "")
     if not trained:
         return False
-    if source.startswith(HUB_PREFIX) or trained.startswith(HUB_PREFIX):
+    if is_hub_source(source) or is_hub_source(trained):
         return source == trained
     kept = (record.get("data") or {}).get("sha256" if option == "data" else "eval_sha256")
     if kept:

@@ -13,23 +13,26 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dlzo import __version__
+from dlzo.cli.chat import ChatConfig, chat_command
 from dlzo.cli.commands import export_command, generate_command, replay_command, report_command
 from dlzo.cli.eval import eval_command
-from dlzo.cli.flags import add_arguments, from_namespace, load_recipe
+from dlzo.cli.flags import OneLineParser, add_arguments, from_namespace, load_recipe
 from dlzo.cli.options import EvalConfig, ExportConfig, GenerateConfig, ProbeConfig, ReplayConfig, ReportConfig
+from dlzo.cli.plan import PlanConfig, plan_command
 from dlzo.cli.probe import probe_command
 from dlzo.engine import distributed
 from dlzo.errors import DlzoError
 from dlzo.studies.bench import bench
 from dlzo.studies.demo import run_demo
 from dlzo.studies.options import BenchConfig, DemoConfig, RaceConfig, SensitivityConfig, SweepConfig
-from dlzo.studies.race import race_command
+from dlzo.studies.race import race
 from dlzo.studies.sensitivity import sensitivity
 from dlzo.studies.sweep import sweep
 from dlzo.training.config import TrainConfig
 from dlzo.training.interrupt import Interrupted
 from dlzo.training.loop import train
-from dlzo.training.run_folder import recorded_options, recorded_test_options
+from dlzo.training.run_folder import RunFolder, recorded_test_options
 
 
 def train_command(config: TrainConfig) -> None:
@@ -57,14 +60,18 @@ COMMANDS: dict[str, Command] = {
     "sensitivity": Command(SensitivityConfig, sensitivity, "per-layer ZO signal and perturbation propagation"),
     "report": Command(ReportConfig, report_command, "Markdown report with tables and pictures from output folders"),
     "bench": Command(BenchConfig, bench, "step-time and memory of full MeZO vs dominant-layer ZO"),
-    "race": Command(RaceConfig, race_command, "time to accuracy: recipes raced to a target test metric in one process"),
+    "plan": Command(PlanConfig, plan_command, "predicted peak memory of inference, a ZO step, full MeZO and "
+                                              "AdamW from a model's config alone; does it fit here?"),
+    "race": Command(RaceConfig, race, "time to accuracy: recipes raced to a target test metric in one process"),
+    "chat": Command(ChatConfig, chat_command, "talk with a trained run (or a base model) through its chat template"),
     "demo": Command(DemoConfig, run_demo, "the main job on the sample assets (what `make demo` runs)"),
 }
 
 
 def build_parser(defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
     """The parser; `defaults` (command -> {field: value}) come from a --config recipe."""
-    parser = argparse.ArgumentParser(prog="dlzo", description="Dominant-layer zeroth-order fine-tuning of LLMs.")
+    parser = OneLineParser(prog="dlzo", description="Dominant-layer zeroth-order fine-tuning of LLMs.")
+    parser.add_argument("--version", action="version", version=f"dlzo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help)
@@ -83,12 +90,27 @@ def parse(argv: list[str] | None) -> tuple[str, object]:
         defaults.update(load_recipe(args.config, command.options))
     if defaults:
         args = build_parser({args.command: defaults}).parse_args(argv)
+    if args.command == "train" and not args.resume:
+        _check_task_or_data(argv if argv is not None else sys.argv[1:], defaults)
     return args.command, from_namespace(command.options, args)
+
+
+def _check_task_or_data(argv: list[str], recipe: dict) -> None:
+    """`dlzo train` names what it trains on: a benchmark (--task) or your rows (--data), one of them; the library's
+    TrainConfig keeps sst2 as its default task, but a command line that names neither would train on SST-2
+    without saying so, and one that names both would silently drop the task."""
+    given = {name for name in ("task", "data") if name in recipe
+             or any(token == f"--{name}" or token.startswith(f"--{name}=") for token in argv)}
+    if not given:
+        raise DlzoError("dlzo train needs what to train on: --task NAME (a benchmark: sst2, rte, cb, boolq, ...) or "
+                        "--data FILE (your own rows)")
+    if given == {"task", "data"}:
+        raise DlzoError("--task and --data both given: name one (a benchmark, or your own rows)")
 
 
 def _recorded_defaults(args: argparse.Namespace) -> dict:
     if args.command == "train" and args.resume:
-        return recorded_options(args.resume)
+        return RunFolder(args.resume, "--resume").recorded_options()
     if args.command == "eval" and args.run:
         return recorded_test_options(args.run)
     return {}

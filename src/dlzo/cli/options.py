@@ -7,8 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dlzo.errors import DlzoError
-from dlzo.fields import at_least_one, known_checkpoint, option, positive, same_as
+from dlzo.fields import Checkpoint, at_least_one, check_choices, option, positive, same_as
+from dlzo.model.gguf_export import GgufType
+from dlzo.model.probe import ProbeRule
 from dlzo.training.config import DataSource, ModelOptions, TaskOptions, TrainConfig
+from dlzo.training.export import EXPORT_DTYPES
 
 
 @dataclass
@@ -21,7 +24,7 @@ class ProbeConfig(ModelOptions, TaskOptions, DataSource):
     max_tokens: int = option(512, "calibration tokens in total")
     abs_threshold: float = option(100.0, "max |h| must exceed this")
     rel_threshold: float = option(1000.0, "max |h| / median |h| must reach this")
-    rule: str = option("sun", "sun (absolute thresholds above) or onset (largest persistent jump of max|h|)")
+    rule: ProbeRule = option("sun", "sun (absolute thresholds above) or onset (largest persistent jump of max|h|)")
     min_jump: float = option(4.0, "onset: smallest jump of max|h| over the previous layer that counts")
     persistence: int = option(3, "onset: layers the jump must hold for (the final layer never counts)")
 
@@ -38,9 +41,13 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
                            "for classification rows")
     generate: bool = option(False, "with --data: also generate greedily from each prompt and score exact match / F1 "
                                    "against its completion (prompt-completion and chat rows)")
-    max_new_tokens: int = option(50, "with --generate: tokens generated per prompt")
+    max_new_tokens: int = option(50, "with --generate or --reward: tokens generated per prompt (with --run: the run's "
+                                     "--max-new-tokens)")
+    reward: str = option("", "with --data: the mean reward of greedy completions of its prompt rows {\"prompt\": ...} "
+                             "by PATH.py:FUNCTION (as dlzo train --reward calls it); with --run of a reward run: its "
+                             "reward on its held-out dev prompts, by default")
     run: str = option("", "evaluate the tuned tensors of this training run")
-    checkpoint: str = option("best", "best, last or final (with --run)")
+    checkpoint: Checkpoint = option("best", "best, last or final (with --run)")
     icl: int = option(0, "in-context demonstrations drawn from train")
     # With --run these four default to the run's own (dlzo.training.run_folder.recorded_test_options): its test figure again.
     num_test: int = same_as(TrainConfig, "num_test")
@@ -59,8 +66,9 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
         self.validate_data_options()
         if self.generate and not self.data:
             raise DlzoError("--generate needs --data (the task's own metric already generates for squad and drop)")
+        if self.reward and (self.harness or self.generate or self.task):
+            raise DlzoError("--reward scores prompt rows of --data; it does not go with --task, --generate or --harness")
         at_least_one(self, "num_test", "batch_size", "max_new_tokens", "max_length")
-        known_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -68,7 +76,7 @@ class GenerateConfig(ModelOptions):
     prompt: str = option("", "the prompt to continue (with a chat run or --chat: the user's message)", required=True)
     run: str = option("", "generate with the tuned tensors of this training run")
     model: str = option("", "the base model without --run (with --run: another base, default the run's own)")
-    checkpoint: str = same_as(EvalConfig, "checkpoint")
+    checkpoint: Checkpoint = same_as(EvalConfig, "checkpoint")
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template as a user turn (always on for a "
                                "run trained on chat rows)")
     max_new_tokens: int = option(64, "tokens to generate at most")
@@ -85,7 +93,6 @@ class GenerateConfig(ModelOptions):
         positive(self, "temperature")
         if not 0 < self.top_p <= 1:
             raise DlzoError(f"--top-p must be in (0, 1], not {self.top_p}")
-        known_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -98,14 +105,28 @@ class ReplayConfig:
 @dataclass
 class ExportConfig:
     run: str = option("", "run folder", required=True)
-    to: str = option("", "output folder", required=True)
-    checkpoint: str = same_as(EvalConfig, "checkpoint")
+    to: str = option("", "output folder of a merged Hugging Face model (or, with --adapter, of the tuned tensors)")
+    checkpoint: Checkpoint = same_as(EvalConfig, "checkpoint")
     adapter: bool = option(False, "write only what was tuned: a peft adapter folder for LoRA scopes, or the tuned "
                                   "tensors under the model's own names plus tuned.json for layer scopes "
                                   "(dlzo.load_tuned applies them) instead of a merged copy of the model")
+    dtype: str = option("", "dtype of the merged folder: float32, bfloat16 or float16 (default: the run's own)")
+    gguf: str = option("", "write the merged model as this GGUF file instead, for llama.cpp / Ollama (the run's "
+                           "base model must be a GGUF file: its metadata and tokenizer are carried over)")
+    gguf_type: GgufType = option("f16", "with --gguf: f16, q8_0 (llama.cpp's 8-bit blocks) or f32")
 
     def validate(self) -> None:
-        known_checkpoint(self.checkpoint)
+        check_choices(self)
+        if bool(self.to) == bool(self.gguf):
+            raise DlzoError("give one of --to (a folder) or --gguf (a .gguf file)")
+        if self.gguf and (self.adapter or self.dtype):
+            raise DlzoError("--gguf writes the whole merged model in --gguf-type; --adapter and --dtype are for --to")
+        if self.gguf and not self.gguf.endswith(".gguf"):
+            raise DlzoError(f"--gguf {self.gguf!r}: the file name must end in .gguf")
+        if self.dtype and self.dtype not in EXPORT_DTYPES:
+            raise DlzoError(f"--dtype {self.dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+        if self.adapter and self.dtype:
+            raise DlzoError("--adapter writes the tuned tensors as trained (float32); --dtype is for a merged folder")
 
 
 @dataclass

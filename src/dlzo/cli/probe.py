@@ -19,6 +19,7 @@ def probe_command(config: ProbeConfig) -> ProbeResult:
     """`dlzo probe`: the per-layer table and the pick, written to OUT/probe.json and OUT/probe.png."""
     if not config.model:
         raise DlzoError("--model is required")
+    config.validate_model_options()
     config.validate_data_options()
     texts = [_read_text_file(config.text)] if config.text else None
     if config.data:  # the rows are read (with the model's tokenizer, for chat templates) before the model loads

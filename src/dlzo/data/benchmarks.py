@@ -16,27 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from dlzo.data.examples import Example, Splits
-from dlzo.data.official_files import _label, _read_json, _read_jsonl, _require
+from dlzo.data.hub import HUB_PREFIX, parse_hub_source
+from dlzo.data.official_files import label_index, read_json, read_jsonl, split_file
 from dlzo.errors import DlzoError
-
-HUB_PREFIX = "hf"
-
 
 DATA_DIR_HELP = ("folder of official task files (glue/SST-2/*.tsv, superglue/<Task>/*.jsonl, squad/, drop/), or 'hf' "
                  "to load each task's Hugging Face dataset (online; 'hf:PATH[:CONFIG]' for a mirror)")
 
 
 HUB_SPLITS = {"train": "train", "valid": "validation"}
-
-
-def parse_hub_source(data_dir: str | Path) -> tuple[str | None, str | None] | None:
-    """`hf` -> (None, None): each task's default dataset; `hf:PATH` or `hf:PATH:CONFIG` -> an override;
-    anything else is a folder of official files -> None."""
-    text = str(data_dir)
-    if text != HUB_PREFIX and not text.startswith(HUB_PREFIX + ":"):
-        return None
-    path, _, config = text[len(HUB_PREFIX) + 1 :].partition(":")
-    return path or None, config or None
 
 
 class Task:
@@ -57,7 +45,11 @@ class Task:
     hub_labels: dict[str, object] = {}  # the hub's ClassLabel name -> the official file's label value
 
     def __init__(self, data_dir: str | Path):
+        # `hf`: each task's dataset; `hf:PATH[:CONFIG]`: a mirror; anything else: a folder of official files
         self.hub_source = parse_hub_source(data_dir)
+        if self.hub_source is not None and self.hub_source.split is not None:
+            raise DlzoError(f"--data-dir {data_dir}: a task reads its own train and validation splits; give hf or "
+                            f"hf:PATH[:CONFIG]")
         self.data_dir = Path(data_dir)
 
     def files(self) -> dict[str, Path]:
@@ -74,8 +66,8 @@ class Task:
         return self.read_files(split)
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
-        rows = _read_jsonl(path, self.required)
+        path = split_file(self.data_dir / self.folder, self.files(), split)
+        rows = read_jsonl(path, self.required)
         return [self.build(row, path, number) for number, row in enumerate(rows, start=1)]
 
     def build(self, row: dict, path: Path, number: int) -> Example:
@@ -83,8 +75,8 @@ class Task:
 
     def passages(self, split: str, keys: tuple[str, ...]) -> Iterator[tuple[Path, int, dict, dict]]:
         """(path, line number, row, passage) of a JSONL split whose rows nest a 'passage' object with `keys`."""
-        path = _require(self.data_dir / self.folder, self.files(), split)
-        for number, row in enumerate(_read_jsonl(path, self.required), start=1):
+        path = split_file(self.data_dir / self.folder, self.files(), split)
+        for number, row in enumerate(read_jsonl(path, self.required), start=1):
             passage = row["passage"]
             if not isinstance(passage, dict) or not all(key in passage for key in keys):
                 raise DlzoError(f"{path}:{number}: field 'passage' needs " + " and ".join(f"'{k}'" for k in keys))
@@ -94,7 +86,7 @@ class Task:
 
     def hub_dataset(self) -> tuple[str, str | None]:
         """(dataset path, config) to load: the task's own, or the --data-dir override."""
-        path, config = self.hub_source or (None, None)
+        path, config, _ = self.hub_source or (None, None, None)
         # A mirror of the same multi-config dataset keeps the task's config unless one is given.
         return path or self.hub[0], config or self.hub[1]
 
@@ -115,7 +107,7 @@ class Task:
         for number, row in enumerate(dataset, start=1):
             if label_names is not None and row.get("label", -1) >= 0:
                 name = label_names[row["label"]]
-                row = {**row, "label": _label(where, number, name, self.hub_labels) if self.hub_labels else name}
+                row = {**row, "label": label_index(where, number, name, self.hub_labels) if self.hub_labels else name}
             empty = next((key for key, value in row.items() if value is None), None)
             if empty is not None:
                 raise DlzoError(f"{where}:{number}: field '{empty}' is empty")
@@ -173,7 +165,7 @@ class SST2(Task):
     hub, hub_labels = ("nyu-mll/glue", "sst2"), {"negative": 0, "positive": 1}
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
+        path = split_file(self.data_dir / self.folder, self.files(), split)
         examples = []
         with open(path, encoding="utf-8", newline="") as handle:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -183,7 +175,7 @@ class SST2(Task):
             for number, row in enumerate(reader, start=2):
                 if len(row) != 2:
                     raise DlzoError(f"{path}:{number}: expected 2 tab-separated fields, got {len(row)}")
-                label = _label(path, number, row[1].strip(), {"0": 0, "1": 1})
+                label = label_index(path, number, row[1].strip(), {"0": 0, "1": 1})
                 examples.append(self.build({"sentence": row[0], "label": label}, path, number))
         return examples
 
@@ -196,7 +188,7 @@ class RTE(Task):
     hub, hub_labels = ("aps/super_glue", "rte"), {"entailment": "entailment", "not_entailment": "not_entailment"}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {"entailment": 0, "not_entailment": 1})
+        label = label_index(path, number, row["label"], {"entailment": 0, "not_entailment": 1})
         prompt = f"{row['premise']}\nDoes this mean that \"{row['hypothesis']}\" is true? Yes or No?\n"
         return Example(prompt, ["Yes", "No"], label)
 
@@ -207,7 +199,7 @@ class CB(Task):
     hub_labels = {"entailment": "entailment", "contradiction": "contradiction", "neutral": "neutral"}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {"entailment": 0, "contradiction": 1, "neutral": 2})
+        label = label_index(path, number, row["label"], {"entailment": 0, "contradiction": 1, "neutral": 2})
         prompt = f"Suppose {row['premise']} Can we infer that \"{row['hypothesis']}\"? Yes, No, or Maybe?\n"
         return Example(prompt, ["Yes", "No", "Maybe"], label)
 
@@ -217,7 +209,7 @@ class BoolQ(Task):
     hub, hub_labels = ("aps/super_glue", "boolq"), {"False": False, "True": True}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {True: 0, False: 1})
+        label = label_index(path, number, row["label"], {True: 0, False: 1})
         question = row["question"]
         question = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
         return Example(f"{row['passage']} {question}\n", ["Yes", "No"], label)
@@ -232,7 +224,7 @@ class WSC(Task):
         return {"text": row["text"], "target": target, "label": row["label"]}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {False: 0, True: 1})
+        label = label_index(path, number, row["label"], {False: 0, True: 1})
         target = row["target"]
         if not isinstance(target, dict) or not {"span1_text", "span2_text"} <= set(target):
             raise DlzoError(f"{path}:{number}: field 'target' needs span1_text and span2_text")
@@ -246,7 +238,7 @@ class WiC(Task):
     hub, hub_labels = ("aps/super_glue", "wic"), {"False": False, "True": True}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {False: 0, True: 1})
+        label = label_index(path, number, row["label"], {False: 0, True: 1})
         prompt = (f"Does the word \"{row['word']}\" have the same meaning in these two sentences? Yes, No?\n"
                   f"{row['sentence1']}\n{row['sentence2']}\n")
         return Example(prompt, ["No", "Yes"], label)
@@ -268,7 +260,7 @@ class MultiRC(Task):
                 for answer in question.get("answers", []):
                     if "text" not in answer or "label" not in answer:
                         raise DlzoError(f"{path}:{number}: an answer is missing 'text' or 'label'")
-                    label = _label(path, number, answer["label"], {0: 0, 1: 1})
+                    label = label_index(path, number, answer["label"], {0: 0, 1: 1})
                     examples.append(_multirc_example(passage["text"], question["question"], answer["text"], label))
         return examples
 
@@ -284,7 +276,7 @@ class COPA(Task):
     hub, hub_labels = ("aps/super_glue", "copa"), {"choice1": 0, "choice2": 1}
 
     def build(self, row, path, number):
-        label = _label(path, number, row["label"], {0: 0, 1: 1})
+        label = label_index(path, number, row["label"], {0: 0, 1: 1})
         conjunction = {"effect": " so ", "cause": " because "}.get(row["question"])
         if conjunction is None:
             raise DlzoError(f"{path}:{number}: field 'question' is {row['question']!r}, not 'cause' or 'effect'")
@@ -347,8 +339,8 @@ class SQuAD(Task):
         return [_squad_example(row["title"], row["context"], row["question"], answers)]
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
-        data = _read_json(path)
+        path = split_file(self.data_dir / self.folder, self.files(), split)
+        data = read_json(path)
         if not isinstance(data, dict) or "data" not in data:
             raise DlzoError(f"{path}: expected a SQuAD v1.1 object with a 'data' list")
         examples = []
@@ -379,8 +371,8 @@ class DROP(Task):
         return [_drop_example(row["passage"], row["question"], [answer])] if answer else []
 
     def read_files(self, split: str) -> list[Example]:
-        path = _require(self.data_dir / self.folder, self.files(), split)
-        data = _read_json(path)
+        path = split_file(self.data_dir / self.folder, self.files(), split)
+        data = read_json(path)
         if not isinstance(data, dict):
             raise DlzoError(f"{path}: expected a DROP object keyed by passage id")
         examples = []

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal, get_args
 
 from dlzo.data.chat import _chat
 from dlzo.data.examples import Example, SpanExample
 from dlzo.data.readers import Row, _json_cell, _kind, _string
 from dlzo.errors import DlzoError
 
-FORMATS = ("text", "prompt-completion", "chat", "classification")
+Format = Literal["text", "prompt-completion", "chat", "classification"]
+FORMATS = get_args(Format)
+DataFormat = Literal["auto", Format]  # --data-format: auto detects the format from the rows' fields
 
 
 

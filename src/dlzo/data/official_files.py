@@ -1,5 +1,8 @@
 """Readers of the benchmarks' official files (GLUE TSV, SuperGLUE JSONL, SQuAD/DROP JSON): errors name the file
 and the line.
+
+Your own rows have their own readers (dlzo.data.readers): they refuse a key given twice and name the column of
+a JSON error, which these never did; sharing one reader would change one set of messages.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _lines(handle, path: Path) -> Iterator[str]:
         raise DlzoError(f"{path}: not UTF-8 text (after line {number}: {err.reason})") from None
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(_lines(handle, path), start=1):
@@ -42,7 +45,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -52,13 +55,13 @@ def _read_json(path: Path) -> object:
         raise DlzoError(f"{path}: not UTF-8 text ({err.reason})") from None
 
 
-def _label(path: Path, number: int, value, allowed: dict) -> int:
+def label_index(path: Path | str, number: int, value, allowed: dict) -> int:
     if value not in allowed:
         raise DlzoError(f"{path}:{number}: label {value!r} is not one of {list(allowed)}")
     return allowed[value]
 
 
-def _require(path: Path, files: dict[str, Path], split: str) -> Path:
+def split_file(path: Path, files: dict[str, Path], split: str) -> Path:
     if split not in files or not files[split].exists():
         wanted = files.get(split, path)
         raise DlzoError(f"data file not found: {wanted} (pass the folder of official files with --data-dir)")

@@ -9,18 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlzo.data.hub import HUB_PREFIX, is_hub_source, parse_hub_source
 from dlzo.errors import DlzoError, first_line
+from dlzo.fields import comma_list
 
 FIELDS = ("text", "prompt", "completion", "messages", "options", "label", "answer")
 JSON_CELL_EXAMPLES = {"options": '[" yes", " no"]', "messages": '[{"role": "user", "content": "..."}, ...]'}
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
-
-
-HUB_PREFIX = "hf:"
 
 
 @dataclass
@@ -34,9 +32,7 @@ class Row:
 def parse_columns(columns: str) -> dict[str, str]:
     """"prompt=question,completion=answer" -> {"prompt": "question", "completion": "answer"}."""
     mapping: dict[str, str] = {}
-    for item in (part.strip() for part in columns.split(",")):
-        if not item:
-            continue
+    for item in comma_list(columns):
         name, sep, column = (part.strip() for part in item.partition("="))
         if not sep or not name or not column:
             raise DlzoError(f"--columns {item!r}: expected FIELD=COLUMN, e.g. prompt=question")
@@ -50,7 +46,7 @@ def parse_columns(columns: str) -> dict[str, str]:
 
 def read_rows(source: str, mapping: dict[str, str] | None = None) -> list[Row]:
     """The rows of a local file or an hf: dataset, in order, each with where it came from."""
-    if source.startswith(HUB_PREFIX):
+    if is_hub_source(source):
         rows = _read_hub(source)
     else:
         path = Path(source)
@@ -194,22 +190,15 @@ def _read_parquet(path: Path, source: str) -> list[Row]:
     return [Row(f"{source} row {n}", n, row) for n, row in enumerate(table.to_pylist(), start=1)]
 
 
-def parse_hub_source(source: str) -> tuple[str, str | None, str]:
-    """hf:NAME[:CONFIG][:SPLIT] -> (name, config or None, split, default train). The split may be a datasets
-    slice, train[:100] (its colon was read as a fourth part and refused)."""
-    parts = source[len(HUB_PREFIX) :].split(":", 2)
-    if not parts[0] or (len(parts) == 3 and ":" in re.sub(r"\[[^\]]*\]", "", parts[2])):  # colons: in a slice only
-        raise DlzoError(f"{source}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 else "") or None, (parts[2] if len(parts) > 2 else "")
-    return name, config, split or "train"
-
-
 def _read_hub(source: str) -> list[Row]:
     name, config, split = parse_hub_source(source)
+    split = split or "train"
+    if name is None:
+        raise DlzoError(f"{source}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
     try:
         import datasets
     except ImportError:
-        raise DlzoError(f"{source}: hf: sources need the datasets package: pip install 'dlzo[hub]'") from None
+        raise DlzoError(f"{source}: {HUB_PREFIX}: sources need the datasets package: pip install 'dlzo[hub]'") from None
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, config or split: all user-facing, all one line

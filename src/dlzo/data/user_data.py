@@ -27,12 +27,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from dlzo.data.examples import Example, Splits
-from dlzo.data.formats import FORMATS, _check_format, _example, _used_fields
-from dlzo.data.readers import HUB_PREFIX, _mapped, parse_columns, read_rows
+from dlzo.data.formats import FORMATS, DataFormat, _check_format, _example, _used_fields
+from dlzo.data.hub import is_hub_source
+from dlzo.data.readers import _mapped, parse_columns, read_rows
 from dlzo.errors import DlzoError
 
 
@@ -86,7 +88,7 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
     need `tokenizer` (its chat template renders them). With `tokenizer` and `max_length`, the notes count the
     rows longer than `max_length` tokens, whose prompts encode() cuts from the left."""
     source, eval_source = str(source), str(eval_source or "")
-    if data_format not in ("auto", *FORMATS):
+    if data_format not in get_args(DataFormat):
         raise DlzoError(f"--data-format {data_format!r} is not one of auto, {', '.join(FORMATS)}")
     if max_eval < 1:
         raise DlzoError(f"max_eval must be at least 1, not {max_eval}")
@@ -118,8 +120,7 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
         if len(rows) < 2:
             raise DlzoError(f"{source}: only 1 row; at least 2 are needed to hold one out for evaluation "
                             f"(or pass --eval-data)")
-        num_dev = min(max_eval, max(1, round(eval_fraction * len(rows))), len(rows) - 1)
-        held = set(np.random.RandomState(seed).permutation(len(rows))[:num_dev].tolist())
+        held = held_out(len(rows), eval_fraction, max_eval, seed)
         train = [e for i, e in enumerate(train_all) if i not in held]
         dev = [e for i, e in enumerate(train_all) if i in held]
         record.update(dev_source=source, train_rows=row_ranges([r.number for i, r in enumerate(rows) if i not in held]),
@@ -137,16 +138,23 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
     return UserData(train, dev, fmt, fmt != "classification", record, notes, name=source_name(source))
 
 
+def held_out(count: int, eval_fraction: float, max_eval: int, seed: int) -> set[int]:
+    """The indices of the rows held out as the dev set: a seeded `eval_fraction` of `count` rows, at least 1, at
+    most `max_eval`, never all of them."""
+    num_dev = min(max_eval, max(1, round(eval_fraction * count)), count - 1)
+    return set(np.random.RandomState(seed).permutation(count)[:num_dev].tolist())
+
+
 def file_digest(source: str) -> str | None:
     """sha256 of a local data file (None for hf: sources and no file), so --resume can tell it changed and
     `dlzo eval --run` can tell a run's own file by its content, however the path is spelled."""
-    if not source or source.startswith(HUB_PREFIX) or not Path(source).is_file():
+    if not source or is_hub_source(source) or not Path(source).is_file():
         return None
     return hashlib.sha256(Path(source).read_bytes()).hexdigest()
 
 
 def source_name(source: str) -> str:
-    return source if source.startswith(HUB_PREFIX) else Path(source).stem
+    return source if is_hub_source(source) else Path(source).stem
 
 
 def count_truncated(examples: list[Example], tokenizer, max_length: int) -> int:

@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dlzo.errors import DlzoError
+from dlzo.errors import DlzoError, first_line
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -49,6 +50,27 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def checked_load(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint; a damaged file is one line naming it and what to do."""
+    try:
+        return load_tensors(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+
+
+def checkpoint_metadata(path: str | Path) -> dict:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+
+
+def _damaged(path: str | Path, err: Exception) -> DlzoError:
+    return DlzoError(f"checkpoint {path} cannot be read ({first_line(err)}); delete it to resume "
+                     f"from the trajectory log alone (dlzo replays every logged step)")
 
 
 _MODEL_FILES = ("config.json", "adapter_config.json", "tuned.json")

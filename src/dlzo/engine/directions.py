@@ -8,11 +8,13 @@ through splitmix64, on a dedicated torch.Generator per device.
 from __future__ import annotations
 
 import random
+from typing import Literal, get_args
 
 import torch
 
 _MASK64 = (1 << 64) - 1
-DISTRIBUTIONS = ("gaussian", "rademacher")
+Distribution = Literal["gaussian", "rademacher"]  # of each element of z
+DISTRIBUTIONS = get_args(Distribution)
 
 
 def mix(*values: int) -> int:
@@ -34,10 +36,10 @@ class Directions:
     (arXiv 2410.09823), over `sampled_layers` of the layer groups drawn from the direction's seed (so replay and
     resume draw the same ones)."""
 
-    def __init__(self, num_tensors: int, distribution: str = "gaussian", layer_groups: list[int] | None = None,
+    def __init__(self, num_tensors: int, distribution: Distribution = "gaussian", layer_groups: list[int] | None = None,
                  sampled_layers: int = 0):
         if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be gaussian or rademacher, not {distribution!r}")
+            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
         self.distribution = distribution
         self.layer_groups, self.sampled_layers = list(layer_groups or []), sampled_layers
         if self.layer_groups and len(self.layer_groups) != num_tensors:

@@ -1,7 +1,9 @@
 """Choosing and measuring layers: which decoder layer to tune, and how strongly each one moves the loss.
 
 - `choose_dominant_layer`: the probe's layer (massive activations, dlzo.model.probe); when the probe finds none,
-  the most perturbation-sensitive layer of a quick measurement (`QUICK_SENSITIVITY`).
+  the most perturbation-sensitive layer of a quick measurement (`QUICK_SENSITIVITY`). With rule "screen": a
+  short paired training race of the rules' layers and the last layer (dlzo.engine.layer_screen) decides.
+- `screen_choice`: that screen and its record, shared by `dlzo train` and `dlzo.ZOTrainer`.
 - `layer_sensitivity`: per-layer |L(θ+εz_l) - L(θ-εz_l)| / 2ε, inference only.
 - `propagation`: how far a one-layer perturbation travels through the later layers.
 - `layer_parameters`: the named tensors of one decoder layer.
@@ -9,23 +11,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dlzo.data.examples import Example
 from dlzo.engine.fastpath import BranchedForward
-from dlzo.engine.scoring import EncodedBatch, encode, fast_layout, hidden_states
+from dlzo.engine.layer_screen import SCREEN, ScreenTask, screen_layers
+from dlzo.engine.prefix import FrozenPrefix
+from dlzo.engine.scoring import (
+    EncodedBatch,
+    encode,
+    fast_layout,
+    hidden_states,
+    per_example_losses,
+    token_logprobs,
+)
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.model.loading import decoder_layers
-from dlzo.model.probe import find_dominant_layer
+from dlzo.model.probe import ProbeResult, ProbeRule, find_dominant_layer
 
 # The quick measurement behind --scope dominant's fallback (the demo shows the same one, so that its
 # picture and the trained layer agree): 2 directions x the first 2 training batches of 16.
 QUICK_SENSITIVITY = {"seeds": 2, "batches": 2, "batch_size": 16}
+
+# how --scope dominant picks its layer: a probe rule, or the screen that trains the candidates
+LayerRule = Literal[ProbeRule, "screen"]
 
 
 @dataclass
@@ -143,7 +160,7 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
 
 
 def probed_layer(model: nn.Module, tokenizer, texts: list[str] | None = None,
-                 rule: str = "sun") -> tuple[int | None, str]:
+                 rule: ProbeRule = "sun") -> tuple[int | None, str]:
     """(the probe's layer by `rule`, why) or (None, why not): the first step of choosing the dominant layer,
     shared by `dlzo train` and `dlzo.ZOTrainer`."""
     if tokenizer is None:
@@ -158,17 +175,148 @@ def probed_layer(model: nn.Module, tokenizer, texts: list[str] | None = None,
     return result.dominant_layer, f"probe, {rule} rule: {result.reason}"
 
 
+def most_sensitive_layer(model: nn.Module, batches: list, eps: float, distribution: str = "gaussian",
+                         pair_loss: Callable | None = None,
+                         seeds: int = QUICK_SENSITIVITY["seeds"]) -> tuple[int, list[float]]:
+    """The dominant layer's fallback when the rule finds none, for `dlzo train` and `dlzo.ZOTrainer` alike:
+    each decoder layer perturbed alone along `seeds` directions on `batches` (`layer_sensitivity`); returns
+    (the layer with the largest mean |L+ - L-|/2ε, each layer's mean). A non-finite value (half precision can
+    overflow) says nothing about the layer and is left out of its mean."""
+    measured = layer_sensitivity(model, batches, eps=eps, seeds=seeds, distribution=distribution, pair_loss=pair_loss)
+    means = []
+    for layer in measured:
+        finite = [v for v in layer.values if math.isfinite(v)]
+        means.append(statistics.fmean(finite) if finite else 0.0)
+    return max(range(len(means)), key=means.__getitem__), means
+
+
 def choose_dominant_layer(model: nn.Module, tokenizer, train: list[Example], eps: float,
-                          device: torch.device | None = None, rule: str = "sun") -> tuple[int, str]:
-    """The probe's layer by `rule` (sun or onset, dlzo.model.probe); when the rule finds none, the most
-    perturbation-sensitive layer of a quick measurement."""
-    layer, why = probed_layer(model, tokenizer, [e.prompt + e.continuations[e.label] for e in train[:64]], rule)
+                          device: torch.device | None = None, rule: LayerRule = "sun", dev: list[Example] | None = None,
+                          lr: float = 1e-3, seed: int = 0, distribution: str = "gaussian", generation: bool = False,
+                          max_length: int = 2048) -> dict:
+    """{"layer": K, "reason": why, ...}: the probe's layer by `rule` (sun or onset, dlzo.model.probe); when the
+    rule finds none, the most perturbation-sensitive layer of a quick measurement. Rule "screen": the
+    screen of the rules' layers and the last layer (`screen_choice`), trained on `train`'s first batches at
+    `lr` x SCREEN's factors and compared on `dev`'s first examples (held-out training examples without it)."""
+    texts = [e.prompt + e.continuations[e.label] for e in train[:64]]
+    if rule == "screen":
+        probe = screen_probe(model, tokenizer, texts)
+        task = example_screen_task(model, tokenizer, train, dev, device, generation, max_length)
+        return screen_choice(model, probe, task, lr=lr, eps=eps, seed=seed, distribution=distribution)
+    layer, why = probed_layer(model, tokenizer, texts, rule)
     if layer is not None:
-        return layer, why
+        doubt = early_layer_doubt(layer, len(decoder_layers(model)))
+        return {"layer": layer, "reason": why, **({"doubts": [doubt]} if doubt else {})}
     batches = leading_batches(model, tokenizer, train, QUICK_SENSITIVITY["batch_size"], QUICK_SENSITIVITY["batches"],
                               device)
-    sensitivity = layer_sensitivity(model, batches, eps=eps, seeds=QUICK_SENSITIVITY["seeds"])
-    best = max(sensitivity, key=lambda s: s.mean)
-    return best.layer, ("probe found no massive activations; fell back to the most perturbation-sensitive layer "
-                        f"(mean |L+ - L-|/2eps = {best.mean:.3g}, layers: "
-                        + ", ".join(f"{s.layer}:{s.mean:.3g}" for s in sensitivity) + ")")
+    layer, means = most_sensitive_layer(model, batches, eps)
+    return {"layer": layer, "reason": (
+        "probe found no massive activations; fell back to the most perturbation-sensitive layer "
+        f"(mean |L+ - L-|/2eps = {means[layer]:.3g}, layers: " + ", ".join(f"{i}:{m:.3g}" for i, m in enumerate(means))
+        + ")"), "doubts": ["the sensitivity fallback's pick is not reproducible (docs/results/study.md, section 2); "
+                           "--rule screen compares candidate layers by training them"]}
+
+
+def early_layer_doubt(layer: int, num_layers: int) -> str | None:
+    """Why a rule's layer in the first quarter of the model is doubtful, or None. Measured (docs/results/study.md):
+    SmolLM2-135M's rule layer (11 of 30) beats the last layer; Qwen2.5-Coder-0.5B's (3 of 24) and a third family's
+    (0) train worse than the last layer."""
+    if layer >= num_layers / 4:
+        return None
+    return (f"the rule's layer {layer} is in the first quarter of the model's {num_layers} layers, where on "
+            f"Qwen2.5-Coder-0.5B (layer 3 of 24) and a third family (layer 0) the rule's layer trained worse than the "
+            f"last layer; --rule screen compares it with the last layer by training both")
+
+
+def screen_probe(model: nn.Module, tokenizer, texts: list[str] | None = None) -> ProbeResult:
+    """The probe whose picks (both rules') name the screen's candidates."""
+    return find_dominant_layer(model, tokenizer, texts, rule="sun")
+
+
+def screen_candidates(probe: ProbeResult) -> tuple[list[int], int | None]:
+    """(the layers the screen compares, the one it prefers): the paper's rule's layer (sun), the onset rule's,
+    and the last layer; with no rule's layer, the middle and the last. The paper's rule's layer is preferred
+    (else the onset rule's): it keeps the choice unless another candidate clearly beats it (`layer_screen.pick`)."""
+    last = len(probe.layers) - 1
+    ruled = [probe.picks.get(name) for name in ("sun", "onset")]
+    ruled = [layer for layer in ruled if layer is not None]
+    candidates = list(dict.fromkeys(ruled + [last])) if ruled else list(dict.fromkeys([last // 2, last]))
+    return candidates, (ruled[0] if ruled else None)
+
+
+def screen_choice(model: nn.Module, probe: ProbeResult, task: ScreenTask, lr: float, eps: float, seed: int,
+                  distribution: str = "gaussian", setting: dict | None = None) -> dict:
+    """Run the layer screen (dlzo.engine.layer_screen) on the probe's candidates and return the layer-choice
+    record: the pick, why in words, the paper's rule's layer and whether the two agree, the screen's table."""
+    setting = {**SCREEN, **(setting or {})}
+    candidates, preferred = screen_candidates(probe)
+    paper = probe.picks.get("sun")
+    record = {"rule": "screen", "rule_layers": dict(probe.picks), "paper_rule_layer": paper}
+    if len(candidates) == 1:  # the rules' layer is the last layer: nothing to compare
+        return {"layer": candidates[0], "reason": f"screen: the rules' layer {candidates[0]} is the last layer, "
+                "the only candidate", **record, "agrees_with_paper_rule": paper == candidates[0], "doubts": []}
+    rates = [lr * factor for factor in setting["rate_factors"]]
+    result = screen_layers(task, candidates, rates, setting["steps"], eps, seed, distribution, preferred,
+                           setting["z"])
+    agrees = paper == result.layer
+    if paper is None:
+        verdict = "the paper's rule (sun) finds no layer"
+    elif agrees:
+        verdict = f"the paper's rule (sun) picks the same layer {paper}"
+    else:
+        verdict = f"the paper's rule (sun) picks layer {paper}: THE SCREEN DISAGREES WITH THE PAPER'S RULE"
+    reason = f"{result.summary()}; picked layer {result.layer} (lr {result.lr:.3g} in the screen); {verdict}"
+    return {"layer": result.layer, "reason": reason, **record, "agrees_with_paper_rule": agrees,
+            "doubts": result.doubts(), "screen": result.to_json()}
+
+
+def example_screen_task(model: nn.Module, tokenizer, train: list[Example], dev: list[Example] | None,
+                        device: torch.device | None = None, generation: bool = False, max_length: int = 2048,
+                        setting: dict | None = None) -> ScreenTask:
+    """The screen's batches from a run's examples: the first `steps` training batches of
+    QUICK_SENSITIVITY's batch size (cycled when the examples run out), and the first `dev_examples` of `dev`
+    (else the training examples after those batches) in batches of 32, each candidate's frozen layers cached."""
+    setting = {**SCREEN, **(setting or {})}
+    device = device or next(model.parameters()).device
+    layout, size = fast_layout(model, tokenizer), QUICK_SENSITIVITY["batch_size"]
+    used = min(len(train), setting["steps"] * size)
+    held = dev if dev else train[used:]
+    held = (held or train)[: setting["dev_examples"]]
+
+    def batches(examples: list[Example], batch_size: int) -> list[EncodedBatch]:
+        return [encode(tokenizer, examples[i : i + batch_size], max_length=max_length, generation=generation,
+                       layout=layout).to(device) for i in range(0, len(examples), batch_size)]
+
+    train_batches, dev_batches = batches(train[:used], size), batches(held, 32)
+
+    def runner(layer: int) -> BranchedForward:
+        names = [n for n, _ in layer_parameters(model, layer)]
+        return BranchedForward(model, names, FrozenPrefix(model, layer, 2**30) if layer >= 1 else None)
+
+    def dev_loss(branched: BranchedForward) -> list[float]:
+        losses = []
+        for batch in dev_batches:
+            with branched.frozen.applied(batch) if branched.frozen is not None else contextlib.nullcontext():
+                losses += per_example_losses(batch, token_logprobs(model, batch)).tolist()
+        return losses
+
+    return ScreenTask(runner=runner, dev_loss=dev_loss, parameters=lambda layer: layer_parameters(model, layer),
+                      pair_loss=lambda branched, step, plus, minus: branched.loss_pair(
+                          train_batches[step % len(train_batches)], plus, minus))
+
+
+def model_loss_screen_task(model: nn.Module, train: list, held: list) -> ScreenTask:
+    """The screen's task for batches of model keyword arguments with `labels` (dlzo.ZOTrainer): the model's own
+    loss on the `train` batches (step t reads batch t mod len), and one dev loss per `held` batch (the screen
+    pairs batches where dlzo's trainer pairs examples). Every forward runs the whole model: no frozen prefix."""
+
+    def runner(layer: int) -> BranchedForward:
+        return BranchedForward(model, [n for n, _ in layer_parameters(model, layer)])
+
+    def dev_loss(branched: BranchedForward) -> list[float]:
+        current = dict(layer_parameters(model, next(iter(branched.local_names))))
+        return [float(branched.pair_model_loss(b, current, current)[0]) for b in held]
+
+    return ScreenTask(runner=runner, dev_loss=dev_loss, parameters=lambda layer: layer_parameters(model, layer),
+                      pair_loss=lambda branched, step, plus, minus: branched.pair_model_loss(
+                          train[step % len(train)], plus, minus))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from dlzo.errors import DlzoError
+from dlzo.fields import comma_list
 from dlzo.model.loading import decoder_layers, decoder_layers_with_path, num_parameters
 
 SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora | lezo:K  (dominant: the probe's "
@@ -44,7 +45,7 @@ def parse_scope(text: str) -> ScopeSpec:
         return ScopeSpec("lezo", [], sampled_layers=int(lezo.group(1)))
     match = re.fullmatch(r"(layer|layers):([\d,\s]+)", text)
     if match:
-        layers = sorted({int(k) for k in match.group(2).split(",") if k.strip()})
+        layers = sorted(set(comma_list(match.group(2), int)))  # the pattern admits digits only
         if layers and (match.group(1) == "layers" or len(layers) == 1):
             return ScopeSpec("layers", layers)
     raise DlzoError(f"--scope {text!r} is not one of: {SCOPE_HELP}")

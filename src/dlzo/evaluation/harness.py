@@ -1,7 +1,7 @@
 """Hand a loaded (tuned) model to EleutherAI's lm-evaluation-harness, for tasks beyond dlzo's own eleven.
 
 The model and tokenizer are the ones already in memory (a run's checkpoint from
-`dlzo.training.run_folder.load_checkpoint_of_run`, or `dlzo.model.loading.load_model`): they are wrapped in the harness's `HFLM`,
+`dlzo.training.run_model.load_checkpoint_of_run`, or `dlzo.model.loading.load_model`): they are wrapped in the harness's `HFLM`,
 never reloaded, so the tuned tensors are what is scored. Tasks are the harness's names, or the names of task
 YAMLs under `include_path` (local data: nothing here downloads anything, but a harness task whose YAML names
 a hub dataset will try to). The harness sets Python's, NumPy's and torch's global seeds (its defaults) when

@@ -10,13 +10,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from dlzo.errors import DlzoError, first_line
+
+# --dtype: auto (float32 on CPU, bfloat16 on CUDA: resolve_dtype) or a precision by either of its names
+Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+DTYPES = get_args(Dtype)
 
 # Short names for the sample models that ship beside the project in ../shared.
 SHORT_NAMES: dict[str, str] = {
@@ -39,10 +43,6 @@ class ModelSource:
 
     kind: str  # "hub" | "folder" | "gguf"
     location: str  # hub id, folder path, or path of the .gguf file
-
-    @property
-    def display_name(self) -> str:
-        return self.location
 
 
 def shared_dir() -> Path:
@@ -195,6 +195,12 @@ def cache_damage(folder: Path) -> str | None:
     return None
 
 
+def converted_gguf(gguf_path: str) -> Path | None:
+    """The GGUF file's float32 conversion when the cache holds it whole (nothing is converted here), else None."""
+    target = cache_dir() / "gguf" / _sha256(Path(gguf_path))
+    return target if (target / "config.json").exists() and cache_damage(target) is None else None
+
+
 def _loadable_location(source: ModelSource) -> str:
     return str(gguf_cache_folder(source.location)) if source.kind == "gguf" else source.location
 
@@ -239,17 +245,24 @@ def load_model(
                   f"rebuilding it from {source.location}")
             shutil.rmtree(location, ignore_errors=True)
     model.config.use_cache = False
-    model.dlzo_source = source.display_name
+    model.dlzo_source = source.location
     return (model if device_map else model.to(target_device)).eval()
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer that belongs to load_model(name_or_path), with a pad token and left padding."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, convert_gguf: bool = True
+                   ) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that belongs to load_model(name_or_path), with a pad token and left padding.
+    `convert_gguf=False` (a --quantize run, which never converts the weights): a GGUF file without its cached
+    conversion gives its tokenizer straight from the file."""
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_loadable_location(source), trust_remote_code=trust_remote_code)
+        if source.kind == "gguf" and not convert_gguf and converted_gguf(source.location) is None:
+            path = Path(source.location)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(_loadable_location(source), trust_remote_code=trust_remote_code)
     except DlzoError:
         raise
     except (OSError, ValueError) as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -39,7 +40,8 @@ the autumn rain, the fish swim back upstream, and the stones disappear again und
 TOP_K = 5
 
 
-RULES = ("sun", "onset")
+ProbeRule = Literal["sun", "onset"]  # the paper's absolute thresholds, or the largest persistent jump of max|h|
+RULES = get_args(ProbeRule)
 
 
 SUN_DEFINITION = ("first decoder layer (0-based) whose output has max|h| > abs_threshold "
@@ -51,7 +53,8 @@ ONSET_DEFINITION = (
     "(its output is often renormalised). Candidates: layers l <= L-2 with a predecessor (l >= 1, or l = 0 "
     "when the embedding is measured). jump(l) = m_l / m_(l-1). l persists when the window "
     "l..min(l+persistence-1, L-2) has at least min(persistence, 2) layers and min(m over the window) >= "
-    "hold * m_l. l lands in the top regime when no later non-final layer reaches min_jump * m_l. "
+    "hold * m_l. l lands in the top regime unless a later persistent candidate k makes a jump >= min_jump "
+    "of its own and reaches m_k >= min_jump * m_l (a gradual climb after l does not supersede it). "
     "The onset is the persistent, landing candidate with the largest jump (ties: the earliest), "
     "provided that jump >= min_jump; else none."
 )
@@ -242,9 +245,9 @@ def onset_decision(
       (a predecessor of 0 or a non-finite value disqualifies);
     * persistent: the window l..min(l+persistence-1, L-2) has at least min(persistence, 2) layers (so a
       one-layer spike can never pass when persistence >= 2) and min(m over the window) >= hold * m_l;
-    * lands in the top regime: no later non-final layer k > l has m_k >= min_jump * m_l (otherwise a
-      further jump-sized rise is still to come and l is an intermediate step, e.g. layer 0 of a model
-      whose embedding output is tiny);
+    * lands in the top regime: no later persistent candidate k > l makes a jump >= min_jump of its own
+      and reaches m_k >= min_jump * m_l (then the regime begins at k: layer 0 of SmolLM2 or Qwen2.5). A
+      gradual climb after l does not supersede it (127x at layer 0, then 35x more over 14 layers: 0);
     * the onset is the persistent, landing candidate with the largest jump, the earliest on ties; if
       that jump is below min_jump, there is none.
 
@@ -255,22 +258,29 @@ def onset_decision(
     values = [s.max_abs for s in layers]
     body = len(values) - 1  # positions 0..body-1 exclude the final layer
     need = min(persistence, 2)
-    best: tuple[float, int, float, int] | None = None  # (jump, position, held minimum, window length)
-    biggest: tuple[float, int, str] | None = None  # the largest raw jump among the candidates, and its fate
+    # (position, jump, window, held) of every candidate with a finite, positive predecessor
+    candidates: list[tuple[int, float, list[float], bool]] = []
     for position in range(0 if embedding is not None else 1, body):
         before = embedding.max_abs if position == 0 else values[position - 1]
         current = values[position]
         if not (math.isfinite(before) and math.isfinite(current)) or before <= 0:
             continue
-        jump = current / before
         window = values[position : min(position + persistence, body)]
-        later = values[position + 1 : body]
+        held = len(window) >= need and min(window) >= hold * current
+        candidates.append((position, current / before, window, held))
+    # the onsets that can supersede an earlier candidate: persistent jumps of at least min_jump
+    risers = [(position, jump) for position, jump, _, held in candidates if held and jump >= min_jump]
+    best: tuple[float, int, float, int] | None = None  # (jump, position, held minimum, window length)
+    biggest: tuple[float, int, str] | None = None  # the largest raw jump among the candidates, and its fate
+    for position, jump, window, held in candidates:
+        above = [(k, j) for k, j in risers if k > position and values[k] >= min_jump * values[position]]
         if len(window) < need:
             fate = f"fewer than {need} non-final layers from it on"
-        elif min(window) < hold * current:
+        elif not held:
             fate = f"not held (falls to {_num(min(window))} within {len(window)} layers)"
-        elif later and max(later) >= min_jump * current:
-            fate = f"a further >= {min_jump:g}x rise follows (to {_num(max(later))})"
+        elif above:
+            fate = (f"the regime begins later, at a further persistent {_times(above[0][1])} jump at layer "
+                    f"{layers[above[0][0]].index} (to {_num(values[above[0][0]])})")
         else:
             fate = ""
             if best is None or jump > best[0] * (1 + 1e-12):
@@ -299,17 +309,6 @@ def onset_decision(
         f"{layers[position].index}, held for {length} layers (min {_num(held)} >= {hold:g}x){rejected}")
 
 
-def onset_layer(
-    layers: list[LayerStats],
-    embedding: LayerStats | None = None,
-    min_jump: float = 4.0,
-    persistence: int = 3,
-    hold: float = 0.5,
-) -> int | None:
-    """The layer `onset_decision` picks, or None."""
-    return onset_decision(layers, embedding, min_jump, persistence, hold)[0]
-
-
 def find_dominant_layer(
     model: nn.Module,
     tokenizer,
@@ -317,7 +316,7 @@ def find_dominant_layer(
     max_tokens: int = 512,
     abs_threshold: float = 100.0,
     rel_threshold: float = 1000.0,
-    rule: str = "sun",
+    rule: ProbeRule = "sun",
     min_jump: float = 4.0,
     persistence: int = 3,
     hold: float = 0.5,

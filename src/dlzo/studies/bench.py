@@ -34,7 +34,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    TrainingArguments,
+)
 
 from dlzo.data.benchmarks import load_task
 from dlzo.engine.checkpoint import atomic_write_json
@@ -45,7 +52,10 @@ from dlzo.engine.scope import add_lora
 from dlzo.engine.scoring import EncodedBatch, batch_loss, encode, fast_layout
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.errors import DlzoError
+from dlzo.fields import comma_list
 from dlzo.model.loading import decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
+from dlzo.model.quantize import logical_parameters
+from dlzo.model.quantized_load import layer_in_float, load_quantized, random_quantized
 from dlzo.studies.options import BenchConfig
 from dlzo.training.hf_trainer import ZOArguments, ZOTrainer
 
@@ -60,18 +70,44 @@ SHAPES = {
     "qwen3-8b": dict(arch="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
                      tie_word_embeddings=False),
+    # the two real models of ../shared, as random-init shapes: their memory and time without their weights (the
+    # GGUF files do not travel to a GPU machine; scripts/gpu_check.sh)
+    "smollm2-135m": dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
 }
 
 
-def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def shape_config(shape: str) -> PretrainedConfig:
+    """The config of a named shape (what `dlzo plan --shape` sizes without building the model)."""
     if shape not in SHAPES:
         raise DlzoError(f"--shape {shape!r} is not one of {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
-    config_class = {"llama": LlamaConfig, "qwen3": Qwen3Config}[spec.pop("arch")]
-    config = config_class(**spec, use_cache=False)
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[spec.pop("arch")]
+    return config_class(**spec, use_cache=False)
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    config = shape_config(shape)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def bench_model(config: BenchConfig, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, str]:
+    """The model the variants run on, and its name; with --quantize every linear but the LM head and --layer's
+    quantized as it is read or made (dlzo.model.quantized_load)."""
+    if config.model and config.quantize != "none":
+        model = load_quantized(config.model, config.quantize, dtype=dtype, device=device)
+        layer_in_float(model, config.layer)
+        return model, config.model
+    if config.model:
+        return load_model(config.model, dtype=dtype, device=device), config.model
+    if config.quantize != "none":
+        model = random_quantized(shape_config(config.shape), dtype, device, config.quantize, config.layer)
+        return model, f"random-init {config.shape}"
+    return random_model(config.shape, dtype, device), f"random-init {config.shape}"
 
 
 def synthetic_batches(batch: int, seq: int, vocab: int, seed: int = 0) -> tuple[EncodedBatch, EncodedBatch]:
@@ -286,15 +322,11 @@ def bench(config: BenchConfig) -> dict:
     config.validate()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.model:
-        model = load_model(config.model, dtype=dtype, device=device)
-        source = config.model
-    else:
-        model, source = random_model(config.shape, dtype, device), f"random-init {config.shape}"
+    model, source = bench_model(config, dtype, device)
     if config.layer >= len(decoder_layers(model)):
         raise DlzoError(f"--layer {config.layer}: {source} has layers 0..{len(decoder_layers(model)) - 1}")
     if config.task:
-        tokenizer = load_tokenizer(config.model) if config.model else None
+        tokenizer = load_tokenizer(config.model, convert_gguf=config.quantize == "none") if config.model else None
         if tokenizer is None:
             raise DlzoError("--task needs --model (a tokenizer) for real inputs")
         examples = load_task(config.task, config.data_dir).splits(seed=0).train[: config.batch]
@@ -306,7 +338,7 @@ def bench(config: BenchConfig) -> dict:
         inputs = f"synthetic: {config.seq} prompt tokens, 2 one-token candidates"
     packed, separate = packed.to(device), separate.to(device)
     results = {}
-    for name in [v.strip() for v in config.variants.split(",") if v.strip()]:
+    for name in comma_list(config.variants):
         results[name] = run_variant(name, model, packed, separate, config.layer, config.repeats, device)
         print(f"{name:>14}: step {results[name]['step_s']:.3f}s  (forward {results[name]['forward_s']:.3f}s, "
               f"perturb {results[name]['perturb_s']:.3f}s, update {results[name]['update_s']:.3f}s)  "
@@ -331,11 +363,11 @@ def bench(config: BenchConfig) -> dict:
             copies = int(name.removeprefix("rows_x"))
             ratios[f"{name}_per_direction_vs_x1"] = results[name]["step_s"] / copies / results["rows_x1"]["step_s"]
     report = {
-        "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "quantize": config.quantize,
         "threads": torch.get_num_threads(), "batch": config.batch, "inputs": inputs,
         "fast_tokens": int(packed.input_ids.numel()), "upstream_tokens": int(separate.input_ids.numel()),
         "fast_shape": list(packed.input_ids.shape), "upstream_shape": list(separate.input_ids.shape), "layer": config.layer,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": logical_parameters(model),
         "layer_parameters": sum(p.numel() for _, p in layer_parameters(model, config.layer)),
         "variants": results, "ratios": ratios,
         "notes": "dominant_* ratios: other variant's step_s / layer_fast step_s (higher is better); "

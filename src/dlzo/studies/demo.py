@@ -5,15 +5,14 @@ probe -> perturbation sensitivity -> zero-shot -> dominant-layer ZO vs full MeZO
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dlzo.data.benchmarks import load_task, task_splits
 from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.layer_choice import QUICK_SENSITIVITY
-from dlzo.errors import DlzoError
 from dlzo.evaluation.evaluate import evaluate
 from dlzo.model.loading import SHORT_NAMES, load_model, load_tokenizer
 from dlzo.model.probe import find_dominant_layer, format_table
@@ -23,19 +22,40 @@ from dlzo.studies.report import report
 from dlzo.studies.sensitivity import sensitivity
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
+from dlzo.training.run_folder import RESUME, REUSE, RunFolder
 
 
-def run_demo(config: DemoConfig) -> dict:
+def train_configs(config: DemoConfig, model_name: str, data_dir: str, out: Path) -> list[tuple[str, TrainConfig]]:
+    """The demo's two training runs: dominant-layer ZO and full MeZO, (label, options)."""
+    return [(label, TrainConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(out / "runs" / label),
+                                scope=scope, steps=config.steps, lr=lr, eps=config.eps, num_dev=config.num_dev,
+                                num_test=config.num_test, eval_every=max(config.steps // 2, 1)))
+            for label, scope, lr in (("dominant", "dominant", config.lr), ("full", "full", config.full_lr))]
+
+
+def demo_assets(config: DemoConfig) -> tuple[str, str]:
+    """(model, data dir): the sample assets in --shared when it has them (SmolLM2, else stories260k), otherwise
+    --hub-model and SST-2 from the Hugging Face hub, so that a clone outside this project's machines runs too."""
     shared = Path(config.shared)
-    data_dir = shared / "data"
-    if not (data_dir / "glue" / "SST-2").exists():
-        raise DlzoError(f"--shared {shared}: no data/glue/SST-2 there (the sample assets belong beside the checkout)")
+    if not (shared / "data" / "glue" / "SST-2").exists():
+        print(f"no sample assets in {shared}: fetching {config.hub_model} and SST-2 from the Hugging Face hub "
+              f"(cached by huggingface_hub; --shared names a folder that has them)")
+        return config.hub_model, config.hub_data
     os.environ.setdefault("DLZO_SHARED", str(shared.resolve()))
     model_name = config.model
     if model_name.lower() in SHORT_NAMES and not (shared / SHORT_NAMES[model_name.lower()]).exists():
         print(f"{model_name} is not in {shared}; running the demo on stories260k instead")
         model_name = "stories260k"
+    return model_name, str(shared / "data")
+
+
+def run_demo(config: DemoConfig) -> dict:
+    model_name, data_dir = demo_assets(config)
     out = Path(config.out)
+    # what to do with each training run is decided before any work: a run kept from an earlier demo is
+    # reused only if trained with these options (--steps too), or the headline would be an older run's
+    plans = [(label, config_for, RunFolder(config_for.out).decide(config_for, study=True))
+             for label, config_for in train_configs(config, model_name, data_dir, out)]
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -59,19 +79,13 @@ def run_demo(config: DemoConfig) -> dict:
                                   eps=config.eps, **QUICK_SENSITIVITY))
 
     runs = {}
-    for label, scope, lr in (("dominant", "dominant", config.lr), ("full", "full", config.full_lr)):
+    for label, train_config, decision in plans:
         print(f"== {4 if label == 'dominant' else 5}/5 train: {label} ZO on SST-2, {config.steps} steps")
-        run_dir = out / "runs" / label
-        train_config = TrainConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(run_dir),
-                                   scope=scope, steps=config.steps, lr=lr, eps=config.eps,
-                                   num_dev=config.num_dev, num_test=config.num_test,
-                                   eval_every=max(config.steps // 2, 1))
-        if (run_dir / "results.json").exists():
-            runs[label] = json.loads((run_dir / "results.json").read_text())
+        if decision == REUSE:
+            print(f"{train_config.out}: finished before with these options, its results reused")
+            runs[label] = RunFolder(train_config.out).results()
             continue
-        if (run_dir / "run.json").exists():
-            train_config.resume = str(run_dir)
-        runs[label] = train(train_config)
+        runs[label] = train(replace(train_config, resume=train_config.out if decision == RESUME else ""))
 
     report(
         [str(out / "probe"), str(out / "sensitivity"), str(out / "zeroshot"), str(out / "runs")],

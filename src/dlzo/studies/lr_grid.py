@@ -23,17 +23,16 @@ from pathlib import Path
 
 from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.errors import Diverged, DlzoError
+from dlzo.fields import comma_list
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
-from dlzo.training.run_folder import DIVERGED, RunFolder
+from dlzo.training.run_folder import RESUME, REUSE, RunFolder
 
 
 def parse_grid(text: str) -> list[float]:
     """'1e-4,1e-3' -> [1e-4, 1e-3] (sorted, each once); errors name the flag."""
-    try:
-        rates = sorted({float(r) for r in text.split(",") if r.strip()})
-    except ValueError:
-        raise DlzoError(f"--lr-grid {text!r} is not comma-separated learning rates like 1e-4,1e-3") from None
+    rates = sorted(set(comma_list(text, float,
+                                  f"--lr-grid {text!r} is not comma-separated learning rates like 1e-4,1e-3")))
     if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
         raise DlzoError(f"--lr-grid {text!r}: needs at least one positive learning rate")
     return rates
@@ -46,32 +45,29 @@ def grid_run_name(name: str, lr: float) -> str:
 def final_dev_loss(folder: Path, steps: int) -> float:
     """The dev loss logged at the grid run's last step; a diverged run (non-finite loss or dev loss) counts as
     infinitely bad (grid.json writes it as null)."""
-    if (folder / DIVERGED).exists():
+    run = RunFolder(folder)
+    if run.diverged():
         return math.inf
-    loss = RunFolder(folder).dev_losses().get(steps, math.inf)
+    loss = run.dev_losses().get(steps, math.inf)
     return loss if math.isfinite(loss) else math.inf
 
 
-def _check_same_options(folder: Path, config: TrainConfig) -> None:
-    """A grid run kept from an earlier sweep must have been trained as this grid would train it (steps, seed,
-    eps, batch, ...), or its dev loss answers another question."""
-    changed = RunFolder(folder).changed_since_kept(config)
-    if changed:
-        key, was, now = changed
-        raise DlzoError(f"{folder}: this grid run was trained with {key}={was!r}, the grid now asks for "
-                        f"{now!r}; move the grid folder away or give --grid-out another folder")
-
-
 def _train_grid_run(config: TrainConfig, run_dir: Path) -> None:
-    finished = (run_dir / "results.json").exists() or (run_dir / DIVERGED).exists()
-    if (run_dir / "run.json").exists():
-        _check_same_options(run_dir, config)
-    if finished:
+    """Train one grid run, or continue it; a finished (or diverged) one kept from an earlier sweep is reused
+    only if trained as this grid would train it (steps, seed, eps, batch, ...), or its dev loss answers another
+    question."""
+    def refuse(key: str, was: object, now: object) -> DlzoError:
+        return DlzoError(f"{run_dir}: this grid run was trained with {key}={was!r}, the grid now asks for "
+                         f"{now!r}; move the grid folder away or give --grid-out another folder")
+
+    run = RunFolder(run_dir)
+    decision = run.decide(config, study=True, refuse=refuse)
+    if decision == REUSE:
         return
     try:
-        train(replace(config, resume=str(run_dir) if (run_dir / "run.json").exists() else ""))
+        train(replace(config, resume=str(run_dir) if decision == RESUME else ""))
     except Diverged as err:
-        atomic_write_json(run_dir / DIVERGED, {"reason": str(err)})
+        run.mark_diverged(str(err))
 
 
 def choose_rates(base: TrainConfig, runs: list[tuple[str, dict]], rates: list[float], steps: int,

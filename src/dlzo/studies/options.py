@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from dlzo.engine.scope import parse_scope
 from dlzo.errors import DlzoError
-from dlzo.fields import at_least_one, option, positive, same_as
+from dlzo.fields import at_least_one, check_choices, comma_list, option, positive, same_as
+from dlzo.model.loading import Dtype, resolve_device
+from dlzo.model.quantize import Quantize, check_quantize
 from dlzo.training.config import DataOptions, DataSource, TaskOptions, TrainConfig
 
 # the names `dlzo sweep` gives its runs (runs/<name>), so that a misspelt --only is refused before anything is
@@ -20,7 +22,7 @@ RUN_NAME = r"layer\d{2,}|full|lora|adamw|lezo\d+"
 
 def only_names(only: str) -> list[str]:
     """The run names of a sweep's --only (empty: every run)."""
-    return [name.strip() for name in only.split(",") if name.strip()]
+    return comma_list(only)
 
 
 def is_lezo(scope: str) -> bool:
@@ -32,7 +34,7 @@ def is_lezo(scope: str) -> bool:
 
 def reference_names(references: str) -> list[str]:
     """--references as a list (full, lora, adamw, lezo:K); anything else is one line naming it."""
-    names = [r.strip() for r in references.split(",") if r.strip()]
+    names = comma_list(references)
     unknown = [r for r in names if r not in ("full", "lora", "adamw") and not is_lezo(r)]
     if unknown:
         raise DlzoError(f"--references: {unknown[0]!r} is not full, lora, adamw or lezo:K")
@@ -72,7 +74,7 @@ class SweepConfig(TaskOptions, DataOptions):
     num_dev: int = same_as(TrainConfig, "num_dev")
     num_test: int = same_as(TrainConfig, "num_test")
     eval_every: int = same_as(TrainConfig, "eval_every", default=50)
-    dtype: str = same_as(TrainConfig, "dtype")
+    dtype: Dtype = same_as(TrainConfig, "dtype")
     prefix_store: str = same_as(TrainConfig, "prefix_store")
     only: str = option("", "train only these runs (comma-separated names, e.g. layer03 or layer23,full): two "
                            "processes with different --only share one sweep folder, each on its own cores; the other "
@@ -83,6 +85,7 @@ class SweepConfig(TaskOptions, DataOptions):
         """Checks that need no file, before the sweep folder or any run is made (exit 2)."""
         if not self.model:
             raise DlzoError("--model is required")
+        check_choices(self)
         at_least_one(self, "steps", "batch_size", "grid_steps")
         if self.only.strip() and not only_names(self.only):
             raise DlzoError(f"--only {self.only!r} names no run (give e.g. layer03 or layer23,full)")
@@ -106,22 +109,28 @@ class SensitivityConfig(TaskOptions, DataSource):
     batches: int = option(2, "training batches per direction")
     batch_size: int = same_as(TrainConfig, "batch_size")
     eps: float = same_as(TrainConfig, "eps")
-    dtype: str = same_as(TrainConfig, "dtype")
+    dtype: Dtype = same_as(TrainConfig, "dtype")
     stability: bool = option(False, "measure a second time on other directions and other batches, and report the "
                                     "rank correlation of the two per-layer rankings (is the ranking stable?) and the cost")
 
     def validate(self) -> None:
         if not self.model:
             raise DlzoError("--model is required")
+        check_choices(self)
         at_least_one(self, "seeds", "batches", "batch_size")
         positive(self, "eps")
 
 
 @dataclass
 class DemoConfig:
-    shared: str = option("../shared", "folder of the sample assets (models/, data/)")
+    shared: str = option("../shared", "folder of the sample assets (models/, data/); when it has none, the demo "
+                                      "fetches --hub-model and SST-2 from the Hugging Face hub")
     out: str = option("demo_out", "output folder; the report is OUT/report.md")
     model: str = option("smollm2-135m", "model; falls back to stories260k when SmolLM2 is not in --shared")
+    hub_model: str = option("HuggingFaceTB/SmolLM2-135M-Instruct", "without sample assets: the model fetched from "
+                                                                   "the hub (the same SmolLM2-135M, in safetensors)")
+    hub_data: str = option("hf", "without sample assets: where SST-2 comes from (hf: the hub's GLUE SST-2, or "
+                                 "hf:FOLDER, a local dataset folder in the same layout)")
     steps: int = option(40, "training steps of each run (the same for both)")
     lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
     full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
@@ -133,23 +142,35 @@ class DemoConfig:
 @dataclass
 class BenchConfig(TaskOptions):
     model: str = option("", "local model / .gguf / short name; empty: a random-init model of --shape")
-    shape: str = option("125m", "random-init shape: 125m, 350m, llama2-7b, qwen3-8b")
+    shape: str = option("125m", "random-init shape: 125m, 350m, llama2-7b, qwen3-8b, smollm2-135m, qwen2.5-0.5b")
     task: str = option("", "use this task's real (padded) training inputs instead of synthetic ones")
     batch: int = option(16, "examples per step")
     seq: int = option(64, "prompt tokens of the synthetic inputs")
     layer: int = option(1, "the tuned layer of the one-layer variants")
     repeats: int = option(3, "timed steps per variant after one warm-up (the median is reported)")
-    dtype: str = same_as(TrainConfig, "dtype")
+    dtype: Dtype = same_as(TrainConfig, "dtype")
     device: str = same_as(TrainConfig, "device")
     out: str = option("out/bench", "folder for bench.json")
     variants: str = option("upstream_full,full,layer_plain,layer_fast,layer_cached,lora,floor,inference",
                            "variants to run")
+    quantize: Quantize = option("none", "hold every linear but the LM head and --layer's in 8 or 4 bits "
+                                        "(dlzo.model.quantize; a random --shape is made layer by layer, never in "
+                                        "full precision): none, int8, int4. Only the one-layer variants and "
+                                        "inference then run")
 
     def validate(self) -> None:
         """The flags alone; --layer is checked against the model once it is loaded (dlzo.studies.bench)."""
+        check_choices(self)
         at_least_one(self, "batch", "seq", "repeats")
         if self.layer < 0:
             raise DlzoError(f"--layer must not be negative, not {self.layer}")
+        if self.quantize != "none":
+            tuning_all = [v for v in comma_list(self.variants) if v in ("upstream_full", "full", "lora")]
+            if tuning_all:
+                raise DlzoError(f"--quantize {self.quantize}: variant {tuning_all[0]} tunes weights outside --layer, "
+                                f"which are quantized; run the one-layer variants and inference "
+                                f"(layer_plain, layer_fast, layer_cached, floor, rows_xN, inference)")
+            check_quantize(self.quantize, resolve_device(self.device))
 
 
 @dataclass
@@ -181,20 +202,18 @@ class RaceConfig(TaskOptions):
     data_seed: int = same_as(TrainConfig, "data_seed")
     eval_batch_size: int = same_as(TrainConfig, "eval_batch_size")
     max_length: int = same_as(TrainConfig, "max_length")
-    dtype: str = same_as(TrainConfig, "dtype")
+    dtype: Dtype = same_as(TrainConfig, "dtype")
     device: str = same_as(TrainConfig, "device")
     out: str = option("out/race", "folder for race.json, race.png and one run folder per seed and recipe")
 
     def validate(self) -> None:
         if not self.model:
             raise DlzoError("--model is required")
+        check_choices(self)
         at_least_one(self, "eval_every", "num_test", "max_steps")
         if not (math.isfinite(self.budget_s) and self.budget_s > 0):
             raise DlzoError(f"--budget-s must be a positive number of seconds, not {self.budget_s}")
-        try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise DlzoError(f"--seeds {self.seeds!r} is not comma-separated integers") from None
+        seeds = comma_list(self.seeds, int, f"--seeds {self.seeds!r} is not comma-separated integers")
         if not seeds or len(set(seeds)) != len(seeds):
             raise DlzoError(f"--seeds {self.seeds!r}: needs at least one seed, each once")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.scoring import encode, fast_layout
 from dlzo.errors import DlzoError
 from dlzo.evaluation.evaluate import evaluate
+from dlzo.fields import comma_list
 from dlzo.model.loading import load_model, load_tokenizer, resolve_device
 from dlzo.studies.bench import PeakMemory, run_variant
 from dlzo.studies.options import RaceConfig
@@ -35,7 +35,7 @@ from dlzo.studies.spread import spread
 from dlzo.training.config import TrainConfig, same_path_option
 from dlzo.training.loop import Session
 from dlzo.training.run_data import Data, load_data
-from dlzo.training.run_folder import FREE_FOR_A_KEPT_RUN, RunFolder
+from dlzo.training.run_folder import FREE_FOR_A_KEPT_RUN, REUSE, RunFolder
 from dlzo.training.step import batch_indices
 
 
@@ -50,8 +50,8 @@ class RecipeRun:
 
     def __init__(self, race: RaceConfig, config: TrainConfig, data: Data):
         self.race, self.config, self.data = race, config, data
-        run = RunFolder(config.out)
-        run.check(config)
+        run = RunFolder(config.out, "--out")
+        run.decide(config)  # a new run: refused where one already is
         run.path.mkdir(parents=True, exist_ok=True)
         self.session = Session(config, run, None, data)
         self.device = self.session.device
@@ -173,6 +173,18 @@ def check_same_race(record: dict, race: RaceConfig, path: Path) -> None:
 def recipe_record(config: TrainConfig) -> dict:
     """The options a recipe's figures depend on: all but where it lives and how it logs (as for a kept run)."""
     return {k: v for k, v in asdict(config).items() if k not in FREE_FOR_A_KEPT_RUN}
+
+
+def _decide(run: RunFolder, config: TrainConfig) -> str:
+    """A finished recipe is reused only if it trained as this race would train it: the recipe's own settings
+    and the shared ones (model, task, data, batch, eps, dtype, ...), as its run.json holds them; a recipe killed
+    midway starts over (RunFolder.decide)."""
+    def refuse(key: str, was: object, now: object) -> DlzoError:
+        return DlzoError(f"{run.race_recipe}: this recipe ran with --{key.replace('_', '-')} {was!r}, the race now "
+                         f"gives {now!r}; give --out another folder")
+
+    return run.decide(config, study=True, no_resume="a recipe's seconds must come from one uninterrupted run",
+                      refuse=refuse)
 
 
 def check_same_recipe(record: dict, config: TrainConfig, path: Path) -> None:
@@ -320,15 +332,13 @@ def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tu
     for name, overrides in recipes:
         config = recipe_config(race, overrides, seed, folder / name)
         data = load_data(config)
-        done = folder / name / "race-recipe.json"
-        if done.exists():
+        run = RunFolder(config.out)
+        done = run.race_recipe
+        if _decide(run, config) == REUSE:
             results[name] = json.loads(done.read_text())
             check_same_race(results[name], race, done)
-            check_same_recipe(results[name], config, done)
             print(f"race seed {seed}: {name}: finished before, read from {done}", flush=True)
             continue
-        if (folder / name).exists():
-            shutil.rmtree(folder / name)
         print(f"race seed {seed}: {name} ({' '.join(f'{k}={v}' for k, v in overrides.items())})", flush=True)
         results[name] = {**RecipeRun(race, config, data).run(), "race_options": race_options(race),
                          "recipe_config": recipe_record(config)}
@@ -354,7 +364,7 @@ def run_seed(race: RaceConfig, recipes: list[tuple[str, dict]], seed: int) -> tu
 def race(config: RaceConfig) -> dict:
     config.validate()
     recipes = parse_recipes(config.recipes)
-    seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
+    seeds = comma_list(config.seeds, int)  # checked by config.validate()
     out = Path(config.out)
     if (out / "race.json").exists():
         raise DlzoError(f"--out {out} already holds a race (race.json); choose another --out")
@@ -398,7 +408,3 @@ def format_race(report: dict) -> str:
                      f"{fmt(row['mem_vs_inference'], '7.3f')}  "
                      + "  ".join(fmt(r.get(key, {}).get("mean"), spec) for _, key, spec in ratios))
     return "\n".join(lines)
-
-
-def race_command(config: RaceConfig) -> None:
-    race(config)

@@ -81,8 +81,8 @@ def _seed_records(seed_dir: Path) -> list[dict]:
                       "dev_loss_best": entry["dev_loss_end"], "seconds_per_step": entry["seconds_per_step"],
                       "best_step": entry.get("best_step"), "source": "sweep.json",  # scope: the option, layer:5
                       "where": f"{seed_dir.name}/sweep.json ({entry['name']})"}
-        elif (run_dir / "results.json").exists():  # scope: the tuned layers, "layers [5]"
-            record = {**json.loads((run_dir / "results.json").read_text()), "best_step": best_dev_step(run_dir),
+        elif (run := RunFolder(run_dir)).results_file.exists():  # scope: the tuned layers, "layers [5]"
+            record = {**run.results(), "best_step": best_dev_step(run_dir),
                       "source": "run", "where": f"{seed_dir.name}/runs/{entry['name']}"}
         else:
             continue
@@ -141,7 +141,7 @@ def unfinished_lines(folder: Path) -> list[str]:
     steps only: the evaluations still to come are not counted)."""
     rows = []
     for path in sorted(p.parent for p in folder.rglob("run.json")):
-        if (path / "results.json").exists() or (path / "race-recipe.json").exists():  # a race's recipe: done
+        if RunFolder(path).is_finished():  # results.json, or a race's finished recipe
             continue
         state = RunFolder(path).progress()
         dev = state["dev_losses"]
@@ -248,7 +248,7 @@ def report(folders: list[str], out: str) -> str:
             lines += ["**Runs**", "", "| run | scope | optimizer | steps | test | dev loss start -> best | s/step |",
                       "|---|---|---|---|---|---|---|"]
             for run in runs:
-                r = json.loads((run / "results.json").read_text())
+                r = RunFolder(run).results()
                 test = f"{r['test_metric']} {r['test_value']:.4f}" if r["test_value"] is not None else "-"
                 lines.append(f"| {run.name} | {r['scope']} | {r['optimizer']} | {r['steps']} | {test} | "
                              f"{r['dev_loss_start']:.4f} -> {r['dev_loss_best']:.4f} | {r['seconds_per_step']} |")

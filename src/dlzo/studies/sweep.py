@@ -4,7 +4,6 @@ seed, steps and data, and say whether the probe's layer is the best one. Resumab
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from dlzo.data.benchmarks import load_task, task_splits
 from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
+from dlzo.fields import comma_list
 from dlzo.model.loading import load_model, load_tokenizer
 from dlzo.model.probe import find_dominant_layer
 from dlzo.studies.lr_grid import choose_rates, kept_rates, parse_grid, read_kept_grid
@@ -22,7 +22,7 @@ from dlzo.studies.report import best_dev_step, format_seed_summary, format_sweep
 from dlzo.training.config import TrainConfig, same_path_option
 from dlzo.training.loop import train
 from dlzo.training.run_data import load_data
-from dlzo.training.run_folder import RunFolder
+from dlzo.training.run_folder import RESUME, REUSE, RunFolder
 
 
 def shared_train_options(config: SweepConfig) -> dict:
@@ -44,10 +44,8 @@ def _sweep_runs(config: SweepConfig, num_layers: int, probe_layer: int | None,
     if config.layers == "all":
         layers = list(range(num_layers))
     else:
-        try:
-            layers = sorted({int(k) for k in config.layers.split(",") if k.strip()})
-        except ValueError:
-            raise DlzoError(f"--layers {config.layers!r} is neither 'all' nor a list like 0,1,11") from None
+        layers = sorted(set(comma_list(config.layers, int,
+                                       f"--layers {config.layers!r} is neither 'all' nor a list like 0,1,11")))
         bad = [k for k in layers if not 0 <= k < num_layers]
         if bad:
             raise DlzoError(f"--layers: layer {bad[0]} does not exist (0..{num_layers - 1})")
@@ -69,15 +67,19 @@ def _references(config: SweepConfig, runs: list[tuple[str, dict]]) -> list[tuple
     return runs
 
 
-def _check_finished_run(run_dir: Path, config: TrainConfig, name: str) -> None:
-    """A finished run is reported only if it was trained as this sweep would train it: every option but its
-    folder, steps and seed included (e.g. a run finished before --lr-grid chose another rate is refused)."""
-    changed = RunFolder(run_dir).changed_since_kept(config)
-    if changed:
-        key, was, now = changed
+def _decide(run_dir: Path, config: TrainConfig, name: str) -> str:
+    """What the sweep does with one run's folder (RunFolder.decide): a finished run is reported only if it was
+    trained as this sweep would train it, every option but its folder included, steps and seed too (e.g. a run
+    finished before --lr-grid chose another rate is refused); an interrupted one continues where it stopped,
+    but an AdamW reference keeps no optimizer state on disk, so it starts again (before, every later sweep
+    stopped on its refused --resume)."""
+    def refuse(key: str, was: object, now: object) -> DlzoError:
         show = lambda value: f"{value:g}" if isinstance(value, float) else repr(value)  # noqa: E731
-        raise DlzoError(f"{run_dir} was trained with {key}={show(was)}, but this sweep runs {name} with "
-                        f"{key}={show(now)}; move that folder away or give --out another folder")
+        return DlzoError(f"{run_dir} was trained with {key}={show(was)}, but this sweep runs {name} with "
+                         f"{key}={show(now)}; move that folder away or give --out another folder")
+
+    no_resume = "a first-order run keeps no optimizer state" if config.optimizer != "zo" else ""
+    return RunFolder(run_dir).decide(config, study=True, no_resume=no_resume, refuse=refuse)
 
 
 def _check_probe_is_for(probe_file: Path, kept: dict | None, now: dict) -> None:
@@ -87,16 +89,6 @@ def _check_probe_is_for(probe_file: Path, kept: dict | None, now: dict) -> None:
         if not same_path_option(key, was, now.get(key)):
             raise DlzoError(f"{probe_file} was measured with --{key} {was!r}, but this sweep has {now.get(key)!r}; "
                             f"give --out another folder")
-
-
-def _clear_interrupted_first_order_run(run_dir: Path) -> None:
-    """An AdamW reference keeps no optimizer state on disk, so it cannot resume: its folder is emptied and it
-    starts again (before, every later sweep stopped on its refused --resume). Not while a process holds it."""
-    holder = RunFolder(run_dir).live_holder()
-    if holder is not None:
-        raise DlzoError(f"{run_dir} is in use by process {holder}; wait for it or stop it")
-    print(f"{run_dir}: an interrupted first-order run starts again from step 0 (it keeps no optimizer state)")
-    shutil.rmtree(run_dir)
 
 
 def sweep(config: SweepConfig) -> dict:
@@ -153,14 +145,13 @@ def sweep(config: SweepConfig) -> dict:
     summary = _collect(config, out, runs, header, checked)  # a run trained otherwise is refused before any training
     for name, overrides in tqdm(runs, desc="sweep", disable=False):
         run_dir = out / "runs" / name
-        if (only and name not in only) or (run_dir / "results.json").exists():
+        if (only and name not in only) or name in checked:  # checked: finished, and trained as asked
             continue
         train_config = _run_config(config, run_dir, overrides)
-        if (run_dir / "run.json").exists() and train_config.optimizer == "zo":
-            train_config.resume = str(run_dir)  # an interrupted sweep continues where it stopped (and
-        elif (run_dir / "run.json").exists():   # the resume refuses changed options)
-            _clear_interrupted_first_order_run(run_dir)
-        train(train_config)
+        decision = _decide(run_dir, train_config, name)
+        if decision == REUSE:  # finished by another --only process since
+            continue
+        train(replace(train_config, resume=str(run_dir) if decision == RESUME else ""))
         summary = _collect(config, out, runs, header, checked)  # saved as each run finishes
     if summary.get("pending"):  # left to another --only process, or to a later sweep
         print(format_sweep(summary))
@@ -177,7 +168,7 @@ def sweep(config: SweepConfig) -> dict:
 
 def _entry(name: str, overrides: dict, run_dir: Path) -> dict:
     """A finished run as the sweep reports it."""
-    results = json.loads((run_dir / "results.json").read_text())
+    results = RunFolder(run_dir).results()
     metric, value = results["test_metric"], results["test_value"]
     if metric == "perplexity":  # --data generation rows: the verdict and plot want higher-is-better in [0, 1]
         metric, value = "1/perplexity", 1 / value
@@ -197,11 +188,11 @@ def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], heade
     entries, pending = [], []
     for name, overrides in runs:
         run_dir = out / "runs" / name
-        if not (run_dir / "results.json").exists():
+        if not RunFolder(run_dir).is_finished():
             pending.append(name)
             continue
         if name not in checked:
-            _check_finished_run(run_dir, _run_config(config, run_dir, overrides), name)
+            _decide(run_dir, _run_config(config, run_dir, overrides), name)  # reused: trained as asked
             checked.add(name)
         entries.append(_entry(name, overrides, run_dir))
     summary = {**header, "runs": entries, **({"pending": pending} if pending else {})}
@@ -212,10 +203,7 @@ def _collect(config: SweepConfig, out: Path, runs: list[tuple[str, dict]], heade
 def sweep_seeds(config: SweepConfig) -> dict:
     """The sweep once per seed in OUT/seed<S>/ (each resumable), then OUT/seeds.json: mean, sample std and
     standard error across seeds of every run's test metric and best dev loss."""
-    try:
-        seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise DlzoError(f"--seeds {config.seeds!r} is not a list like 0,1,2") from None
+    seeds = comma_list(config.seeds, int, f"--seeds {config.seeds!r} is not a list like 0,1,2")
     out = Path(config.out)
     pending: dict[str, list[str]] = {}
     for seed in seeds:  # one learning-rate grid, OUT/grid, for all the seeds

@@ -9,21 +9,32 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
-from dlzo.data.benchmarks import DATA_DIR_HELP, HUB_PREFIX
-from dlzo.data.formats import FORMATS
+from dlzo.data.benchmarks import DATA_DIR_HELP
+from dlzo.data.formats import FORMATS, DataFormat
+from dlzo.data.hub import is_hub_source
 from dlzo.data.readers import parse_columns
-from dlzo.engine.scope import SCOPE_HELP
+from dlzo.engine.directions import DISTRIBUTIONS, Distribution
+from dlzo.engine.layer_choice import LayerRule
+from dlzo.engine.master import MasterPolicy
+from dlzo.engine.scope import SCOPE_HELP, parse_scope
+from dlzo.engine.zo import Estimator, UpdateRule
 from dlzo.errors import DlzoError
-from dlzo.fields import at_least_one, option, positive
+from dlzo.evaluation.objectives import Objective, check_objective_options
+from dlzo.evaluation.rewards import absolute_spec, split_spec
+from dlzo.fields import at_least_one, bad_choice, check_choices, option, positive, same_as
+from dlzo.model.loading import Dtype, resolve_device
+from dlzo.model.quantize import QUANTIZE_HELP, Quantize, check_quantize
+from dlzo.training.scalars import ReportTo
 
 DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 
 
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-
-
-SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+Scheduler = Literal["constant", "linear", "cosine", "constant_with_warmup"]  # transformers.get_scheduler's names
+SCHEDULERS = get_args(Scheduler)
+Optimizer = Literal["zo", "adamw"]  # SPSA, forward only; or the first-order reference
+Parallel = Literal["data", "perturbation"]  # what several ranks split: the batch, or the q directions
 
 
 # options naming a local file or folder: recorded absolute, so a run's record names them from any folder
@@ -36,7 +47,7 @@ def absolute_paths(config: object) -> None:
     a Hub cache file is a link to a blob without the name's extension, which says its format."""
     for name in PATH_OPTIONS:
         value = getattr(config, name, "")
-        if value and not (name == "data_dir" and value == HUB_PREFIX) and Path(value).expanduser().exists():
+        if value and not is_hub_source(value) and Path(value).expanduser().exists():
             setattr(config, name, os.path.abspath(os.path.expanduser(value)))
     if getattr(config, "prefix_store", ""):
         config.prefix_store = os.path.abspath(os.path.expanduser(config.prefix_store))
@@ -55,13 +66,14 @@ def same_path_option(name: str, was: object, now: object) -> bool:
 @dataclass
 class ModelOptions:
     model: str = option("", "hub id, local folder, .gguf file, or short name (smollm2-135m, stories260k)")
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    dtype: Dtype = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = option(False, "allow model code from the hub to run (off by default)")
 
     def validate_model_options(self) -> None:
-        if self.dtype not in DTYPES:
-            raise DlzoError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        """The model group's flags, and every option of the config with a fixed set of values (its `Literal`
+        fields: a config built in Python or from a run's record has not been through argparse's choices)."""
+        check_choices(self)
         device = self.device.split(":")[0]
         if device not in ("auto", "cpu", "cuda", "mps", "xpu"):
             raise DlzoError(f"--device {self.device!r} is not auto, cpu, cuda[:N], mps or xpu")
@@ -79,14 +91,12 @@ class DataSource:
 
     data: str = option("", "your own data instead of --task: a .jsonl, .json, .csv or .parquet file, or "
                            "hf:NAME[:CONFIG][:SPLIT] (docs/your-data.md)")
-    data_format: str = option("auto", "with --data: auto (from the fields), " + ", ".join(FORMATS))
+    data_format: DataFormat = option("auto", "with --data: auto (from the fields), " + ", ".join(FORMATS))
     columns: str = option("", "with --data: map the source's columns onto the fields, e.g. "
                               "prompt=question,completion=answer")
 
     def validate_data_options(self) -> None:
         """Flag checks of the data group (no file is read): one line naming the flag."""
-        if self.data_format not in ("auto", *FORMATS):
-            raise DlzoError(f"--data-format {self.data_format!r} is not one of auto, {', '.join(FORMATS)}")
         parse_columns(self.columns)
         fraction = getattr(self, "eval_fraction", 0.5)
         if not (math.isfinite(fraction) and 0 < fraction < 1):
@@ -109,28 +119,29 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     resume: str = option("", "continue the interrupted run in this folder: its recorded arguments are the defaults, "
                              "and flags given must agree with them (--steps may grow with a constant rate)")
     scope: str = option("dominant", SCOPE_HELP)
-    rule: str = option("sun", "how --scope dominant picks its layer: sun (first layer with max|h| > 100 and >= 1000x "
-                              "the median) or onset (the largest persistent jump of max|h|; docs/rules.md); when the "
-                              "rule finds none, the most perturbation-sensitive layer")
+    rule: LayerRule = option("sun", "how --scope dominant picks its layer: sun (first layer with max|h| > 100 and >= 1000x "
+                              "the median), onset (the largest persistent jump of max|h|; docs/rules.md), when the "
+                              "rule finds none the most perturbation-sensitive layer; or screen (a few ZO steps of "
+                              "the rules' layers and the last layer at rates around --lr, compared on dev loss)")
     params: str = option("all", "tensors inside the tuned layers: all, mlp, attn, or a regex over names")
-    optimizer: str = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
+    optimizer: Optimizer = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
     steps: int = option(1000, "optimisation steps")
     batch_size: int = option(16, "examples per step (MeZO: 16)")
     grad_accum: int = option(1, "micro-batches per step; ZO uses one z across them")
     lr: float = option(1e-6, "learning rate (peak rate with a schedule)")
-    lr_scheduler: str = option("constant", "learning-rate schedule: " + ", ".join(SCHEDULERS)
+    lr_scheduler: Scheduler = option("constant", "learning-rate schedule: " + ", ".join(SCHEDULERS)
                                + " (transformers.get_scheduler)")
     warmup_steps: int = option(0, "linear warm-up steps of the schedule")
     eps: float = option(1e-3, "ZO perturbation scale epsilon")
     q: int = option(1, "ZO directions per step (the projected gradients are averaged)")
-    parallel: str = option("data", "with several ranks: data (shard the batch) or perturbation (split the q directions)")
+    parallel: Parallel = option("data", "with several ranks: data (shard the batch) or perturbation (split the q directions)")
     device_map: str = option("", "'auto' spreads one model over this machine's GPUs (forward only, all ZO needs)")
     weight_decay: float = option(0.0, "weight decay (never on biases and norms)")
-    distribution: str = option("gaussian", "ZO direction distribution: gaussian or rademacher")
-    estimator: str = option("two-sided", "ZO gradient estimate: two-sided ((L(θ+εz) - L(θ-εz))/2ε, MeZO) or one-sided "
+    distribution: Distribution = option("gaussian", "ZO direction distribution: " + " or ".join(DISTRIBUTIONS))
+    estimator: Estimator = option("two-sided", "ZO gradient estimate: two-sided ((L(θ+εz) - L(θ-εz))/2ε, MeZO) or one-sided "
                                          "((L(θ+εz) - L(θ))/ε, L(θ) shared by the --q directions: q+1 forwards a "
                                          "step instead of 2q)")
-    zo_update: str = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
+    zo_update: UpdateRule = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
                                    "g·z), adam (ZO-AdaMM) or hizoo (HiZOO's diagonal Hessian estimate scales the "
                                    "perturbation and the step; three forwards a step); state only over the tuned "
                                    "tensors, rebuilt by replay")
@@ -157,13 +168,34 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                                    "dlzo.engine.prefix_store), with the untrained model's dev loss, measured once "
                                    "per layer and dev set; empty: per run only")
     exact_restore_fraction: float = option(0.1, "restore by copy when the scope is at most this fraction of the model")
+    master_weights: MasterPolicy = option("auto", "bfloat16/float16 models: keep a float32 master of each tuned tensor, which "
+                                         "the perturbation, update, optimizer state and checkpoints act on and the "
+                                         "forward casts (at lr 1e-6 bfloat16 rounds 999 in 1000 elements of an "
+                                         "update away). auto: every scope but full and lezo:K (+2 bytes a tuned parameter: one "
+                                         "layer of L adds 1/L to the model's memory); on: the full scope too (+2 "
+                                         "bytes for every parameter: the model's memory doubles); off: update the "
+                                         "tensors in their own dtype (as before). No effect in float32")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
     lora_r: int = option(8, "LoRA rank for --scope lora / dominant-lora")
     lora_alpha: int = option(16, "LoRA alpha")
     lora_targets: str = option("", "LoRA target modules, comma-separated (peft's target_modules; default q_proj,v_proj "
                                    "where the model has them, else peft's default for the architecture)")
     max_length: int = option(1024, "truncate prompts from the left to this many tokens")
-    report_to: str = option("none", "also log scalars to: none, tensorboard, wandb (metrics.jsonl is always written)")
+    objective: Objective = option("loss", "what the ZO step maximizes (docs/objectives.md): loss (minimized, the "
+                                          "default); accuracy (classification: the options ranked in both branches' "
+                                          "forward); f1 or exact-match (generation: greedy completions of both "
+                                          "branches against the answers). The dev set's metric chooses the best "
+                                          "checkpoint")
+    reward: str = option("", "train on a reward of your own instead: PATH.py:FUNCTION, called as FUNCTION(prompts, "
+                             "completions, rows) -> list[float] on completions of --data's prompt rows "
+                             "{\"prompt\": ...} under both perturbations; the dev rows' mean reward chooses the "
+                             "checkpoint (docs/objectives.md)")
+    max_new_tokens: int = option(50, "--reward and --objective f1/exact-match: tokens generated per prompt")
+    temperature: float = option(0.0, "--reward and --objective f1/exact-match: 0 greedy completions at each step; "
+                                     "above 0 sampled at this temperature with the same random numbers for both "
+                                     "branches (the dev set's are always greedy)")
+    report_to: ReportTo = option("none", "also log scalars to: none, tensorboard, wandb (metrics.jsonl is always written)")
     quiet: bool = option(False, "no progress bar")
 
     def validate(self) -> None:
@@ -173,6 +205,8 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         self.validate_model_options()
         self.validate_data_options()
         absolute_paths(self)
+        self.reward = absolute_spec(self.reward)  # a resumed run (or dlzo eval --run) finds the file from any folder
+        check_objective_options(self)
         at_least_one(self, "steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length",
                       "max_nonfinite")
         positive(self, "lr")
@@ -185,22 +219,14 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError(f"--num-dev must be -1 (the task's default) or at least 0, not {self.num_dev}")
         if self.data and self.num_dev == 0:
             raise DlzoError("--num-dev 0: with --data the dev set needs at least 1 row (-1: at most 500)")
-        if self.optimizer not in ("zo", "adamw"):
-            raise DlzoError(f"--optimizer {self.optimizer!r} is not zo or adamw")
         if self.batch_size % self.grad_accum:
             raise DlzoError("--batch-size must be a multiple of --grad-accum")
-        if self.parallel not in ("data", "perturbation"):
-            raise DlzoError(f"--parallel {self.parallel!r} is not data or perturbation")
-        if self.distribution not in ("gaussian", "rademacher"):
-            raise DlzoError(f"--distribution {self.distribution!r} is not gaussian or rademacher")
-        if self.estimator not in ("two-sided", "one-sided"):
-            raise DlzoError(f"--estimator {self.estimator!r} is not two-sided or one-sided")
         if self.estimator == "one-sided" and self.scope == "full" and self.exact_restore_fraction < 1:
             raise DlzoError("--estimator one-sided: --scope full perturbs the weights in place with MeZO's round "
                             "trip, which has no unperturbed evaluation to share; pass --exact-restore-fraction 1 "
                             "(a copy of the weights) or use the two-sided estimator")
-        if self.zo_update not in ("sgd", "momentum", "adam", "hizoo"):
-            raise DlzoError(f"--zo-update {self.zo_update!r} is not sgd, momentum, adam or hizoo")
+        if self.quantize != "none":
+            self.validate_quantize()
         if self.zo_update == "hizoo" and self.scope == "full" and self.exact_restore_fraction < 1:
             raise DlzoError("--zo-update hizoo: --scope full perturbs the weights in place with MeZO's round trip, "
                             "which cannot scale z by the Hessian estimate; pass --exact-restore-fraction 1 (a "
@@ -217,10 +243,93 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise DlzoError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise DlzoError(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        if self.rule not in ("sun", "onset"):
-            raise DlzoError(f"--rule {self.rule!r} is not sun or onset")
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise DlzoError(f"--report-to {self.report_to!r} is not none, tensorboard or wandb")
 
+    def validate_quantize(self) -> None:
+        """--quantize: a scope that leaves linear layers frozen, one model on one device bitsandbytes runs on."""
+        check_quantize_scope(self.quantize, self.scope, self.params, self.optimizer)
+        if self.device_map:
+            raise DlzoError(f"--quantize {self.quantize} with --device-map: a quantized model is loaded on one "
+                            f"device (--device)")
+        check_quantize(self.quantize, resolve_device(self.device))
+
+
+def check_quantize_scope(quantize: str, scope: str, params: str, optimizer: str = "zo") -> None:
+    """--quantize needs frozen linear layers: a scope tuning all of them leaves none (one line, before any work)."""
+    kind = parse_scope(scope).kind
+    if quantize != "none" and kind in ("full", "lezo") and params == "all":
+        what = "--optimizer adamw --scope full" if optimizer == "adamw" and kind == "full" else f"--scope {scope}"
+        raise DlzoError(f"--quantize {quantize}: {what} tunes every weight, none is frozen to quantize (quantize "
+                        f"the frozen layers of a layer scope, e.g. --scope dominant or layer:K)")
+
+
+@dataclass
+class ZOArguments:
+    """`dlzo.ZOTrainer`'s options beyond `TrainingArguments` (which keeps lr, schedule, steps, batches, evaluation,
+    saving, logging, seed and precision); parses with `HfArgumentParser` beside it. The options it shares with
+    `dlzo train` are TrainConfig's own fields: one help text, default and set of allowed values for both."""
+
+    scope: str = option("dominant", (
+        "Which tensors to tune: dominant (the probe's layer: the first decoder layer with massive "
+        "activations; when the probe finds none, the layer whose perturbation moves the training loss most) "
+        "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections) "
+        "| dominant-lora (LoRA adapters on the dominant layer only)"))
+    layer: int | None = option(None, "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead "
+                                     "of probing for it")
+    rule: LayerRule = same_as(TrainConfig, "rule")
+    eps: float = same_as(TrainConfig, "eps")
+    q: int = same_as(TrainConfig, "q")
+    distribution: Distribution = same_as(TrainConfig, "distribution")
+    params: str = same_as(TrainConfig, "params")
+    lora_r: int = same_as(TrainConfig, "lora_r")
+    lora_alpha: int = same_as(TrainConfig, "lora_alpha")
+    fast_path: bool = option(True, "Evaluate both branches in one forward of 2B rows when the scope lies inside "
+                                   "decoder layers and the loss is the model's own; False perturbs the weights in "
+                                   "place and runs two forwards (the one-sided estimator and hizoo swap each "
+                                   "perturbed point's tensors in for one forward of B rows either way)")
+    master_weights: MasterPolicy = option("auto", (
+        "bfloat16/float16 models: the tuned tensors become float32 masters in the model (same names; the "
+        "perturbation, update and saved checkpoints act on them, the forward casts them), else bfloat16 rounds "
+        "nearly every update away at lr 1e-6. auto: every scope but full and lezo (+2 bytes a tuned parameter: one layer "
+        "of L adds 1/L to the model's memory) | on: full too (the model's memory doubles) | off: as before"))
+    estimator: Estimator = same_as(TrainConfig, "estimator")
+    zo_update: UpdateRule = same_as(TrainConfig, "zo_update")
+    beta1: float = same_as(TrainConfig, "beta1")
+    beta2: float = same_as(TrainConfig, "beta2")
+    hessian_smooth: float = same_as(TrainConfig, "hessian_smooth")
+    quantize: Quantize = same_as(TrainConfig, "quantize")
+    reward: str = option("", "Train on a reward instead of the model's loss: a function (prompts, completions, rows) "
+                             "-> list[float], or PATH.py:FUNCTION; the train_dataset's rows are {\"prompt\": ...} "
+                             "(other fields go to the function), each step scores completions of both branches")
+    max_new_tokens: int = same_as(TrainConfig, "max_new_tokens")
+    temperature: float = same_as(TrainConfig, "temperature")
+
+    def __post_init__(self):
+        spec = parse_scope(self.scope)  # raises on an unknown scope
+        if self.layer is not None and spec.kind not in ("dominant", "dominant-lora"):
+            raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant or dominant-lora, "
+                             f"not {self.scope!r}")
+        bad = bad_choice(self)
+        if bad is not None:
+            name, value, allowed = bad
+            raise ValueError(f"ZOArguments.{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.rule == "screen" and spec.kind != "dominant" and self.layer is None:
+            raise ValueError("ZOArguments.rule=screen trains the candidate layers themselves: use scope=dominant")
+        if self.q < 1 or not self.eps > 0:
+            raise ValueError("ZOArguments needs q >= 1 and eps > 0")
+        if self.zo_update == "hizoo" and self.estimator != "two-sided":
+            raise ValueError("ZOArguments.zo_update=hizoo needs estimator=two-sided (its curvature uses L+, L- and L(θ))")
+        for name in ("beta1", "beta2", "hessian_smooth"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise ValueError(f"ZOArguments.{name} must be in [0, 1), not {value}")
+        if isinstance(self.reward, str) and self.reward:
+            split_spec(self.reward)
+        if self.reward and self.zo_update == "hizoo":
+            raise ValueError("ZOArguments.reward: zo_update hizoo's curvature needs a smooth loss; use sgd, momentum "
+                             "or adam")
+        if self.max_new_tokens < 1 or not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError("ZOArguments needs max_new_tokens >= 1 and temperature >= 0 (0: greedy)")
+        try:
+            check_quantize_scope(self.quantize, self.scope, self.params)
+        except DlzoError as err:
+            raise ValueError(f"ZOArguments: {err}") from None

@@ -22,65 +22,40 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from dlzo.engine.fastpath import BranchedForward
-from dlzo.engine.layer_choice import layer_sensitivity as layers_sensitivity
-from dlzo.engine.layer_choice import probed_layer
+from dlzo.data.prompts import batch_examples, prompt_batch
+from dlzo.engine.fastpath import BranchedForward, swapped_tensors
+from dlzo.engine.layer_choice import (
+    QUICK_SENSITIVITY,
+    early_layer_doubt,
+    model_loss_screen_task,
+    most_sensitive_layer,
+    probed_layer,
+    screen_choice,
+    screen_probe,
+)
+from dlzo.engine.layer_screen import SCREEN
+from dlzo.engine.master import install_masters
 from dlzo.engine.scope import Scope, add_lora, parse_scope, select
 from dlzo.engine.zo import StepResult, ZOOptimizer
+from dlzo.evaluation.objectives import GenerationRunner
+from dlzo.evaluation.rewards import reward_name
+from dlzo.model.loading import decoder_layers
+from dlzo.model.quantize import quantize_frozen
+from dlzo.training.config import ZOArguments
+from dlzo.training.prepare import half_precision_warning
+from dlzo.training.step import evaluate_step
 
 logger = logging.getLogger(__name__)
 
 ZO_STATE_FILE = "dlzo_zo.json"  # written beside the weights by save_model (and so into every checkpoint)
-FALLBACK_SENSITIVITY = {"batches": 2, "seeds": 2}  # the dominant layer's fallback measurement
-
-
-@dataclass
-class ZOArguments:
-    """What a zeroth-order run needs beyond `TrainingArguments` (which keeps lr, schedule, steps, batches,
-    evaluation, saving, logging, seed and precision). Parses with `HfArgumentParser` beside it."""
-
-    scope: str = field(default="dominant", metadata={"help": (
-        "Which tensors to tune: dominant (the probe's layer: the first decoder layer with massive "
-        "activations; when the probe finds none, the layer whose perturbation moves the training loss most) "
-        "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections) "
-        "| dominant-lora (LoRA adapters on the dominant layer only)")})
-    layer: int | None = field(default=None, metadata={"help": (
-        "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead of probing for it")})
-    rule: str = field(default="sun", metadata={"help": (
-        "How the probe picks the dominant layer: sun (the first layer with max|h| > 100 and >= 1000x the median) "
-        "| onset (the largest persistent jump of max|h|, no absolute threshold; see docs/rules.md)")})
-    eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation scale ε: losses at θ ± εz"})
-    q: int = field(default=1, metadata={"help": "Random directions z per optimizer step (their estimates are averaged)"})
-    distribution: str = field(default="gaussian", metadata={"help": "Distribution of z: gaussian | rademacher"})
-    params: str = field(default="all", metadata={"help": (
-        "Within the scope, tune only: all | mlp | attn | a regex over parameter names")})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (scope=lora)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scope=lora)"})
-    fast_path: bool = field(default=True, metadata={"help": (
-        "Evaluate both branches in one forward of 2B rows when the scope lies inside decoder layers and the "
-        "loss is the model's own; False perturbs the weights in place and runs two forwards")})
-
-    def __post_init__(self):
-        spec = parse_scope(self.scope)  # raises on an unknown scope
-        if self.layer is not None and spec.kind not in ("dominant", "dominant-lora"):
-            raise ValueError(f"ZOArguments.layer is only meaningful with scope=dominant or dominant-lora, "
-                             f"not {self.scope!r}")
-        if self.rule not in ("sun", "onset"):
-            raise ValueError(f"ZOArguments.rule must be sun or onset, not {self.rule!r}")
-        if self.distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"ZOArguments.distribution must be gaussian or rademacher, not {self.distribution!r}")
-        if self.q < 1 or not self.eps > 0:
-            raise ValueError("ZOArguments needs q >= 1 and eps > 0")
 
 
 def _tokenizer_of(processing_class, data_collator):
@@ -143,9 +118,9 @@ _IGNORED_ARGS = {
     "optim": "ZOTrainer's update is θ <- θ - lr·(g·z + weight_decay·θ) with the SPSA estimate g; there is no "
              "other optimizer",
     "optim_args": "there is no optimizer to configure",
-    "adam_beta1": "the ZO update has no Adam moments",
-    "adam_beta2": "the ZO update has no Adam moments",
-    "adam_epsilon": "the ZO update has no Adam moments",
+    "adam_beta1": "the ZO update's moments (zo_update momentum or adam) decay with ZOArguments.beta1",
+    "adam_beta2": "the ZO update's second moment (zo_update adam) decays with ZOArguments.beta2",
+    "adam_epsilon": "the ZO update's Adam (zo_update adam) keeps ZO-AdaMM's epsilon, 1e-8",
     "max_grad_norm": "there are no gradients to clip, and the projected gradient g is not clipped (MeZO does not)",
     "neftune_noise_alpha": "NEFTune adds noise only in train mode; ZO steps run the model in eval mode",
     "activation_checkpointing": "there is no backward pass whose activations could be recomputed",
@@ -174,6 +149,7 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer builds the lr scheduler from args.lr_scheduler_type; pass no scheduler")
         spec = parse_scope(zo_args.scope)
         layers, self.zo_layer_reason = spec.layers, ""
+        self.zo_layer_choice: dict = {}  # rule=screen: the screen's record (dlzo.engine.layer_choice.screen_choice)
         if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
             tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
                                       trainer_kwargs.get("data_collator"))
@@ -185,21 +161,40 @@ class ZOTrainer(Trainer):
         if spec.uses_lora:
             model = add_lora(model, layers if spec.kind == "dominant-lora" else None, r=zo_args.lora_r,
                              alpha=zo_args.lora_alpha)
+        if zo_args.reward and trainer_kwargs.get("data_collator") is None:
+            trainer_kwargs["data_collator"] = prompt_batch  # the rows as they are: the reward reads any field
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._check_args()
+        if zo_args.reward:
+            self.args.remove_unused_columns = False  # nor does Trainer drop the fields the model does not take
 
         if spec.kind == "dominant":
             layers, self.zo_layer_reason = self._dominant_layer()
             layers = [layers]
         self.zo_scope: Scope = select(self.model, spec, layers, zo_args.params)
+        quantize_frozen(self.model, self.zo_scope.names, zo_args.quantize)  # --quantize: in place, outside the scope
+        # float32 masters in place of half-precision tuned tensors (dlzo.engine.master): the Trainer's
+        # checkpoints then hold them, and a resume loads them back exactly
+        self.zo_masters = install_masters(self.model, self.zo_scope.names, zo_args.master_weights, spec.kind)
         params = dict(self.model.named_parameters())
         self._zo = ZOOptimizer([(n, params[n]) for n in self.zo_scope.names], lr=self.args.learning_rate,
                                eps=zo_args.eps, q=zo_args.q, weight_decay=self.args.weight_decay,
                                seed=self.args.seed, distribution=zo_args.distribution,
-                               exact_restore=spec.kind != "full")
+                               exact_restore=spec.kind != "full", update_rule=zo_args.zo_update,
+                               beta1=zo_args.beta1, beta2=zo_args.beta2, estimator=zo_args.estimator,
+                               hessian_smooth=zo_args.hessian_smooth,
+                               working_dtypes=self.zo_masters.working if self.zo_masters else None)
+        note = half_precision_warning(self.zo_masters, self._zo, spec.kind == "full", self.state.global_step)
+        if note:
+            logger.warning("ZOTrainer: %s", note.removeprefix("warning: "))
         self._branched = (BranchedForward(self.model, self.zo_scope.names)
                           if zo_args.fast_path and self.zo_scope.layers else None)
-        self._pending: list[tuple[int, StepResult, float]] = []  # (optimizer step, micro-batch result, weight)
+        # ZOArguments.reward: completions of both branches scored (dlzo.evaluation.objectives)
+        self._generation = GenerationRunner.for_reward(
+            self.model, _tokenizer_of(self.processing_class, self.data_collator), self.zo_scope.names,
+            self._branched is not None, zo_args.reward, zo_args.max_new_tokens, zo_args.temperature) if zo_args.reward else None
+        # (optimizer step, micro-batch result, weight, L(θ) of the one-sided and HiZOO steps, else None)
+        self._pending: list[tuple[int, StepResult, float, float | None]] = []
         self.zo_history: list[dict] = []
         self._skipped_before = 0  # skipped steps of the run before a resume (its checkpoint's dlzo_zo.json)
         logger.info("ZOTrainer tunes %s: %d of %d parameters (%.3f%%)%s", self.zo_scope.description,
@@ -233,8 +228,13 @@ class ZOTrainer(Trainer):
         """ZOArguments.layer; else the probe's layer (massive activations, on the probe's calibration text);
         else the layer whose perturbation changes the model's loss most on the first training batches."""
         tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
+        if self.zo_args.rule == "screen" and self.zo_args.layer is None:
+            return self._screened_layer(tokenizer)
         layer, why = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
         if layer is not None:
+            doubt = early_layer_doubt(layer, len(decoder_layers(self.model))) if self.zo_args.layer is None else None
+            if doubt:
+                logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
             return layer, why
         if self.train_dataset is None:
             raise ValueError("scope=dominant: the probe found no massive activations and there is no train_dataset "
@@ -242,36 +242,54 @@ class ZOTrainer(Trainer):
         layer, values = self.layer_sensitivity()
         measured = ", ".join(f"{i}:{v:.3g}" for i, v in enumerate(values))
         reason = (f"{why}; fell back to the most perturbation-sensitive layer on the first "
-                  f"{FALLBACK_SENSITIVITY['batches']} training batches (mean |L+ - L-|/2eps: {measured})")
+                  f"{QUICK_SENSITIVITY['batches']} training batches (mean |L+ - L-|/2eps: {measured})")
         logger.warning("ZOTrainer: layer %d chosen; %s", layer, reason)
         return layer, reason
 
+    def _screened_layer(self, tokenizer) -> tuple[int, str]:
+        """rule=screen: dlzo.engine.layer_choice.screen_choice, the procedure of `dlzo train --rule screen`, on
+        the first training batches in dataset order and the first eval batches (else the training batches
+        after them), with the model's own loss; `zo_layer_choice` keeps the whole record."""
+        if self.train_dataset is None:
+            raise ValueError("ZOArguments.rule=screen needs a train_dataset to train the candidate layers on")
+        self.model.eval()
+        steps, wanted = SCREEN["steps"], SCREEN["dev_examples"]
+        train = [self._prepare_inputs(b) for b in itertools.islice(self.get_test_dataloader(self.train_dataset),
+                                                                   2 * steps)]
+        held = ([self._prepare_inputs(b) for b in itertools.islice(self.get_eval_dataloader(), wanted)]
+                if self.eval_dataset is not None else train[steps:]) or train
+        held = held[: -(-wanted // held[0]["input_ids"].shape[0])]  # enough batches for about `wanted` rows
+        task = model_loss_screen_task(self.model, train[:steps], held)
+        with self.accelerator.autocast():
+            self.zo_layer_choice = screen_choice(self.model, screen_probe(self.model, tokenizer), task,
+                                                 lr=self.args.learning_rate, eps=self.zo_args.eps, seed=self.args.seed,
+                                                 distribution=self.zo_args.distribution)
+        for doubt in self.zo_layer_choice["doubts"]:
+            logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
+        return self.zo_layer_choice["layer"], self.zo_layer_choice["reason"]
+
     @torch.no_grad()
-    def layer_sensitivity(self, batches: int = FALLBACK_SENSITIVITY["batches"],
-                          seeds: int = FALLBACK_SENSITIVITY["seeds"]) -> tuple[int, list[float]]:
-        """(most sensitive layer, per-layer mean |L(θ+εz_l) - L(θ-εz_l)| / 2ε): each decoder layer perturbed
-        alone along `seeds` directions, on the first `batches` training batches in dataset order, with the
-        model's own loss (the rule of dlzo.engine.layer_choice.choose_dominant_layer's fallback)."""
+    def layer_sensitivity(self, batches: int = QUICK_SENSITIVITY["batches"],
+                          seeds: int = QUICK_SENSITIVITY["seeds"]) -> tuple[int, list[float]]:
+        """(most sensitive layer, per-layer mean |L(θ+εz_l) - L(θ-εz_l)| / 2ε): the fallback of `dlzo train`
+        (dlzo.engine.layer_choice.most_sensitive_layer) on the first `batches` training batches in dataset order,
+        with the model's own loss."""
         self.model.eval()
         loader = self.get_test_dataloader(self.train_dataset)  # dataset order: no RNG drawn
         data = [self._prepare_inputs(b) for b in itertools.islice(iter(loader), batches)]
         with self.accelerator.autocast():
-            measured = layers_sensitivity(
-                self.model, data, self.zo_args.eps, seeds, distribution=self.zo_args.distribution,
+            return most_sensitive_layer(
+                self.model, data, self.zo_args.eps, distribution=self.zo_args.distribution, seeds=seeds,
                 pair_loss=lambda runner, batch, plus, minus, cache: runner.pair_model_loss(batch, plus, minus,
                                                                                          prefix_cache=cache))
-        means = []
-        for layer in measured:  # half precision can overflow: a non-finite value says nothing about the layer
-            finite = [v for v in layer.values if math.isfinite(v)]
-            means.append(sum(finite) / len(finite) if finite else 0.0)
-        return max(range(len(means)), key=means.__getitem__), means
 
     # ------------------------------------------------------------------------------------ the step
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            self.optimizer = ZOStepOptimizer(self.args.learning_rate, self._apply_zo_step, self._zo_state,
-                                             self._load_zo_state, self.args.device)
+            self.optimizer = ZOStepOptimizer(self.args.learning_rate, self._apply_zo_step,
+                                             lambda: self._zo_state(tensors=True), self._load_zo_state,
+                                             self.args.device)
         return self.optimizer
 
     def _uses_model_loss(self, inputs) -> bool:
@@ -299,15 +317,22 @@ class ZOTrainer(Trainer):
         step = self.state.global_step
         self._zo.step_count = step  # the directions are a function of (seed, optimizer step)
         self._pending = [p for p in self._pending if p[0] == step]
+        bases: list[float] = []
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-            if self._branched is not None and self._uses_model_loss(inputs):
+            if self._generation is not None:
+                self._generation.at_step(self.args.seed, step)  # --temperature: the step's shared noise
+                result = evaluate_step(self._zo, self._generation, [batch_examples(inputs["rows"])], update=False)
+            elif self._zo.estimator == "one-sided" or self._zo.update_rule == "hizoo":
+                stepper = self._zo.step_hizoo if self._zo.update_rule == "hizoo" else self._zo.step_one_sided
+                result = stepper(self._swapped_loss_at(model, inputs, bases), update=False)
+            elif self._branched is not None and self._uses_model_loss(inputs):
                 result = self._zo.step_functional(
                     lambda plus, minus: self._branched.pair_model_loss(inputs, plus, minus), update=False)
             else:  # a copy per forward: with label smoothing or compute_loss_func, compute_loss pops "labels"
                 result = self._zo.step(lambda: self.compute_loss(model, dict(inputs)), update=False)
         counted = self._label_count(inputs)
         weight = counted if counted is not None else 1.0
-        self._pending.append((step, result, weight))
+        self._pending.append((step, result, weight, bases[0] if bases else None))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(torch.zeros((), device=self.args.device))  # fp16: sets up the scale it checks at step
@@ -316,6 +341,27 @@ class ZOTrainer(Trainer):
         else:
             share = 1.0 / self.current_gradient_accumulation_steps
         return torch.tensor(result.loss * share if weight > 0 else 0.0, device=self.args.device)
+
+    def _swapped_loss_at(self, model: nn.Module, inputs: dict, bases: list[float]) -> Callable:
+        """loss_at of the one-sided and HiZOO steps (ZOOptimizer.step_one_sided / step_hizoo): compute_loss
+        with the given tuned tensors swapped into the model for one forward (any scope; the weights are never
+        written), or at θ itself for None, whose loss is kept in `bases` for merging micro-batches."""
+
+        def loss_at(tensors: Mapping[str, torch.Tensor] | None) -> float:
+            if tensors is None:
+                bases.append(float(self.compute_loss(model, dict(inputs))))
+                return bases[-1]
+            with swapped_tensors(self.model, dict(tensors.items())):
+                return float(self.compute_loss(model, dict(inputs)))
+
+        return loss_at
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """Under a reward, evaluation scores greedy completions: eval_loss is -mean reward."""
+        if self._generation is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        examples = batch_examples(self._prepare_inputs(inputs)["rows"])
+        return torch.tensor(-self._generation.greedy_mean(examples), device=self.args.device), None, None
 
     def floating_point_ops(self, inputs: dict) -> int:
         """Trainer's documented hook for total_flos: a forward costs about 2 FLOPs per parameter and token, and
@@ -327,35 +373,34 @@ class ZOTrainer(Trainer):
     def _apply_zo_step(self, lr: float) -> None:
         """The update of one optimizer step from its micro-batches' losses, weighted by label tokens."""
         step = self.state.global_step
-        pending = [(r, w) for s, r, w in self._pending if s == step and w > 0]
+        pending = [(r, w, b) for s, r, w, b in self._pending if s == step and w > 0]
         self._pending = []
         if not pending:
             return
-        if len(pending) == 1:
-            result = pending[0][0]
-        else:
-            total = sum(w for _, w in pending)
-            directions = len(pending[0][0].seeds)
-            plus = [sum(r.loss_plus[d] * w for r, w in pending) / total for d in range(directions)]
-            minus = [sum(r.loss_minus[d] * w for r, w in pending) / total for d in range(directions)]
-            grads = [(p - m) / (2 * self._zo.eps) for p, m in zip(plus, minus)]
-            result = StepResult(list(pending[0][0].seeds), grads, plus, minus)
+        result = pending[0][0] if len(pending) == 1 else _merged(pending, self._zo)
         self._zo.step_count = step
         self._zo.lr = lr
         result = self._zo.finish(result)
         self.zo_history.append({"step": step, "lr": lr, "seeds": result.seeds, "projected_grads": result.projected_grads,
                                 "loss_plus": result.loss_plus, "loss_minus": result.loss_minus,
-                                "skipped": result.skipped})
+                                "skipped": result.skipped,
+                                **({"curvatures": result.curvatures} if result.curvatures is not None else {})})
         if result.skipped:
             logger.warning("ZOTrainer: step %d skipped, non-finite loss (L+ %s, L- %s)", step, result.loss_plus,
                            result.loss_minus)
 
     # ------------------------------------------------------------------------------------ state, logs, saving
 
-    def _zo_state(self) -> dict:
-        return {**self._zo.state_dict(), "names": list(self.zo_scope.names),
-                "scope": self.zo_scope.description, "zo_args": dataclasses.asdict(self.zo_args),
-                "skipped_steps": self._skipped_before + sum(h["skipped"] for h in self.zo_history)}
+    def _zo_state(self, tensors: bool = False) -> dict:
+        """The ZO state for dlzo_zo.json; with `tensors` (optimizer.pt) also the update rule's state tensors:
+        the moments (momentum, adam) and the Hessian estimate (hizoo), so that a resume continues them."""
+        state = {**self._zo.state_dict(), "names": list(self.zo_scope.names),
+                 "scope": self.zo_scope.description, "zo_args": {**dataclasses.asdict(self.zo_args),
+                                                                 "reward": reward_name(self.zo_args.reward)},
+                 "skipped_steps": self._skipped_before + sum(h["skipped"] for h in self.zo_history)}
+        if tensors and self._zo.stateful:
+            state.update(moments=dict(self._zo.moments), hessian=dict(self._zo.hessian))
+        return state
 
     def _load_zo_state(self, state: dict) -> None:
         if list(state.get("names", self.zo_scope.names)) != list(self.zo_scope.names):
@@ -364,6 +409,10 @@ class ZOTrainer(Trainer):
         if int(state.get("seed", self._zo.seed)) != self._zo.seed:
             raise ValueError(f"the checkpoint's ZO seed is {state['seed']}, args.seed is {self._zo.seed}")
         self._zo.load_state_dict(state)
+        if self._zo.stateful:  # the update rule's state as the checkpoint left it (Adam's bias correction too)
+            self._zo.updates = int(state.get("updates", 0))
+            self._zo.moments = {int(i): list(m) for i, m in state.get("moments", {}).items()}
+            self._zo.hessian = {int(i): d for i, d in state.get("hessian", {}).items()}
         self._skipped_before = int(state.get("skipped_steps", 0))  # zo_skipped_steps counts the whole run
         self.zo_history = []  # this train() call's steps from here (a reused trainer would count twice)
 
@@ -378,7 +427,24 @@ class ZOTrainer(Trainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            info = {**self._zo_state(), "layer_reason": self.zo_layer_reason,
+            info = {**self._zo_state(), "layer_reason": self.zo_layer_reason, "layer_choice": self.zo_layer_choice,
                     "global_step": self.state.global_step, "tuned": self.zo_scope.tuned, "total": self.zo_scope.total}
             with open(os.path.join(output_dir, ZO_STATE_FILE), "w") as handle:
                 json.dump(info, handle, indent=1)
+
+
+def _merged(pending: list[tuple[StepResult, float, float | None]], optimizer: ZOOptimizer) -> StepResult:
+    """One optimizer step's micro-batches as one result: the losses averaged by weight (label tokens), then g
+    (and HiZOO's curvature) computed from the averages as the optimizer computes them from one batch's losses."""
+    total, first, eps = sum(w for _, w, _ in pending), pending[0][0], optimizer.eps
+    directions = range(len(first.seeds))
+    plus = [sum(r.loss_plus[d] * w for r, w, _ in pending) / total for d in directions]
+    minus = [sum(r.loss_minus[d] * w for r, w, _ in pending) / total for d in directions]
+    if optimizer.estimator == "one-sided":  # loss_minus holds L(θ)
+        return StepResult(list(first.seeds), [(p - m) / eps for p, m in zip(plus, minus)], plus, minus)
+    grads = [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+    if optimizer.update_rule != "hizoo":
+        return StepResult(list(first.seeds), grads, plus, minus)
+    base = sum(b * w for _, w, b in pending) / total
+    curvatures = [abs(p + m - 2 * base) / (2 * eps**2) for p, m in zip(plus, minus)]
+    return StepResult(list(first.seeds), grads, plus, minus, curvatures=curvatures)

@@ -21,19 +21,29 @@ from dlzo.data.benchmarks import Task
 from dlzo.data.examples import Splits
 from dlzo.data.user_data import count_truncated
 from dlzo.engine import distributed as dist
+from dlzo.engine.checkpoint import checked_load
 from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.prefix_store import PrefixStore, start_loss_key
 from dlzo.engine.scoring import context_limit, fast_layout
 from dlzo.errors import Diverged, DlzoError
 from dlzo.evaluation.evaluate import EvalResult, dev_batches, dev_loss, evaluate, perplexity
+from dlzo.evaluation.objectives import dev_value, micro_batches, objective_for
+from dlzo.evaluation.rewards import RewardError
 from dlzo.model.loading import load_tokenizer, resolve_model_source
 from dlzo.training.config import TrainConfig
 from dlzo.training.interrupt import Interrupted, StopNow, StopRequests
-from dlzo.training.prepare import Prepared, load_into, make_zo_optimizer, prepare_model, tuned_tensors
-from dlzo.training.run_data import Data, check_same_data, load_data
-from dlzo.training.run_folder import ResumePoint, RunFolder, checked_load, library_versions
+from dlzo.training.prepare import (
+    Prepared,
+    half_precision_warning,
+    load_into,
+    make_zo_optimizer,
+    prepare_model,
+    tuned_tensors,
+)
+from dlzo.training.run_data import Data, check_same_data, load_data, own_data_results, own_data_summary
+from dlzo.training.run_folder import RESUME, ResumePoint, RunFolder, library_versions
 from dlzo.training.scalars import ScalarLogger, check_reporting
-from dlzo.training.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
+from dlzo.training.step import adamw_step, batch_indices, step_batches, step_runner, zo_step
 
 # Examples per forward when the frozen prefix is built: a constant, so the cached tensors do not depend on
 # --batch-size; 64 rather than a step's 16 because fewer, larger matrix products run faster.
@@ -68,13 +78,14 @@ def train(config: TrainConfig) -> dict:
         config.out = config.resume
     config.validate()
     check_reporting(config.report_to)
-    run = RunFolder(config.out)
-    previous = run.check(config)
+    run = RunFolder(config.out, "--resume" if config.resume else "--out")
+    previous = run.record() if run.decide(config) == RESUME else None
     resolve_model_source(config.model)  # a wrong --model is reported before anything about the data
     # --data reads the rows with the model's tokenizer (chat templates, lengths); nothing is written before
     # they are read and checked
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code) if config.data else None
     data = load_data(config, tokenizer)
+    objective_for(config, data.task)  # the objective fits the task, a --reward file loads
     if data.user is not None:
         check_same_data(previous, data)
         check_answers_fit(tokenizer, data.splits, config.max_length, data.task)
@@ -82,6 +93,9 @@ def train(config: TrainConfig) -> dict:
         run.lock()
     try:
         return fit(config, run, previous, data)
+    except RewardError as err:  # the logged steps are kept: resume replays them
+        raise RewardError(f"{err}; the run stopped after its last finished step: fix the function, then "
+                          f"dlzo train --resume {run.path}") from None
     finally:
         run.unlock()
 
@@ -92,8 +106,10 @@ class Session:
 
     def __init__(self, config: TrainConfig, run: RunFolder, previous: dict | None, data: Data):
         self.config, self.run, self.data = config, run, data
+        self.objective = objective_for(config, data.task)  # loss, a metric or a reward (dlzo.evaluation.objectives)
         self.resumed = previous is not None
-        self.prepared = prepare_model(config, data.splits.train, previous.get("layer_choice") if previous else None)
+        self.prepared = prepare_model(config, data.splits.train, previous.get("layer_choice") if previous else None,
+                                      dev_examples=data.splits.dev, generation=data.task.generation)
         self.model, self.tokenizer = self.prepared.model, self.prepared.tokenizer
         self.max_length = context_limit(self.model, config.max_length)
         if self.max_length < config.max_length and dist.is_main_process():
@@ -114,14 +130,19 @@ class Session:
             raise DlzoError("--resume is supported for ZO runs only (AdamW state is not checkpointed)")
         self.point = (run.resume_point(self.model, self.zo, self.perturbation == "arithmetic") if previous is not None
                       else ResumePoint(0, math.inf, 0))
+        if self.zo is not None and self.is_main:  # before the first step moves the weights: its drift is measured
+            warning = half_precision_warning(self.prepared.masters, self.zo, self.perturbation == "arithmetic", self.point.step)
+            if warning:
+                print(warning)
         self.lr_at = lr_schedule(config)
         self.layout = fast_layout(self.model, self.tokenizer, config.fast_path)
         self.rank, self.world = dist.rank(), dist.world_size()
         split_directions = config.parallel == "perturbation" and self.world > 1
         built = self.frozen_prefix()
         self.frozen = built if built is not None and not built.dropped else None
-        self.runner = StepRunner(self.model, self.prepared.scope, config.fast_path,
-                                 average_across_ranks=not split_directions, frozen=self.frozen)
+        self.runner = step_runner(self.objective, self.model, self.tokenizer, self.prepared.scope, config.fast_path,
+                                  self.frozen, not split_directions, self.max_length, config.max_new_tokens,
+                                  config.temperature)
         self.directions = ([d for d in range(config.q) if d % self.world == self.rank] if split_directions else None)
         if self.is_main:
             announce(config, self.prepared, data.splits, self.point, previous)
@@ -151,6 +172,8 @@ class Session:
         config, scope = self.config, self.prepared.scope
         if self.perturbation != "functional" or not config.prefix_cache_mb or not scope.layers or min(scope.layers) < 1:
             return None
+        if self.objective.generates:  # completions are new sequences at every step
+            return None
         store = PrefixStore.open(config.prefix_store, self.model, min(scope.layers)) if config.prefix_store else None
         frozen = FrozenPrefix(self.model, min(scope.layers), config.prefix_cache_mb * 2**20, store)
         train = self.data.splits.train
@@ -168,6 +191,10 @@ class Session:
         return splits.dev or splits.train[:100]
 
     def evaluate_dev(self) -> float:
+        """The dev loss; under another objective, -metric (dlzo.evaluation.objectives.dev_value)."""
+        if self.objective.name != "loss":
+            return dev_value(self.objective, self.model, self.tokenizer, self.dev_examples(), self.config.eval_batch_size,
+                             self.max_length, self.config.max_new_tokens, self.frozen)
         return dev_loss(self.model, self.tokenizer, self.dev_examples(), self.config.eval_batch_size,
                         self.data.task.generation, self.max_length, per_token=self.data.per_token, frozen=self.frozen)
 
@@ -175,7 +202,7 @@ class Session:
         """The untrained model's dev loss. With --prefix-store it is kept beside the stored prefix under a key of
         all it depends on (dlzo.engine.prefix_store.start_loss_key), so of a sweep's runs over one layer (every rate and
         seed: the data seed is fixed) only the first measures it. One process only: ranks hold other shares."""
-        store = self.frozen.store if self.frozen is not None and self.world == 1 else None
+        store = self.frozen.store if self.frozen is not None and self.world == 1 and self.objective.name == "loss" else None
         if store is None:
             return self.evaluate_dev()
         examples = self.dev_examples()
@@ -203,7 +230,7 @@ class Session:
             self.save("best.safetensors", step, best)
         self.save("last.safetensors", step, best)
         if self.is_main:
-            self.run.log_metrics({"step": step, "dev_loss": current, "best_dev_loss": best})
+            self.run.log_metrics({"step": step, "dev_loss": current, "best_dev_loss": best, **self.objective.last_dev})
         return current, best
 
     def start(self) -> tuple[float, float]:
@@ -213,7 +240,7 @@ class Session:
             dev_start = self.dev_loss_at_start()
             self.save("best.safetensors", 0, dev_start)
             if self.is_main:
-                self.run.log_metrics({"step": 0, "dev_loss": dev_start})
+                self.run.log_metrics({"step": 0, "dev_loss": dev_start, **self.objective.last_dev})
             return dev_start, dev_start
         best = self.point.best_dev
         if self.point.step and self.point.step not in seen and is_eval_step(self.config, self.point.step):
@@ -225,8 +252,12 @@ class Session:
         config, splits = self.config, self.data.splits
         examples = [splits.train[i] for i in batch_indices(step, len(splits.train), config.batch_size, config.seed)]
         shard = examples[self.rank :: self.world] if self.world > 1 and config.parallel == "data" else examples
-        batches = step_batches(self.tokenizer, shard, config.grad_accum, self.device, fast_path=config.fast_path,
-                               max_length=self.max_length, generation=self.data.task.generation, layout=self.layout)
+        if self.objective.generates:  # prompts to complete, and the step's sampling noise
+            batches = micro_batches(shard, config.grad_accum)
+            self.runner.at_step(config.seed, step)
+        else:
+            batches = step_batches(self.tokenizer, shard, config.grad_accum, self.device, fast_path=config.fast_path,
+                                   max_length=self.max_length, generation=self.data.task.generation, layout=self.layout)
         if self.zo is None:
             for group in self.adam.param_groups:
                 group["lr"] = lr
@@ -235,7 +266,7 @@ class Session:
         result = zo_step(self.zo, self.runner, batches, self.directions)
         if self.is_main:
             entry = {"step": step, "seeds": [str(s) for s in result.seeds], "grads": result.projected_grads,
-                     "lr": lr, "skipped": result.skipped}
+                     "lr": lr, "skipped": result.skipped, **self.objective.step_logged(result.loss_plus, result.loss_minus)}
             if result.curvatures is not None:
                 entry["curvatures"] = result.curvatures
             self.run.log_step(entry)
@@ -281,7 +312,8 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
             if session.is_main:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
                 if step % 10 == 0 or done == config.steps:
-                    run.log_metrics({"step": step, "loss": loss, "lr": lr, "elapsed_s": round(elapsed, 3)})
+                    run.log_metrics({"step": step, "loss": loss, "lr": lr, "elapsed_s": round(elapsed, 3),
+                                     **session.objective.logged(loss)})
                 scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/steps_per_s": (done - first) / max(elapsed, 1e-9),
                                    **({"train/projected_grad": grad} if grad is not None else {})})
             if is_eval_step(config, done):
@@ -311,7 +343,10 @@ def evaluate_best(config: TrainConfig, run: RunFolder, prepared: Prepared, data:
     is_main = dist.is_main_process()
     load_into(model, checked_load(run.path / "best.safetensors"))
     tested = splits.dev if data.user is not None else splits.test
-    if data.per_token:
+    objective = objective_for(config, data.task)
+    if data.user is not None and objective.name != "loss":  # the dev rows chose the checkpoint by this metric
+        result = EvalResult(data.task.name, objective.key, -best_dev, len(tested))
+    elif data.per_token:
         result = EvalResult(data.task.name, "perplexity", perplexity(best_dev), len(tested))
     else:
         result = evaluate(model, tokenizer, data.task, tested, config.eval_batch_size,
@@ -327,36 +362,18 @@ def evaluate_best(config: TrainConfig, run: RunFolder, prepared: Prepared, data:
                "seconds_per_step": round(train_seconds / ran, 4), "world_size": dist.world_size(),
                "bytes_exchanged_per_step": dist.STEP_TRAFFIC["bytes"] / ran}
     if data.user is not None:
-        results.update(own_data_results(data, dev_start, best_dev))
+        results.update(own_data_results(data, dev_start, best_dev, objective.name == "loss"))
+    results.update(objective.results(dev_start, best_dev, config.reward))
     if is_main:
         run.write_results(results)
         if data.user is not None:
-            print(own_data_summary(data, result, dev_start, best_dev) + f"; results in {run.results}")
+            print(own_data_summary(data, result, dev_start, best_dev, objective) + f"; results in {run.results_file}")
         elif result:
-            print(f"test {result.metric} {result.value:.4f} on {result.num_examples} examples; dev loss "
-                  f"{dev_start:.4f} -> best {best_dev:.4f}; results in {run.results}")
+            dev = (f"dev loss {dev_start:.4f} -> best {best_dev:.4f}" if objective.name == "loss" else
+                   f"dev {objective.key} {-dev_start:.4f} -> best {-best_dev:.4f}")
+            print(f"test {result.metric} {result.value:.4f} on {result.num_examples} examples; {dev}; results in "
+                  f"{run.results_file}")
     return results
-
-
-def own_data_results(data: Data, dev_start: float, best_dev: float) -> dict:
-    """What results.json adds for --data: the data's record, what was tested, and the perplexities."""
-    extra = {"data": data.info, "test_split": "dev: the held-out rows (--data has no test set; these rows also "
-                                              "chose the best checkpoint)"}
-    if data.per_token:
-        extra.update(dev_loss_kind="mean negative log-likelihood per scored token",
-                     dev_perplexity_start=perplexity(dev_start), dev_perplexity_best=perplexity(best_dev))
-    else:
-        extra.update(dev_loss_kind="cross-entropy over the options per row")
-    return extra
-
-
-def own_data_summary(data: Data, result: EvalResult, dev_start: float, best_dev: float) -> str:
-    rows = f"{len(data.splits.dev)} held-out rows of {data.task.name}"
-    if data.per_token:
-        return (f"dev loss {dev_start:.4f} -> best {best_dev:.4f} per token (perplexity {perplexity(dev_start):.3f} "
-                f"-> {perplexity(best_dev):.3f}) on {rows}")
-    return (f"dev accuracy {result.value:.4f} on {rows} (they also chose the checkpoint; pass --eval-data for an "
-            f"untouched set); dev loss {dev_start:.4f} -> best {best_dev:.4f}")
 
 
 def is_eval_step(config: TrainConfig, done: int) -> bool:
@@ -378,6 +395,8 @@ def announce(config: TrainConfig, prepared: Prepared, splits: Splits, point: Res
     scope = prepared.scope
     if prepared.layer_choice:
         print(f"dominant layer {prepared.layer_choice['layer']}: {prepared.layer_choice['reason']}")
+        for doubt in prepared.layer_choice.get("doubts", []):
+            print(f"warning: the layer choice is doubtful: {doubt}")
     print(f"tuning {scope.description}: {scope.tuned:,} of {scope.total:,} parameters ({100 * scope.fraction:.2f}%), "
           f"{config.optimizer}, {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples")
     for note in splits.notes if config.data else []:
@@ -391,7 +410,8 @@ def run_record(config: TrainConfig, prepared: Prepared, splits: Splits, perturba
     scope = prepared.scope
     return {"config": asdict(config), "layer_choice": prepared.layer_choice, "scope": scope.description,
             "tuned_names": scope.names, "tuned_parameters": scope.tuned, "total_parameters": scope.total,
-            "perturbation": perturbation, "versions": library_versions(), "device": str(device),
+            "perturbation": perturbation, "master_weights": bool(prepared.masters),
+            "versions": library_versions(), "device": str(device),
             "world_size": dist.world_size(), "parallel": config.parallel,
             "splits": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test),
                        "notes": splits.notes}}

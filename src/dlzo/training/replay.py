@@ -11,7 +11,8 @@ import torch
 
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.training.prepare import make_zo_optimizer, tuned_tensors
-from dlzo.training.run_folder import build_for_run, read_jsonl
+from dlzo.training.run_folder import read_jsonl
+from dlzo.training.run_model import build_for_run
 
 
 def replay(run: str | Path, base_model: str | None = None, upto: int | None = None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,6 @@
 """The run folder: everything a training run writes, reads back to resume, and hands to replay, export and eval.
+`RunFolder` is its one owner: every command reads and writes these files through it, so a damaged folder is
+one line naming the file, whoever reads it.
 
   run.json           full config, chosen layer and why, split sizes, library versions, device
   metrics.jsonl      one line per logged step and per evaluation
@@ -7,12 +9,15 @@
   best.safetensors   tuned tensors with the lowest dev loss so far
   final.safetensors  tuned tensors after the last step
   results.json       dev loss start/best, test metric of the best checkpoint, wall time
-  lock               the process id of the run that holds the folder
+  lock.flock         the lock (filelock: an OS file lock, let go by the system when its process ends, however)
+  lock               the process id of the run that holds the folder, kept beside the lock for the messages
   diverged.json      a learning-rate grid's run stopped by non-finite losses (dlzo.studies.lr_grid): finished, no results
+  race-recipe.json   a race's finished recipe (dlzo.studies.race): finished, its figures there
 
 Resume is handled here and only here: `resume_point` loads the last checkpoint and re-applies every logged
 step after it (ZOOptimizer.replay_step), so a kill loses at most the step in flight; a torn last line of a
-log (a kill in the middle of a write) is dropped.
+log (a kill in the middle of a write) is dropped. What to do with a folder (start, resume, reuse a finished
+run, start an unresumable one again) is decided here too, by `decide`, for `dlzo train` and every study.
 """
 
 from __future__ import annotations
@@ -20,31 +25,39 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Iterable
+import shutil
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from filelock import FileLock, Timeout
 
 from dlzo.data.user_data import file_digest
-from dlzo.engine.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from dlzo.engine.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    checked_load,
+    checkpoint_metadata,
+    save_tensors,
+)
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.errors import DlzoError, first_line
-from dlzo.model.loading import resolve_device
 from dlzo.training.config import TrainConfig, same_path_option
-from dlzo.training.prepare import Prepared, load_into, prepare_model
+from dlzo.training.prepare import load_into
 
 # Keys that do not change what a run trained (where it lives, how it logs, where its frozen prefix is kept on
-# disk): a kept run, reused as finished by a sweep or a learning-rate grid, must agree on every other one,
-# steps included.
+# disk): a kept run, reused as finished by a study, must agree on every other one, steps included.
 FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
 # Keys that may differ between an interrupted run and its resumption.
 _FREE_ON_RESUME = (*FREE_FOR_A_KEPT_RUN, "steps")
 DIVERGED = "diverged.json"  # marks a learning-rate grid's run stopped by non-finite losses
-# Lock files this process holds now. A lock naming our own pid is stale unless it is in here: then a second
-# train() in this process (a notebook cell run twice, a thread) is writing the same folder.
-_HELD: set[Path] = set()
+RACE_RECIPE = "race-recipe.json"  # a race's finished recipe
+# What decide() answers.
+START, RESUME, REUSE, RESTART = "start", "resume", "reuse", "restart"
+# A study's own words for a kept run trained otherwise: (option, then, now) -> the error to raise.
+Refusal = Callable[[str, object, object], DlzoError]
 
 
 def library_versions() -> dict:
@@ -79,30 +92,101 @@ class ResumePoint:
 
 
 class RunFolder:
-    """One training run's folder. All writes are atomic or append-only, so a crash never loses a finished step."""
+    """One training run's folder. All writes are atomic or append-only, so a crash never loses a finished step.
+    `flag` is how the command line named the folder (--run, --resume, --out): its messages say it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, flag: str = ""):
         self.path = Path(path)
+        self.named = f"{flag} {self.path}" if flag else str(self.path)
         self.run_file = self.path / "run.json"
         self.metrics = self.path / "metrics.jsonl"
         self.trajectory = self.path / "trajectory.jsonl"
-        self.results = self.path / "results.json"
-        self.lock_file = self.path / "lock"
-        self._locked = False
+        self.results_file = self.path / "results.json"
+        self.race_recipe = self.path / RACE_RECIPE
+        self.lock_file = self.path / "lock.flock"
+        self.holder_file = self.path / "lock"
+        self._lock: FileLock | None = None
+
+    # ------------------------------------------------------------------------------ reading
+
+    def record(self) -> dict:
+        """run.json: the run's options under "config", its layer choice, scope, data; one line naming the file
+        when it is missing, not JSON or has no options (a damaged folder is no traceback)."""
+        if not self.run_file.exists():
+            raise DlzoError(f"{self.named}: no run.json there (not a dlzo run folder)")
+        record = self._read_json(self.run_file)
+        if not isinstance(record.get("config"), dict):
+            raise DlzoError(f"{self.run_file}: has no \"config\" (the options of the run): not written by dlzo "
+                            f"train, or damaged")
+        return record
+
+    def config(self) -> dict:
+        """The options the run was started with, as run.json records them."""
+        return self.record()["config"]
+
+    def results(self) -> dict:
+        """results.json of a finished run."""
+        return self._read_json(self.results_file)
+
+    def is_started(self) -> bool:  # run.json is written before the first step
+        return self.run_file.exists()
+
+    def is_finished(self) -> bool:
+        """Trained to the end with figures: results.json, or a race's recipe record."""
+        return self.results_file.exists() or self.race_recipe.exists()
+
+    def diverged(self) -> bool:
+        """A learning-rate grid's run stopped by non-finite losses: finished, without results."""
+        return (self.path / DIVERGED).exists()
+
+    def _read_json(self, path: Path) -> dict:
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise DlzoError(f"{path}: cannot be read ({err.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DlzoError(f"{path}: not valid JSON ({first_line(err)}): the run folder is damaged") from None
+        if not isinstance(value, dict):
+            raise DlzoError(f"{path}: not a JSON object: the run folder is damaged")
+        return value
 
     # ------------------------------------------------------------------------------ before any work
 
-    def check(self, config: TrainConfig) -> dict | None:
-        """A new run must not land in an old run's folder; a resumed one must have the same arguments.
-        Returns the interrupted run's record when resuming."""
-        if not config.resume:
+    def decide(self, config: TrainConfig, study: bool = False, no_resume: str = "",
+               refuse: Refusal | None = None) -> str:
+        """Start, resume or reuse: the one answer for `config` in this folder, given before any work.
+
+        `dlzo train` (study False) does what its flags say: RESUME with --resume (the run's options must
+        agree), else START, refused where a run already is.
+        A study that keeps its runs across calls (sweep, lr grid, race, demo: study True) asks the folder:
+          finished (results.json, a race's recipe, a grid's diverged.json) -> REUSE, only if trained with these
+            options, steps included (changed_since_kept; else `refuse(option, then, now)` or one line of ours);
+          started (run.json) -> RESUME, with the checks of --resume; or, where it cannot resume (`no_resume`
+            says why: a first-order run keeps no optimizer state, a race's seconds come from one process),
+            RESTART: the folder is emptied first, unless a live process holds it;
+          else START."""
+        if not study:
+            if config.resume:
+                self.check_resume(config)
+                return RESUME
             if self.trajectory.exists():
-                raise DlzoError(f"--out {self.path} already holds a run; pass --resume {self.path} to continue it, "
-                                f"or another --out")
-            return None
-        if not self.run_file.exists():
-            raise DlzoError(f"--resume {self.path}: no run.json there, nothing to resume")
-        previous = json.loads(self.run_file.read_text())
+                raise DlzoError(f"--out {self.path} already holds a run; pass --resume {self.path} to continue "
+                                f"it, or another --out")
+            return START
+        if self.is_finished() or self.diverged():
+            self.check_kept(config, refuse)
+            return REUSE
+        if not self.is_started():
+            return START
+        if not no_resume:
+            self.check_resume(config)
+            return RESUME
+        self.clear(no_resume)
+        return RESTART
+
+    def check_resume(self, config: TrainConfig) -> None:
+        """A resumed run must have the same arguments (steps may grow under a constant rate)."""
+        self.record()
         # with a schedule the step count shapes every lr, so it must stay
         free = [k for k in _FREE_ON_RESUME if k != "steps" or config.lr_scheduler == "constant"]
         changed = self.changed_option(config, free)
@@ -113,12 +197,20 @@ class RunFolder:
         if config.steps < reached:  # the resume would re-apply them all and label the result with fewer
             raise DlzoError(f"--resume {self.path}: --steps {config.steps} is below the {reached} steps that run "
                             f"has already logged; give --steps {reached} or more, or start a new run")
-        return previous
+
+    def check_kept(self, config: TrainConfig, refuse: Refusal | None = None) -> None:
+        """A finished run is reused only if `config` would train it as it was trained."""
+        changed = self.changed_since_kept(config)
+        if changed and refuse is not None:
+            raise refuse(*changed)
+        if changed:
+            raise DlzoError(f"{self.path} holds a finished run trained with {changed[0]}={changed[1]!r}, now "
+                            f"{changed[2]!r} is asked; move that folder away or give --out another folder")
 
     def changed_option(self, config: TrainConfig, free: Iterable[str]) -> tuple[str, object, object] | None:
         """The first option of `config`, `free` ones aside, that differs from this folder's run.json: (name,
         then, now); None when all agree. Keys added after that run was written hold their default in it."""
-        recorded = json.loads(self.run_file.read_text())["config"]
+        recorded = self.config()
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key, now in asdict(config).items():
             was = recorded.get(key, defaults.get(key))
@@ -127,11 +219,11 @@ class RunFolder:
         return None
 
     def changed_since_kept(self, config: TrainConfig) -> tuple[str, object, object] | None:
-        """For a run reused as finished (a sweep's or a learning-rate grid's): the first option, steps
-        included, that differs from what trained it; None when all agree."""
+        """For a run reused as finished (by a study): the first option, steps included, that differs from
+        what trained it; None when all agree."""
         changed = self.changed_option(config, FREE_FOR_A_KEPT_RUN)
         if changed is None:  # the same path may hold other rows now (resume checks this too: check_same_data)
-            kept = json.loads(self.run_file.read_text()).get("data") or {}
+            kept = self.record().get("data") or {}
             changed = changed_data_file(kept, {"sha256": file_digest(config.data),
                                                "eval_sha256": file_digest(config.eval_data)})
             if changed:
@@ -140,53 +232,90 @@ class RunFolder:
                 return f"{option} (content)", f"sha256 {was[:12]}...", f"sha256 {now[:12]}..."
         return changed
 
+    def recorded_options(self) -> dict:
+        """The options the run was started with, as defaults for `dlzo train --resume`: the flags given again
+        must agree with them, so they need not be given. Where, how to log, and options dlzo no longer has are
+        left out."""
+        known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to"}
+        return {key: value for key, value in self.config().items() if key in known}
+
+    def clear(self, why: str) -> None:
+        """Empty the folder of an interrupted run that cannot resume, under its lock (so not while a live
+        process holds it)."""
+        self.lock()
+        try:
+            for child in self.path.iterdir():
+                if child in (self.lock_file, self.holder_file):
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        finally:
+            self.unlock()
+        print(f"{self.path}: the interrupted run starts again from step 0 ({why})")
+
+    # ------------------------------------------------------------------------------ the lock
+
     def lock(self) -> None:
-        """Hold the folder for this process: a second run on it fails at once naming the holder; a lock left
-        by a dead process is taken over."""
+        """Hold the folder for this process: a second run on it, in this process or another, fails at once
+        naming the holder. The lock is the OS's (filelock), let go when its process ends however it ends, so a
+        dead run's folder is taken over, and by one process only when several try at once."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise DlzoError(f"--out {self.path}: cannot create the folder ({err.strerror})") from None
-        for _ in range(2):
-            try:
-                handle = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _another_live_process(holder):
-                    raise DlzoError(f"--out {self.path} is in use by process {holder} (its lock file: {self.lock_file}); "
-                                    f"wait for it or stop it") from None
-                if holder == os.getpid() and self.lock_file.resolve() in _HELD:
-                    raise DlzoError(f"--out {self.path} is in use by another run of this process (its lock file: "
-                                    f"{self.lock_file}); let that run finish first") from None
-                print(f"taking over the stale lock of process {holder} in {self.path} (it is no longer running)")
-                self.lock_file.unlink(missing_ok=True)
-                continue
-            except OSError as err:
-                raise DlzoError(f"--out {self.path}: cannot write there ({err.strerror})") from None
-            with os.fdopen(handle, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self._locked = True
-            _HELD.add(self.lock_file.resolve())
-            return
-        raise DlzoError(f"--out {self.path}: could not take the lock {self.lock_file}")
+        lock = FileLock(str(self.lock_file), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = self._announced_holder()
+            if holder == os.getpid():
+                raise DlzoError(f"--out {self.path} is in use by another run of this process (its lock file: "
+                                f"{self.lock_file}); let that run finish first") from None
+            who = f"process {holder}" if holder is not None and _alive(holder) else "another process"
+            raise DlzoError(f"--out {self.path} is in use by {who} (its lock file: {self.lock_file}); wait for "
+                            f"it or stop it") from None
+        except OSError as err:
+            raise DlzoError(f"--out {self.path}: cannot write there ({err.strerror})") from None
+        stale = self._holder()
+        if stale is not None:  # the lock is ours: whoever wrote this let it go (a kill, or before a restart)
+            print(f"taking over the stale lock of process {stale} in {self.path} (it is no longer running)")
+        try:
+            atomic_write_text(self.holder_file, f"{os.getpid()}\n")
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
 
     def unlock(self) -> None:
-        if self._locked:
+        if self._lock is not None:
             if self._holder() == os.getpid():
-                self.lock_file.unlink(missing_ok=True)
-            _HELD.discard(self.lock_file.resolve())
-        self._locked = False
+                self.holder_file.unlink(missing_ok=True)
+            self._lock.release()
+        self._lock = None
 
     def live_holder(self) -> int | None:
-        """The process holding the folder, if it still runs."""
+        """The process holding the folder by its pid file, if it still runs (for `dlzo report`: nothing is
+        locked to look)."""
         holder = self._holder()
         return holder if holder is not None and _another_live_process(holder) else None
 
     def _holder(self) -> int | None:
         try:
-            return int(self.lock_file.read_text().strip())
+            return int(self.holder_file.read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def _announced_holder(self) -> int | None:
+        """The pid the holder writes beside the lock just after taking it: a moment's wait (a second at most)
+        spares naming the dead process it took the lock over from."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            holder = self._holder()
+            if (holder is not None and (holder == os.getpid() or _alive(holder))) or time.monotonic() > deadline:
+                return holder
+            time.sleep(0.02)
 
     # ------------------------------------------------------------------------------ writing
 
@@ -205,7 +334,10 @@ class RunFolder:
                                                  "model": model})
 
     def write_results(self, results: dict) -> None:
-        atomic_write_json(self.results, results)
+        atomic_write_json(self.results_file, results)
+
+    def mark_diverged(self, reason: str) -> None:
+        atomic_write_json(self.path / DIVERGED, {"reason": reason})
 
     # ------------------------------------------------------------------------------ resume
 
@@ -248,7 +380,7 @@ class RunFolder:
         """Where an unfinished run stands, from its logs alone (nothing is loaded): steps logged of those asked,
         its dev losses, the recent seconds per training step, the live process holding it (None: stopped) and
         whether it diverged (a learning-rate grid's run, finished without results)."""
-        config = json.loads(self.run_file.read_text()).get("config", {})
+        config = self.config()
         recent = previous = None
         for record in read_jsonl(self.metrics):
             if "dev_loss" in record:
@@ -260,7 +392,7 @@ class RunFolder:
                 previous = record
         return {"steps": config.get("steps"), "done": self.steps_logged(), "dev_losses": self.dev_losses(),
                 "seconds_per_step": recent, "holder": self.live_holder(),
-                "diverged": (self.path / DIVERGED).exists(), "optimizer": config.get("optimizer", "zo")}
+                "diverged": self.diverged(), "optimizer": config.get("optimizer", "zo")}
 
     def dev_losses(self) -> dict[int, float]:
         return {r["step"]: r["dev_loss"] for r in read_jsonl(self.metrics) if "dev_loss" in r}
@@ -288,8 +420,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -302,125 +434,16 @@ def changed_data_file(kept: dict, now: dict) -> tuple[str, str, str] | None:
     return None
 
 
-def _recorded_config(folder: str | Path) -> dict:
-    """The options of run.json in `folder`; empty when there is none readable (the command then says why)."""
-    try:
-        recorded = json.loads((Path(folder) / "run.json").read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
-
-
-def recorded_options(folder: str | Path) -> dict:
-    """The options a run in `folder` was started with (its run.json), as defaults for `dlzo train --resume`:
-    the flags given again must agree with them, so they need not be given. Empty when there is no readable
-    run.json (RunFolder.check then says why); where, how to log, and options dlzo no longer has are left out."""
-    known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to"}
-    return {key: value for key, value in _recorded_config(folder).items() if key in known}
-
-
 # The training options that decide a run's test figure, under the names `dlzo eval` gives them.
 TEST_OPTIONS = {"num_test": "num_test", "data_seed": "data_seed", "max_length": "max_length",
-                "eval_batch_size": "batch_size"}
+                "eval_batch_size": "batch_size", "max_new_tokens": "max_new_tokens"}
 
 
 def recorded_test_options(folder: str | Path) -> dict:
-    """Defaults for `dlzo eval --run`: which test rows the run was scored on, how each was cut and batched, so
-    that it reproduces the run's results.json unless flags say otherwise (it sampled the whole validation
-    split at eval's own defaults before, whatever --num-test the run had). A run trained with --num-test 0 (a
+    """Defaults for `dlzo eval --run`: the test rows the run was scored on, cut and batched as they were, so
+    it gives the run's results.json again unless flags say otherwise. A run trained with --num-test 0 (a
     learning-rate grid's) had no test rows: eval's own count stands."""
-    recorded = _recorded_config(folder)
+    recorded = dict(RunFolder(folder, "--run").config())
     if not recorded.get("num_test"):
         recorded.pop("num_test", None)
     return {TEST_OPTIONS[key]: value for key, value in recorded.items() if key in TEST_OPTIONS}
-
-
-def checked_load(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint; a damaged file is one line naming it and what to do."""
-    try:
-        return load_tensors(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise _damaged(path, err) from None
-
-
-def checkpoint_metadata(path: Path) -> dict:
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise _damaged(path, err) from None
-
-
-def _damaged(path: Path, err: Exception) -> DlzoError:
-    return DlzoError(f"checkpoint {path} cannot be read ({first_line(err)}); delete it to resume "
-                     f"from the trajectory log alone (dlzo replays every logged step)")
-
-
-# ------------------------------------------------------------------------------ a recorded run's model
-
-
-def build_for_run(run: str | Path, base_model: str | None = None, device: str = "", dtype: str = ""
-                  ) -> tuple[Prepared, dict]:
-    """The model of a recorded run with its scope resolved (tuned tensors still at their base values),
-    and the run's record: what replay, export and eval start from. `device` and `dtype` (eval's and
-    generate's flags), when given (not auto), replace the run's; a run trained on a device this machine lacks
-    (--device cuda) is loaded on auto (it failed on a flag the user never passed)."""
-    run = Path(run)
-    if not (run / "run.json").exists():
-        raise DlzoError(f"--run {run}: no run.json there (not a dlzo run folder)")
-    record = json.loads((run / "run.json").read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in record["config"].items() if k in known}
-    given = {name: value for name, value in (("device", device), ("dtype", dtype)) if value and value != "auto"}
-    if "device" not in given and not _available(values.get("device", "auto")):
-        print(f"the run was trained on --device {values['device']}, which this machine lacks: using auto")
-        given["device"] = "auto"
-    config = TrainConfig(**{**values, "model": base_model or values["model"], "quiet": True, **given})
-    prepared = prepare_model(config, [], record.get("layer_choice"))
-    if base_model:
-        _check_base_fits(prepared, record, run, base_model)
-    return prepared, record
-
-
-def _check_base_fits(prepared: Prepared, record: dict, run: Path, base_model: str) -> None:
-    """Another base model than the run's (--base, --model) must have the tensors the run tuned, of their shapes:
-    else one line before any work (replay wrote --to and then raised a traceback; generate raised in copy_)."""
-    params = dict(prepared.model.named_parameters())
-    missing = [name for name in record.get("tuned_names", []) if name not in params]
-    if missing:
-        raise DlzoError(f"{base_model}: has no tensor {missing[0]}, which the run in {run} tuned; is it the run's "
-                        f"base model ({record['config']['model']})?")
-    checkpoint = next((run / f"{n}.safetensors" for n in ("final", "last", "best")
-                       if (run / f"{n}.safetensors").exists()), None)
-    if checkpoint is None:
-        return
-    try:
-        with safe_open(str(checkpoint), "pt") as handle:
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError):
-        return  # a damaged checkpoint: checked_load names it when it is read
-    for name, shape in shapes.items():
-        if name in params and list(params[name].shape) != shape:
-            raise DlzoError(f"{base_model}: tensor {name} is {list(params[name].shape)}, the run in {run} tuned "
-                            f"it as {shape}; is it the run's base model ({record['config']['model']})?")
-
-
-def _available(device: str) -> bool:
-    try:
-        resolve_device(device)
-    except DlzoError:
-        return False
-    return True
-
-
-def load_checkpoint_of_run(run: str | Path, which: str = "best", base_model: str | None = None, device: str = "",
-                           dtype: str = "") -> Prepared:
-    """The run's model with the tuned tensors of its `which` checkpoint (best, last or final) loaded."""
-    checkpoint = Path(run) / f"{which}.safetensors"
-    if not checkpoint.exists():
-        raise DlzoError(f"--run {run}: {checkpoint.name} not found")
-    prepared, _ = build_for_run(run, base_model, device, dtype)
-    load_into(prepared.model, checked_load(checkpoint))
-    return prepared
-
-

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from dlzo.errors import DlzoError, first_line
+
+ReportTo = Literal["none", "tensorboard", "wandb"]  # --report-to: where the scalars are mirrored
 
 
 def _summary_writer():
@@ -27,7 +30,7 @@ def _wandb():
     return wandb
 
 
-def check_reporting(report_to: str) -> None:
+def check_reporting(report_to: ReportTo) -> None:
     """Before anything is written: the mirror's package imports, and W&B (unless WANDB_MODE is offline or
     disabled) has a login; it raised a traceback after the run had started."""
     if report_to == "tensorboard":
