@@ -7,6 +7,8 @@
 - With a `FrozenPrefix` (dlzo.engine.prefix) the layers below are not run at all: their output comes from a cache
   filled once per run.
 - Layers above run on all 2B rows; logits are computed only where the loss reads them (dlzo.engine.scoring).
+- Over float32 masters (dlzo.engine.master) θ±εz comes as a lazy mapping: each tensor is made, in the working
+  dtype, when the submodule that owns it starts its forward, and dropped when it ends (`deferred_tensors`).
 
 Two losses: `loss_pair` (dlzo's task batches, dlzo.engine.scoring) and `pair_model_loss` (any causal-LM batch of
 model keyword arguments with `labels`: the model's own mean token cross-entropy, used by dlzo.training.hf_trainer).
@@ -15,7 +17,7 @@ model keyword arguments with `labels`: the model's own mean token cross-entropy,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,8 @@ from torch import nn
 from dlzo.engine.prefix import FrozenPrefix, replaced_forwards
 from dlzo.engine.scoring import EncodedBatch, loss_from_logprobs, token_logprobs
 from dlzo.model.loading import backbone_and_head, decoder_layers, logits_from_hidden
+
+Scorer = Callable[[EncodedBatch, torch.Tensor], torch.Tensor]  # (batch, scored log-probabilities) -> the step's L
 
 
 def _split(value, rows: int, half: int):
@@ -63,6 +67,78 @@ def swapped_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
             owner._parameters[leaf] = original
 
 
+@contextlib.contextmanager
+def deferred_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """swapped_tensors for a lazy mapping (dlzo.engine.master.PerturbedMasters): each tensor is read when the
+    submodule that owns it starts its forward and dropped when that ends, so one is held at a time, not the layer.
+    The hooks go first, ahead of the masters' cast, which then finds the tensor already in the working dtype."""
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    for name in tensors:
+        owner_name, _, leaf = name.rpartition(".")
+        owners.setdefault(module.get_submodule(owner_name) if owner_name else module, []).append((leaf, name))
+    if module in owners:  # the module's own tensors: its forward is the whole call, so they go in for all of it
+        with swapped_tensors(module, {name: tensors[name] for _, name in owners.pop(module)}):
+            with deferred_tensors_of(owners, tensors):
+                yield
+        return
+    with deferred_tensors_of(owners, tensors):
+        yield
+
+
+@contextlib.contextmanager
+def deferred_tensors_of(owners: dict[nn.Module, list[tuple[str, str]]],
+                        tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    saved: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
+
+    def put_in(owner: nn.Module, args) -> None:
+        saved[owner] = [(leaf, owner._parameters[leaf]) for leaf, _ in owners[owner]]
+        for leaf, name in owners[owner]:
+            owner._parameters[leaf] = tensors[name]
+
+    def take_out(owner: nn.Module, args, output) -> None:
+        for leaf, original in saved.pop(owner, []):
+            owner._parameters[leaf] = original
+
+    handles = [h for owner in owners for h in (owner.register_forward_pre_hook(put_in, prepend=True),
+                                               owner.register_forward_hook(take_out))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner in list(saved):  # a forward that raised
+            take_out(owner, None, None)
+
+
+def tensors_in(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """`tensors` (names relative to module) in place of the module's parameters: a dict all at once, as
+    always; a lazy mapping one submodule at a time (deferred_tensors)."""
+    return swapped_tensors(module, tensors) if isinstance(tensors, dict) else deferred_tensors(module, tensors)
+
+
+class LocalView(Mapping):
+    """`tensors` (by global name) under the local names of one layer, read only when asked."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], names: dict[str, str]):
+        self.tensors, self.local = tensors, {local: name for name, local in names.items()}
+
+    def __getitem__(self, local: str) -> torch.Tensor:
+        return self.tensors[self.local[local]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.local)
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
+def local_tensors(tensors: Mapping[str, torch.Tensor], names: dict[str, str]) -> Mapping[str, torch.Tensor]:
+    """A layer's share of `tensors` under its local names: a dict of a dict, a lazy view of a lazy mapping."""
+    if isinstance(tensors, dict):
+        return {local: tensors[name] for name, local in names.items()}
+    return LocalView(tensors, names)
+
+
 class BranchedForward:
     """Computes (L(θ+εz), L(θ-εz)) for tensors that all live inside decoder layers, in one forward."""
 
@@ -83,7 +159,7 @@ class BranchedForward:
         self.first_tuned = min(self.local_names)
 
     @contextlib.contextmanager
-    def _patched(self, rows: int, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
+    def _patched(self, rows: int, plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor],
                  prefix_cache: dict | None):
         half = rows // 2
         originals = {index: layer.forward for index, layer in enumerate(self.layers)}
@@ -102,14 +178,13 @@ class BranchedForward:
 
         def branched(index, names):
             layer = self.layers[index]
-            plus_local = {local: plus[name] for name, local in names.items()}
-            minus_local = {local: minus[name] for name, local in names.items()}
+            plus_local, minus_local = local_tensors(plus, names), local_tensors(minus, names)
 
             def forward(*args, **kwargs):
                 (args1, args2), (kwargs1, kwargs2) = _split(args, rows, half), _split(kwargs, rows, half)
-                with swapped_tensors(layer, plus_local):
+                with tensors_in(layer, plus_local):
                     out1 = originals[index](*args1, **kwargs1)
-                with swapped_tensors(layer, minus_local):
+                with tensors_in(layer, minus_local):
                     out2 = originals[index](*args2, **kwargs2)
                 return _join(out1, out2)
             return forward
@@ -121,20 +196,21 @@ class BranchedForward:
             yield
 
     @torch.no_grad()
-    def loss_pair(self, batch: EncodedBatch, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
-                  prefix_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_pair(self, batch: EncodedBatch, plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor],
+                  prefix_cache: dict | None = None, score: Scorer = loss_from_logprobs) -> tuple[torch.Tensor, torch.Tensor]:
         """`prefix_cache`: a dict kept by the caller for one batch and unchanged weights below the tuned
-        layers; a prefix layer's output is computed once and reused by later calls on that batch."""
+        layers; a prefix layer's output is computed once and reused by later calls on that batch. `score`: what
+        each branch's scored log-probabilities give (the loss; -accuracy for dlzo.evaluation.objectives)."""
         doubled = batch.doubled()
         frozen = self.frozen.applied(doubled) if self.frozen is not None else contextlib.nullcontext()
         with frozen, self._patched(doubled.input_ids.shape[0], plus, minus, prefix_cache):
             logprobs = token_logprobs(self.model, doubled)
         tokens = batch.token_row.shape[0]
-        return (loss_from_logprobs(batch, logprobs[:tokens]), loss_from_logprobs(batch, logprobs[tokens:]))
+        return (score(batch, logprobs[:tokens]), score(batch, logprobs[tokens:]))
 
     @torch.no_grad()
-    def loss_at(self, batch: EncodedBatch, tensors: dict[str, torch.Tensor] | None,
-                frozen: FrozenPrefix | None = None) -> torch.Tensor:
+    def loss_at(self, batch: EncodedBatch, tensors: Mapping[str, torch.Tensor] | None,
+                frozen: FrozenPrefix | None = None, score: Scorer = loss_from_logprobs) -> torch.Tensor:
         """L on the batch's B rows with the tuned tensors `tensors` swapped in (None: the model's own): one
         branch, for the one-sided estimator. The layers below come from `frozen` (else the run's cache, else
         they run)."""
@@ -143,12 +219,11 @@ class BranchedForward:
             if frozen is not None:
                 stack.enter_context(frozen.applied(batch))
             for index, names in self.local_names.items() if tensors is not None else ():
-                local = {local: tensors[name] for name, local in names.items()}
-                stack.enter_context(swapped_tensors(self.layers[index], local))
-            return loss_from_logprobs(batch, token_logprobs(self.model, batch))
+                stack.enter_context(tensors_in(self.layers[index], local_tensors(tensors, names)))
+            return score(batch, token_logprobs(self.model, batch))
 
     @torch.no_grad()
-    def pair_model_loss(self, model_kwargs: dict, plus: dict[str, torch.Tensor], minus: dict[str, torch.Tensor],
+    def pair_model_loss(self, model_kwargs: dict, plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor],
                         prefix_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L(θ+εz), L(θ-εz)) of the model's own causal-LM loss on one batch of model keyword arguments
         (input_ids, attention_mask, position_ids ..., and `labels` with -100 where no loss is taken), from

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from dlzo.engine.checkpoint import atomic_write_json, save_tensors
 from dlzo.engine.scoring import EncodedBatch
@@ -122,9 +123,15 @@ def prefix_fingerprint(model: nn.Module, first_tuned: int) -> str | None:
 
 
 def _hash_tensors(digest, tensors: dict[str, torch.Tensor]) -> str:
-    """Feed each tensor's name, dtype, shape and bytes, in name order, to `digest`; its hex digest."""
+    """Feed each tensor's name, dtype, shape and bytes, in name order, to `digest`; its hex digest. A quantized
+    weight (--quantize: a torchao tensor) is fed as the plain tensors it is made of, each under its own name."""
     for name in sorted(tensors):
-        cpu = tensors[name].detach().to("cpu").contiguous()
+        tensor = tensors[name].detach()
+        if is_traceable_wrapper_subclass(tensor):
+            parts, _ = tensor.__tensor_flatten__()
+            _hash_tensors(digest, {f"{name}.{part}": getattr(tensor, part) for part in parts})
+            continue
+        cpu = tensor.to("cpu").contiguous()
         digest.update(f"{name} {cpu.dtype} {tuple(cpu.shape)}".encode())
         digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

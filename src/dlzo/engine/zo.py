@@ -43,16 +43,20 @@ state file) and `state_dict`/`load_state_dict`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from dlzo.engine.directions import Directions, direction_seed
+from dlzo.engine.directions import Directions, Distribution, direction_seed
+from dlzo.engine.master import PerturbedMasters
 
-UPDATE_RULES = ("sgd", "momentum", "adam", "hizoo")
-ESTIMATORS = ("two-sided", "one-sided")
+UpdateRule = Literal["sgd", "momentum", "adam", "hizoo"]  # how the estimate g·z becomes a step
+UPDATE_RULES = get_args(UpdateRule)
+Estimator = Literal["two-sided", "one-sided"]  # (L+ - L-)/2ε, or (L+ - L(θ))/ε with L(θ) shared
+ESTIMATORS = get_args(Estimator)
 
 
 def no_decay(name: str) -> bool:
@@ -86,16 +90,17 @@ class ZOOptimizer:
         q: int = 1,
         weight_decay: float = 0.0,
         seed: int = 0,
-        distribution: str = "gaussian",
+        distribution: Distribution = "gaussian",
         exact_restore: bool = True,
         layer_groups: list[int] | None = None,
         sampled_layers: int = 0,
-        update_rule: str = "sgd",
+        update_rule: UpdateRule = "sgd",
         beta1: float = 0.9,
         beta2: float = 0.999,
         adam_eps: float = 1e-8,
-        estimator: str = "two-sided",
+        estimator: Estimator = "two-sided",
         hessian_smooth: float = 1e-6,
+        working_dtypes: dict[str, torch.dtype] | None = None,
     ):
         self.named = list(params)
         if not self.named:
@@ -114,7 +119,7 @@ class ZOOptimizer:
         if update_rule == "hizoo" and sampled_layers:
             raise ValueError("update_rule hizoo with LeZO's sampled layers would shrink the D of every layer a "
                              "direction leaves out (z = 0 there)")
-        self.hessian_smooth = hessian_smooth
+        self.hessian_smooth, self.working_dtypes = hessian_smooth, working_dtypes
         self.hessian: dict[int, torch.Tensor] = {}  # hizoo: tensor index -> D, the diagonal Hessian estimate
         self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
         self.updates = 0  # applied (not skipped) updates: Adam's bias-correction step
@@ -137,12 +142,20 @@ class ZOOptimizer:
         for index, (_, param) in enumerate(self.named):
             param.data.add_(self.sample(seed, index, param), alpha=scale)
 
-    def perturbed(self, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
-        """(θ+εz, θ-εz, z) of direction `seed`, as new tensors by name; θ itself is left alone."""
+    def perturbed(self, seed: int) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], list | None]:
+        """(θ+εz, θ-εz, z) of direction `seed`, as new tensors by name; θ itself is left alone. Over float32
+        masters (`working_dtypes`: name -> the forward's dtype, dlzo.engine.master): (θ+εz, θ-εz, None), each
+        tensor made in its working dtype when read."""
+        if self.working_dtypes is not None:
+            return self._at(seed, self.eps), self._at(seed, -self.eps), None
         zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
         plus = {n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}
         minus = {n: p.detach() - self.eps * z for (n, p), z in zip(self.named, zs)}
         return plus, minus, zs
+
+    def _at(self, seed: int, scale: float, hizoo: bool = False) -> PerturbedMasters:
+        return PerturbedMasters(self.named, lambda i, like: self.sample(seed, i, like), scale, self.working_dtypes,
+                                self._step_scale if hizoo else None)
 
     # -------------------------------------------------------------------------------- update
 
@@ -315,7 +328,7 @@ class ZOOptimizer:
         result = StepResult(seeds, grads, plus, minus)
         if not update:
             return result
-        return self.finish(result, zs=[zs] if len(seeds) == 1 else None)
+        return self.finish(result, zs=[zs] if len(seeds) == 1 and zs is not None else None)
 
     @torch.no_grad()
     def step_one_sided(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
@@ -328,8 +341,9 @@ class ZOOptimizer:
         base = float(loss_at(None))
         plus, grads, kept = [], [], None
         for seed in seeds:
-            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
-            loss_plus = float(loss_at({n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}))
+            zs = None if self.working_dtypes is not None else [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+            at = self._at(seed, self.eps) if zs is None else {n: p.detach() + self.eps * z for (n, p), z in zip(self.named, zs)}
+            loss_plus = float(loss_at(at))
             plus.append(loss_plus)
             grads.append((loss_plus - base) / self.eps)
             kept = zs if len(seeds) == 1 else None
@@ -351,13 +365,16 @@ class ZOOptimizer:
         base = float(loss_at(None))
         plus, minus, grads, curvatures, kept = [], [], [], [], []
         for seed in seeds:
-            zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
-            steps = []
-            for index, ((_, param), z) in enumerate(zip(self.named, zs)):
-                scale = self._step_scale(index, param)
-                steps.append(z * self.eps if scale is None else z * scale * self.eps)
-            theta_plus = {n: p.detach() + s for (n, p), s in zip(self.named, steps)}
-            theta_minus = {n: p.detach() - s for (n, p), s in zip(self.named, steps)}
+            if self.working_dtypes is not None:  # over masters: made when read, z drawn again by the update
+                zs, theta_plus, theta_minus = None, self._at(seed, self.eps, True), self._at(seed, -self.eps, True)
+            else:
+                zs = [self.sample(seed, i, p) for i, (_, p) in enumerate(self.named)]
+                steps = []
+                for index, ((_, param), z) in enumerate(zip(self.named, zs)):
+                    scale = self._step_scale(index, param)
+                    steps.append(z * self.eps if scale is None else z * scale * self.eps)
+                theta_plus = {n: p.detach() + s for (n, p), s in zip(self.named, steps)}
+                theta_minus = {n: p.detach() - s for (n, p), s in zip(self.named, steps)}
             loss_plus, loss_minus = float(loss_at(theta_plus)), float(loss_at(theta_minus))
             plus.append(loss_plus)
             minus.append(loss_minus)
@@ -367,7 +384,7 @@ class ZOOptimizer:
         result = StepResult(seeds, grads, plus, minus, curvatures=curvatures)
         if not update:
             return result
-        return self.finish(result, zs=kept)
+        return self.finish(result, zs=None if self.working_dtypes is not None else kept)
 
     def _in_place_loss_at(self, closure: Callable[[], float | torch.Tensor]
                           ) -> Callable[[dict[str, torch.Tensor] | None], float]:

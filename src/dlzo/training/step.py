@@ -12,11 +12,12 @@ from torch import nn
 
 from dlzo.data.examples import Example
 from dlzo.engine import distributed as dist
-from dlzo.engine.fastpath import BranchedForward
+from dlzo.engine.fastpath import BranchedForward, Scorer
 from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.scope import Scope
-from dlzo.engine.scoring import EncodedBatch, batch_loss, encode, loss_from_logprobs, token_logprobs
+from dlzo.engine.scoring import EncodedBatch, encode, loss_from_logprobs, token_logprobs
 from dlzo.engine.zo import StepResult, ZOOptimizer
+from dlzo.evaluation.objectives import GenerationRunner, RunObjective
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -37,15 +38,18 @@ def step_batches(tokenizer, examples: list[Example], grad_accum: int, device: to
 
 
 class StepRunner:
-    """Evaluates the training loss of a step's micro-batches, plain or through the fast path."""
+    """Evaluates the training loss of a step's micro-batches, plain or through the fast path. `score` turns a
+    forward's scored log-probabilities into the step's loss: the loss itself, or -accuracy (--objective
+    accuracy, dlzo.evaluation.objectives)."""
 
     def __init__(self, model: nn.Module, scope: Scope, fast_path: bool, average_across_ranks: bool = True,
-                 frozen: FrozenPrefix | None = None):
-        self.model, self.fast, self.average = model, fast_path, average_across_ranks
+                 frozen: FrozenPrefix | None = None, score: Scorer = loss_from_logprobs):
+        self.model, self.fast, self.average, self.score = model, fast_path, average_across_ranks, score
         self.branched = BranchedForward(model, scope.names, frozen) if fast_path and scope.layers else None
 
+    @torch.no_grad()
     def loss(self, batches: list[EncodedBatch]) -> float:
-        losses = [float(batch_loss(self.model, b, full_logits=not self.fast)) for b in batches]
+        losses = [float(self.score(b, token_logprobs(self.model, b, full_logits=not self.fast))) for b in batches]
         local = sum(losses) / len(losses)
         return dist.mean_across_ranks(local) if self.average else local
 
@@ -60,16 +64,27 @@ class StepRunner:
         return local
 
     def loss_at(self, batches: list[EncodedBatch], tensors: dict | None, frozen: FrozenPrefix | None) -> float:
-        local = sum(float(self.branched.loss_at(b, tensors, frozen)) for b in batches) / len(batches)
+        local = sum(float(self.branched.loss_at(b, tensors, frozen, self.score)) for b in batches) / len(batches)
         return dist.mean_across_ranks(local) if self.average else local
 
     def loss_pair(self, batches: list[EncodedBatch], plus: dict, minus: dict) -> tuple[float, float]:
-        pairs = [self.branched.loss_pair(b, plus, minus) for b in batches]
+        pairs = [self.branched.loss_pair(b, plus, minus, score=self.score) for b in batches]
         local = (sum(float(p) for p, _ in pairs) / len(pairs), sum(float(m) for _, m in pairs) / len(pairs))
         return dist.mean_pair_across_ranks(local) if self.average else local
 
 
-def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBatch],
+def step_runner(objective: RunObjective, model: nn.Module, tokenizer, scope: Scope, fast_path: bool,
+                frozen: FrozenPrefix | None, average_across_ranks: bool, max_length: int, max_new_tokens: int,
+                temperature: float) -> StepRunner | GenerationRunner:
+    """What evaluates a step's L: a forward's loss or -accuracy (StepRunner), or -F1, -exact match or -reward of
+    completions (GenerationRunner, whose batches are lists of examples)."""
+    if objective.generates:
+        return GenerationRunner(model, tokenizer, scope.names, fast_path and bool(scope.layers), objective,
+                                max_new_tokens, max_length, temperature, average_across_ranks)
+    return StepRunner(model, scope, fast_path, average_across_ranks, frozen, objective.score)
+
+
+def zo_step(optimizer: ZOOptimizer, runner: StepRunner | GenerationRunner, batches: list,
             directions: list[int] | None = None) -> StepResult:
     """One SPSA step: L(θ±εz) on the batches, g = (L+ - L-)/2ε, θ -= lr·g·z (one-sided: L(θ+εz) and L(θ);
     hizoo: L(θ) and L(θ±εz/sqrt(D))).
@@ -77,6 +92,18 @@ def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBat
     With `directions` (perturbation parallel) this rank evaluates only those; all ranks then gather every
     direction's (g, L+, L-) and apply the same updates in direction order."""
     update = directions is None
+    result = evaluate_step(optimizer, runner, batches, directions, update)
+    if update:
+        return result
+    grads, plus, minus = dist.gather_directions(optimizer.q, directions, result.projected_grads,
+                                                result.loss_plus, result.loss_minus)
+    return optimizer.finish(StepResult(optimizer.seeds_for_step(optimizer.step_count), grads, plus, minus))
+
+
+def evaluate_step(optimizer: ZOOptimizer, runner: StepRunner | GenerationRunner, batches: list,
+                  directions: list[int] | None = None, update: bool = True) -> StepResult:
+    """The step's L at its perturbed points through the optimizer's step of the kind that fits (fast path:
+    functional; one-sided and hizoo: one point at a time; else in place), updated unless `update` is False."""
     if runner.branched is not None and (optimizer.estimator == "one-sided" or optimizer.update_rule == "hizoo"):
         # hizoo: L(θ) and L(θ±εu) all from forwards of the same B rows, so they round alike on any kernel
         # (its curvature divides their difference by 2ε²; a 2B-row pair forward could round differently)
@@ -88,11 +115,7 @@ def zo_step(optimizer: ZOOptimizer, runner: StepRunner, batches: list[EncodedBat
         result = optimizer.step_functional(pair, directions, update)
     else:
         result = optimizer.step(lambda: runner.loss(batches), directions, update)
-    if update:
-        return result
-    grads, plus, minus = dist.gather_directions(optimizer.q, directions, result.projected_grads,
-                                                result.loss_plus, result.loss_minus)
-    return optimizer.finish(StepResult(optimizer.seeds_for_step(optimizer.step_count), grads, plus, minus))
+    return result
 
 
 def adamw_step(model: nn.Module, adam: torch.optim.Optimizer, batches: list[EncodedBatch],
