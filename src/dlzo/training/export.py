@@ -16,26 +16,67 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlzo.engine.checkpoint import atomic_write_json, save_tensors
+from dlzo.engine.checkpoint import atomic_write_json, checked_load, save_tensors
 from dlzo.engine.scope import add_lora, parse_scope
 from dlzo.errors import DlzoError
+from dlzo.fields import comma_list
+from dlzo.model.gguf_export import GGUF_TYPES, write_gguf
+from dlzo.model.loading import resolve_model_source
 from dlzo.training.prepare import load_into
-from dlzo.training.run_folder import build_for_run, checked_load, load_checkpoint_of_run
+from dlzo.training.run_folder import RunFolder
+from dlzo.training.run_model import build_for_run, load_checkpoint_of_run
 
 TUNED_FILE, TUNED_JSON = "tuned.safetensors", "tuned.json"
 
 
-def export(run: str | Path, to: str | Path, which: str = "best") -> Path:
-    """Write a merged Hugging Face folder (base weights + tuned tensors, LoRA merged) that plain transformers loads."""
-    prepared = load_checkpoint_of_run(run, which)
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merged_model(run: str | Path, which: str = "best") -> tuple[nn.Module, object]:
+    """The run's model with its tuned tensors in place (LoRA merged), and its tokenizer. A run trained with
+    --quantize is merged into the base model's full-precision frozen layers (as QLoRA adapters are merged):
+    a plain model any tool loads, not the quantized one the run scored (`dlzo eval --run` rebuilds that)."""
+    quantized = RunFolder(Path(run), "--run").record()["config"].get("quantize", "none")
+    if quantized != "none":
+        print(f"the run trained against --quantize {quantized} frozen layers; the export holds them in full "
+              f"precision, as the base model does")
+    prepared = load_checkpoint_of_run(run, which, quantize="none" if quantized != "none" else "")
+    if prepared.masters:  # the folder holds the model's own dtype: the float32 masters cast, as its forward ran
+        prepared.masters.remove()
     model = prepared.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    to = Path(to)
     model.config.use_cache = True  # dlzo turns the KV cache off for training; the exported model generates
+    return model, prepared.tokenizer
+
+
+def export(run: str | Path, to: str | Path, which: str = "best", dtype: str = "") -> Path:
+    """Write a merged Hugging Face folder (base weights + tuned tensors, LoRA merged) that plain transformers
+    loads, in `dtype` (float32, bfloat16, float16; empty: the dtype the run's model was in)."""
+    if dtype and dtype not in EXPORT_DTYPES:
+        raise DlzoError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    model, tokenizer = merged_model(run, which)
+    if dtype:
+        model = model.to(EXPORT_DTYPES[dtype])
+    to = Path(to)
     model.save_pretrained(to, safe_serialization=True)
-    prepared.tokenizer.save_pretrained(to)
+    tokenizer.save_pretrained(to)
     return to
+
+
+def export_gguf(run: str | Path, out: str | Path, which: str = "best", gguf_type: str = "f16") -> Path:
+    """Write the merged model as one GGUF file (f16, q8_0 or f32), with its base GGUF's metadata and tokenizer:
+    for llama.cpp and Ollama. The run's base model must be a GGUF file (a Hugging Face base has no tokenizer
+    metadata llama.cpp reads: export a merged folder and convert it with llama.cpp's convert_hf_to_gguf.py)."""
+    if gguf_type not in GGUF_TYPES:
+        raise DlzoError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    base = RunFolder(run, "--run").config().get("model", "")
+    source = resolve_model_source(base)
+    if source.kind != "gguf":
+        raise DlzoError(f"--gguf: the run's base model {base!r} is not a GGUF file; export a merged folder (--to) "
+                        f"and convert it with llama.cpp's convert_hf_to_gguf.py")
+    model, _ = merged_model(run, which)
+    return write_gguf(model, source.location, out, gguf_type)
 
 
 def base_hash(model: nn.Module, names: list[str]) -> str:
@@ -85,16 +126,17 @@ def load_tuned(base_model: nn.Module, folder: str | Path, which: str = "best") -
     if (folder / "adapter_config.json").exists():  # a LoRA run's `export --adapter`: peft's own format
         raise DlzoError(f"{folder} is a peft adapter (a LoRA run's export --adapter): load it with "
                         f"peft.PeftModel.from_pretrained(base_model, {str(folder)!r})")
-    if not (folder / "run.json").exists():
+    run = RunFolder(folder)
+    if not run.is_started():
         raise DlzoError(f"{folder} is neither an `dlzo export --adapter` folder (tuned.json) nor a run folder")
-    record = json.loads((folder / "run.json").read_text())
+    record = run.record()
     config = record["config"]
     tensors = checked_load(folder / f"{which}.safetensors")
     model = base_model
     if parse_scope(config["scope"]).uses_lora:
         torch.manual_seed(config["seed"])  # the same adapters as training made them (A is random)
         layers = [record["layer_choice"]["layer"]] if config["scope"] == "dominant-lora" else None
-        targets = [t.strip() for t in config.get("lora_targets", "").split(",") if t.strip()] or None
+        targets = comma_list(config.get("lora_targets", "")) or None
         model = add_lora(base_model, layers, config["lora_r"], config["lora_alpha"], targets)
     missing = [n for n in tensors if n not in dict(model.named_parameters())]
     if missing:
