@@ -13,6 +13,7 @@ from dlzo.cli.main import main
 from dlzo.cli.plan import PlanConfig, predict
 from dlzo.errors import DlzoError
 from dlzo.model.memory_plan import CPU_RUNTIME_BYTES, CPU_SLACK_FORWARD, PlanInputs, plan, total
+from dlzo.model.quantize import quantized_bytes
 from dlzo.model.shape import model_shape, read_config
 
 KEYS = {"inference", "zo_step", "full_mezo", "adamw", "fits"}
@@ -32,10 +33,10 @@ def test_meta_parameter_count_equals_the_real_models(arch):
 
 
 def brute_force_weights(model: nn.Module, tuned: int, w: int, quantize: str, masters: bool) -> int:
-    """The weights as the plan holds them, from the real model's tensors: the tuned layer's in the working dtype
-    (float32 masters: 4 bytes), every other nn.Linear but the LM head in bitsandbytes' layout (int8: a byte an
-    element and a float32 scale a row; int4 NF4: half a byte an element, a byte of absmax per block of 64 and
-    a float32 per 256 blocks), everything else (embeddings, norms, the head) in the working dtype."""
+    """The weights as the plan holds them, summed over the real model's tensors: the tuned layer's in the working
+    dtype (float32 masters: 4 bytes), every other nn.Linear but the LM head in the quantized layout
+    (quantized_bytes, which tests/test_quantize.py checks byte for byte against torchao's tensors), everything
+    else (embeddings, norms, the head) in the working dtype."""
     head = model.get_output_embeddings()
     linear = {id(m.weight) for m in model.modules() if type(m) is nn.Linear and m is not head}
     total_bytes = 0
@@ -43,11 +44,8 @@ def brute_force_weights(model: nn.Module, tuned: int, w: int, quantize: str, mas
         layer = re.search(r"\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) == tuned:
             total_bytes += param.numel() * (4 if masters else w)
-        elif id(param) in linear and quantize == "int8":
-            total_bytes += param.numel() + 4 * param.shape[0]
-        elif id(param) in linear and quantize == "int4":
-            blocks = param.numel() // 64  # every tiny linear holds a multiple of 64 (and of 256 x 64: none)
-            total_bytes += param.numel() // 2 + blocks + 4 * -(-blocks // 256)
+        elif id(param) in linear and quantize != "none":
+            total_bytes += quantized_bytes(param.shape[0], param.shape[1], quantize, w)
         else:
             total_bytes += param.numel() * w
     return total_bytes

@@ -1,4 +1,4 @@
-"""Option fields of the dataclass configs: each field carries its CLI help text (dlzo.cli.flags turns the
+"""Option fields of the dataclass configs: each field carries its CLI help text (cli/flags.py turns the
 fields into flags), and the shared checks that name a flag in their one-line error.
 
 An option with a fixed set of values is typed `Literal[...]`, its values written once (in the lowest module that

@@ -4,7 +4,7 @@ Each prediction is a sum of named parts (bytes), so a table can show where the m
 the same parts by hand:
 
   weights      every tensor in the dtype it is held in: the working dtype; under --quantize each nn.Linear of
-               the frozen decoder layers in bitsandbytes' layout (dlzo.model.quantize.quantized_bytes; the LM
+               the frozen decoder layers in torchao's layout (dlzo.model.quantize.quantized_bytes; the LM
                head and embeddings stay in the working dtype); a float32 master of each tuned tensor with masters
   baseline     the process before any tensor (Python, torch, transformers, dlzo): on a CPU the resident memory a
                measurement (RSS) includes; on a GPU the allocator's peak leaves it out (0)
@@ -86,7 +86,7 @@ def tensor_bytes(tensor: TensorShape, inputs: PlanInputs, is_tuned: bool, master
     if is_tuned:
         return tensor.numel * (4 if masters else inputs.dtype_bytes)
     if tensor.linear and inputs.quantize != "none":
-        return quantized_bytes(tensor.shape[0], tensor.shape[1], inputs.quantize)
+        return quantized_bytes(tensor.shape[0], tensor.shape[1], inputs.quantize, inputs.dtype_bytes)
     return tensor.numel * inputs.dtype_bytes
 
 

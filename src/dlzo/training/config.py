@@ -1,6 +1,6 @@
 """A training run's options (`TrainConfig`) and the groups other commands share with it (loading a model,
 reading a task, your own data): declared once and inherited, so a flag has one name, one default and one help
-text everywhere. The CLI generates one flag per field (dlzo.cli.flags).
+text everywhere. The command line generates one flag per field (cli/flags.py).
 """
 
 from __future__ import annotations
