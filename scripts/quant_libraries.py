@@ -6,6 +6,7 @@ layer 11, SST-2 (docs/benchmarks.md, "Quantized frozen layers").
     python scripts/quant_libraries.py table OUT           # every library and mode, each in its own process
     python scripts/quant_libraries.py run LIB -- ARGS     # `dlzo ARGS` with LIB's layers (one measurement)
     python scripts/quant_libraries.py loads OUT           # peak RSS of loading SmolLM2, float32 and quantized
+    python scripts/quant_libraries.py steps OUT           # step times of all of them in one process, in turn
 
 `table` runs, per library and mode (and once unquantized): `dlzo bench` (layer_cached and inference variants,
 16 SST-2 examples) for the step time and peak memory of a dominant-layer step, and a short `dlzo train` (100
@@ -27,6 +28,8 @@ from torch import nn
 
 LIBRARIES = ("torchao", "torchao-intx", "bitsandbytes", "quanto")
 MODEL = "smollm2-135m"
+CASES = [("none", "none"), ("torchao", "int8"), ("torchao", "int4"), ("torchao-intx", "int4"),
+         ("bitsandbytes", "int8"), ("bitsandbytes", "int4"), ("quanto", "int8"), ("quanto", "int4")]
 
 
 def torchao_intx_linear(linear: nn.Linear, mode: str, device=None) -> nn.Module:
@@ -157,6 +160,43 @@ def invariance(library: str, mode: str) -> None:
                       "mean_abs_score": float(together.abs().mean())}))
 
 
+def steps(out: Path, rounds: int = 5) -> None:
+    """Step time of a dominant-layer ZO step (dlzo bench's layer_cached, 16 SST-2 examples, layer 11) of every
+    library and mode, all in this one process and timed in turn, `rounds` times 3 steps each: on a shared
+    machine whose load changes by the minute, the medians stay comparable."""
+    import copy
+    import statistics
+
+    from dlzo.data.benchmarks import load_task
+    from dlzo.engine.scoring import encode, fast_layout
+    from dlzo.model.loading import load_model, load_tokenizer
+    from dlzo.model.quantize import frozen_linears, quantize_linear, replace_module
+    from dlzo.studies.bench import run_variant
+
+    torch.set_num_threads(2)
+    base = load_model(MODEL, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(MODEL)
+    examples = load_task("sst2", "../shared/data").splits(seed=0).train[:16]
+    packed = encode(tokenizer, examples, layout=fast_layout(base, tokenizer))
+    separate = encode(tokenizer, examples, pack_single_token=False)
+    makers = {"torchao": quantize_linear, "torchao-intx": torchao_intx_linear,
+              "bitsandbytes": bitsandbytes_linear, "quanto": quanto_linear}
+    models = {"none-none": base}
+    tuned = [n for n, _ in base.named_parameters() if n.startswith("model.layers.11.")]
+    for library, mode in CASES[1:]:
+        model = copy.deepcopy(base)
+        for name in frozen_linears(model, tuned):
+            replace_module(model, name, makers[library](model.get_submodule(name), mode))
+        models[f"{library}-{mode}"] = model
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(run_variant("layer_cached", model, packed, separate, 11, 3, torch.device("cpu"))["step_s"])
+    result = {name: {"step_s": statistics.median(t), "rounds": t} for name, t in times.items()}
+    (out / "steps.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({n: round(r["step_s"], 3) for n, r in result.items()}))
+
+
 def measure_invariance(library: str, mode: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "invariance", library, mode], capture_output=True, text=True)
     if done.returncode:
@@ -167,9 +207,7 @@ def measure_invariance(library: str, mode: str) -> dict:
 def table(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    cases = [("none", "none"), ("torchao", "int8"), ("torchao", "int4"), ("torchao-intx", "int4"),
-             ("bitsandbytes", "int8"), ("bitsandbytes", "int4"), ("quanto", "int8"), ("quanto", "int4")]
-    for library, mode in cases:
+    for library, mode in CASES:
         name = f"{library}-{mode}"
         quantize = [] if mode == "none" else ["--quantize", mode]
         bench_dir, train_dir = out / f"bench-{name}", out / f"train-{name}"
@@ -235,6 +273,8 @@ if __name__ == "__main__":
         loads(Path(sys.argv[2]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "load":
         load(sys.argv[2])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "steps":
+        steps(Path(sys.argv[2]))
     elif len(sys.argv) >= 4 and sys.argv[1] == "invariance":
         invariance(sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == "run" and sys.argv[3] == "--":

@@ -102,20 +102,41 @@ class GGUFWeights:
         return {self.mapping[t.name] for t in self.reader.tensors if t.name in self.mapping}
 
     def read(self, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        from gguf import dequantize
-
         self.parsed["tensors"] = {}  # where the processors of mixture-of-experts models put what they split
         for tensor in self.reader.tensors:
             if tensor.name in self.mapping and self.mapping[tensor.name] not in wanted:
                 continue
-            result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+            result = self.processor.process(weights=dequantized(tensor), name=tensor.name,
                                             tensor_key_mapping=self.mapping, parsed_parameters=self.parsed)
             if result.name in self.mapping and self.mapping[result.name] in wanted:
-                yield self.mapping[result.name], torch.from_numpy(np.copy(result.weights))
+                weights = result.weights  # a view of the mapped file (float32 tensors) is copied, once
+                owned = weights.flags.writeable and weights.flags.c_contiguous and weights.base is None
+                yield self.mapping[result.name], torch.from_numpy(weights if owned else np.array(weights))
             for name in list(self.parsed["tensors"]):
                 value = self.parsed["tensors"].pop(name)
                 if name in wanted:
                     yield name, value
+
+
+DEQUANTIZE_ROWS_BYTES = 1 << 24  # a GGUF tensor is dequantized 16 MB of its rows at a time
+
+
+def dequantized(tensor) -> np.ndarray:
+    """A GGUF tensor in float32, dequantized a slice of rows at a time into one array: `gguf`'s numpy
+    dequantization makes several float32 temporaries the size of its input (measured: SmolLM2's 113 MB
+    embedding cost about 0.5 GB at once), so slices keep them small."""
+    from gguf import dequantize
+
+    data = tensor.data
+    if data.ndim < 2 or data.nbytes <= DEQUANTIZE_ROWS_BYTES:
+        return dequantize(data, tensor.tensor_type)
+    step = max(1, DEQUANTIZE_ROWS_BYTES // data[0].nbytes)
+    first = dequantize(data[:step], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:step] = first
+    for start in range(step, data.shape[0], step):
+        out[start : start + step] = dequantize(data[start : start + step], tensor.tensor_type)
+    return out
 
 
 class ModelWeights:

@@ -155,15 +155,25 @@ def plot_race(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+# The dev metric of runs trained on another objective than the loss (dlzo.evaluation.objectives), in this order.
+OBJECTIVE_METRICS = ("dev_reward", "dev_accuracy", "dev_f1", "dev_exact_match")
+
+
 def plot_loss_curves(runs: list[Path], path: str | Path) -> None:
+    """Each run's dev loss by step; when every run logged one objective's dev metric (a reward, accuracy, F1 or
+    exact match), that metric instead (its dev loss is only its negative)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run in runs:
-        points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"dev_loss"' in line]
+    curves = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                    if '"dev_loss"' in line] for run in runs}
+    shown = [points for points in curves.values() if points]
+    key = next((k for k in OBJECTIVE_METRICS if shown and all(k in p for points in shown for p in points)), "dev_loss")
+    for run, points in curves.items():
         if points:
-            ax.plot([p["step"] for p in points], [p["dev_loss"] for p in points], "o-", ms=3, label=run.name)
+            ax.plot([p["step"] for p in points], [p[key] for p in points], "o-", ms=3, label=run.name)
+    label = key.removeprefix("dev_").replace("_", " ")
     ax.set_xlabel("step")
-    ax.set_ylabel("dev loss")
-    ax.set_title("Dev loss during training")
+    ax.set_ylabel(f"dev {label}")
+    ax.set_title(f"Dev {label} during training")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
