@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from dlzo.cli.options import EvalConfig, GenerateConfig
-from dlzo.errors import DlzoError
 from dlzo.evaluation.generation import continue_text, conversation_prompt
-from dlzo.fields import at_least_one, known_checkpoint, option, positive, same_as
+from dlzo.fields import known_checkpoint, option, same_as
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.training.config import ModelOptions
 from dlzo.training.run_model import load_checkpoint_of_run
@@ -35,13 +34,7 @@ class ChatConfig(ModelOptions):
     seed: int = same_as(GenerateConfig, "seed")
 
     def validate(self) -> None:
-        self.validate_model_options()
-        if not self.run and not self.model:
-            raise DlzoError("--run (a training run) or --model (a base model) is required")
-        at_least_one(self, "max_new_tokens")
-        positive(self, "temperature")
-        if not 0 < self.top_p <= 1:
-            raise DlzoError(f"--top-p must be in (0, 1], not {self.top_p}")
+        GenerateConfig.validate(self)  # the same flags, the same checks (chat has no --prompt to check)
         known_checkpoint(self.checkpoint)
 
 

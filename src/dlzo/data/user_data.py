@@ -1,22 +1,8 @@
 """Fine-tune on your own data: rows from a file or a Hugging Face dataset become Examples that the trainer
 scores exactly as it scores the benchmark tasks.
 
-Four formats, detected from the rows' fields (or forced with `data_format`):
-
-- text               {"text": ...}                                   loss on every token
-- prompt-completion  {"prompt": ..., "completion": ...}              loss on the completion's tokens only
-- chat               {"messages": [{"role": ..., "content": ...}]}   rendered with the tokenizer's chat
-                                                                     template; loss on every assistant turn
-- classification     {"prompt": ..., "options": [...], "label": i}   cross-entropy over the options' scores,
-                     (or "answer": "<one of the options>")           as the benchmark tasks; metric accuracy
-
-The first three are generation data: their loss is the mean negative log-likelihood of the scored tokens
-(`dlzo.engine.scoring.SpanExample` names the scored character spans). Text is used as written: options and
-completions are appended to the prompt as they are (start them with a space where a word begins).
-
-Sources: .jsonl, .json (a list of objects), .csv (a header row naming the columns; options and messages
-cells hold JSON), .parquet, or `hf:NAME[:CONFIG][:SPLIT]` (datasets.load_dataset; SPLIT defaults to train).
-`columns="prompt=question,completion=answer"` maps the source's column names onto the format's fields.
+Four formats (text, prompt-completion, chat, classification: the table in dlzo.data.formats), detected from
+the rows' fields or forced with `data_format`; the sources are read by dlzo.data.readers.
 
 Every mistake in the input is a DlzoError of one line naming the file and its line (or row, or column).
 Nothing is written (datasets.load_dataset keeps its own cache for hf: sources).
