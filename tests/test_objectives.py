@@ -180,9 +180,9 @@ def test_accuracy_run_steps_on_minus_accuracy_and_replays_and_resumes_bit_exactl
 
 
 @pytest.mark.requires_shared
-@pytest.mark.slow
 def test_f1_and_reward_runs_replay_and_resume_bit_exactly(tmp_path, files):
-    f1 = generating_run(data=files["pairs"], objective="f1")
+    """F1 by the one-sided estimator (one branch at a time, tensors swapped in); a sampled reward in place."""
+    f1 = generating_run(data=files["pairs"], objective="f1", estimator="one-sided", q=2)
     assert_replay_and_resume_exact(tmp_path / "f1", f1, stops=[4])
     rewarded = generating_run(data=files["prompts"], reward=files["reward"], temperature=1.0, fast_path=False)
     _, stopped = assert_replay_and_resume_exact(tmp_path / "reward", rewarded, stops=[4])
@@ -216,7 +216,6 @@ def test_reward_run_records_the_reward_of_each_branch_and_of_the_dev_prompts(tmp
 
 
 @pytest.mark.requires_shared
-@pytest.mark.slow
 def test_a_reward_that_raises_stops_the_run_in_one_line_and_it_resumes_to_the_same_weights(tmp_path, files, capsys):
     """The function raises from its 6th call on: the run stops naming it and a row, keeps its logged steps, and
     once the file is fixed resumes to the weights of a run that never failed."""
