@@ -50,7 +50,7 @@ def test_flags_override_recipe(tmp_path, monkeypatch):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "m"\ntask = "sst2"\nsteps = 7\nlr = 0.5\n')
     seen = {}
-    monkeypatch.setattr("dlzo.cli.main.train", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("dlzo.cli.commands.train", lambda config: seen.setdefault("config", config))
     main(["train", "--config", str(recipe), "--lr", "0.25"])
     assert seen["config"].steps == 7 and seen["config"].lr == 0.25 and seen["config"].model == "m"
 

@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end_on_stories(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DLZO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     headline = run_demo(DemoConfig(shared=str(SHARED), out=str(out), model="stories260k", steps=2,
-                                   num_dev=8, num_test=8, lr=1e-3, full_lr=1e-4))
+                                   num_dev=8, num_test=8, dominant_lr=1e-3, full_mezo_lr=1e-4))
     # stories260K has no massive activations: the probe finds none and training falls back to sensitivity
     assert headline["dominant_layer"] is None and 0 <= headline["trained_layer"] < 5
     sensitivity = json.loads((out / "sensitivity" / "sensitivity.json").read_text())

@@ -113,7 +113,7 @@ def test_eval_cli_hands_a_trained_run_to_the_harness(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_module, "evaluate_with_harness", lambda model, *a: handed.append(model) or real(model, *a))
 
     run = tmp_path / "run"
-    assert main(["train", "--model", str(STORIES), "--data-dir", str(DATA), "--num-train", "16", "--num-dev", "4",
+    assert main(["train", "--model", str(STORIES), "--task", "sst2", "--data-dir", str(DATA), "--num-train", "16", "--num-dev", "4",
                  "--num-test", "4", "--batch-size", "4", "--steps", "2", "--eval-every", "0", "--scope", "layer:1",
                  "--lr", "1e-3", "--quiet", "--out", str(run)]) == 0
     include = write_task(tmp_path)

@@ -51,8 +51,8 @@ def test_the_readme_has_the_sections_a_newcomer_follows():
 def test_every_readme_command_parses_and_passes_its_checks(line):
     argv = commands(line.replace('"$MODEL"', str(SMOLLM2)))[1:]
     if "--run" in argv:  # the run folder the line names exists only after the README's train line ran:
-        args = build_parser().parse_args(argv)  # its flags are checked here, the run by the walk below
-        options = from_namespace(COMMANDS[args.command].options, args)
+        args = build_parser(argv[0]).parse_args(argv)  # its flags are checked here, the run by the walk below
+        options = from_namespace(COMMANDS[args.command].options_class(), args)
     else:
         name, options = parse(argv)
         assert name == argv[0]

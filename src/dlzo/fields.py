@@ -29,13 +29,15 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
-def same_as(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+def same_as(cls: type, name: str, default: Any = dataclasses.MISSING, help: str = "") -> Any:
     """A field with the help text (and, unless given, the default) of `cls`'s field `name`, so that an
-    option shared by several commands is described in one place."""
+    option shared by several commands is described in one place; `help` words it for another command (the
+    default stays the one default)."""
     source = cls.__dataclass_fields__[name]
     if default is dataclasses.MISSING:
         default = source.default if source.default is not dataclasses.MISSING else source.default_factory()
-    return option(default, source.metadata["help"], **{k: v for k, v in source.metadata.items() if k != "help"})
+    return option(default, help or source.metadata["help"],
+                  **{k: v for k, v in source.metadata.items() if k != "help"})
 
 
 def at_least_one(config: object, *names: str) -> None:

@@ -1,5 +1,6 @@
-"""The small commands: `dlzo generate` (what a run or base model says), `dlzo replay` (rebuild a run's tensors),
-`dlzo export` (a merged folder or an adapter) and `dlzo report` (a Markdown report of output folders).
+"""`dlzo train` (the training loop, under torch.distributed when launched so) and the small commands: `dlzo
+generate` (what a run or base model says), `dlzo replay` (rebuild a run's tensors), `dlzo export` (a merged folder
+or an adapter) and `dlzo report` (a Markdown report of output folders).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dlzo.cli.options import ExportConfig, GenerateConfig, ReplayConfig, ReportConfig
+from dlzo.engine import distributed
 from dlzo.engine.checkpoint import (
     atomic_write_json,
     check_output,
@@ -19,10 +21,22 @@ from dlzo.errors import DlzoError
 from dlzo.evaluation.generation import chat_prompt, generate_text
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.studies.report import report
+from dlzo.training.config import TrainConfig
 from dlzo.training.export import export, export_adapter, export_gguf
+from dlzo.training.loop import train
 from dlzo.training.replay import hessian_summary, replay_with_optimizer
 from dlzo.training.run_folder import RunFolder, read_jsonl
 from dlzo.training.run_model import load_checkpoint_of_run
+
+
+def train_command(config: TrainConfig) -> None:
+    distributed.init_if_launched(config.device)
+    train(config)
+
+
+def resume_defaults(folder: str) -> dict:
+    """`dlzo train --resume FOLDER`: the options that run was started with, as defaults flags override."""
+    return RunFolder(folder, "--resume").recorded_options()
 
 
 def report_command(config: ReportConfig) -> None:

@@ -30,7 +30,8 @@ HF_ALIASES: dict[str, tuple[str, ...]] = {
     "batch_size": ("per_device_train_batch_size",), "eval_batch_size": ("per_device_eval_batch_size",),
     "grad_accum": ("gradient_accumulation_steps",), "eval_every": ("eval_steps",), "warmup_steps": ("warmup_steps",),
     "resume": ("resume_from_checkpoint",), "report_to": ("report_to",), "seed": ("seed",),
-    "lr_scheduler": ("lr_scheduler_type",),
+    "lr_scheduler": ("lr_scheduler_type",), "num_train_epochs": ("num_train_epochs",), "warmup_ratio": ("warmup_ratio",),
+    "log_every": ("logging_steps",), "save_every": ("save_steps",), "run_name": ("run_name",),
 }
 # flags that set an option to one value: --bf16 is --dtype bfloat16
 HF_SWITCHES: dict[str, dict[str, str]] = {"dtype": {"bf16": "bfloat16", "fp16": "float16"}}
@@ -44,6 +45,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse names a flag by all its spellings ("--lr/--learning_rate/--learning-rate"): the first is the one
         raise DlzoError(re.sub(r"argument (--[\w-]+)(?:/--[\w-]+)+:", r"argument \1:", message))
+
+
+class _Joined(argparse.Action):
+    """A flag taking several values (--report-to tensorboard wandb, as transformers' --report_to), kept as the
+    comma-separated string that recipes and run.json spell."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, ",".join(values))
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -68,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind, allowed = kinds[f.name], choices(kinds[f.name])
-        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "positional", "switches")}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "positional", "switches", "several")}
+        if f.metadata.get("several"):
+            extra.update(nargs="+", action=_Joined)
         if allowed is not None:
             extra.update(choices=allowed)
             kind = type(allowed[0])

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dlzo.choices import EXPORT_DTYPES, GgufType, ProbeRule
 from dlzo.errors import DlzoError
 from dlzo.fields import Checkpoint, at_least_one, check_choices, option, positive, same_as
-from dlzo.model.gguf_export import GgufType
-from dlzo.model.probe import ProbeRule
 from dlzo.training.config import DataSource, ModelOptions, TaskOptions, TrainConfig
-from dlzo.training.export import EXPORT_DTYPES
 
 
 @dataclass
@@ -41,8 +39,8 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
                            "for classification rows")
     generate: bool = option(False, "with --data: also generate greedily from each prompt and score exact match / F1 "
                                    "against its completion (prompt-completion and chat rows)")
-    max_new_tokens: int = option(50, "with --generate or --reward: tokens generated per prompt (with --run: the run's "
-                                     "--max-new-tokens)")
+    max_new_tokens: int = same_as(TrainConfig, "max_new_tokens", help="with --generate or --reward: tokens "
+                                  "generated per prompt (with --run: the run's --max-new-tokens)")
     reward: str = option("", "with --data: the mean reward of greedy completions of its prompt rows {\"prompt\": ...} "
                              "by PATH.py:FUNCTION (as dlzo train --reward calls it); with --run of a reward run: its "
                              "reward on its held-out dev prompts, by default")
@@ -52,8 +50,8 @@ class EvalConfig(ModelOptions, TaskOptions, DataSource):
     # With --run these four default to the run's own (dlzo.training.run_folder.recorded_test_options): its test figure again.
     num_test: int = same_as(TrainConfig, "num_test")
     data_seed: int = same_as(TrainConfig, "data_seed")
-    max_length: int = option(2048, "truncate prompts from the left to this many tokens (with --run: the run's "
-                                   "--max-length)")
+    max_length: int = same_as(TrainConfig, "max_length", help="truncate prompts from the left to this many tokens "
+                              "(with --run: the run's --max-length)")
     batch_size: int = option(16, "examples per forward (with --run: the run's --eval-batch-size)")
     out: str = option("out/eval", "folder for eval.json")
     harness: str = option("", "hand the model to lm-evaluation-harness for these tasks instead (comma-separated, "
@@ -79,7 +77,7 @@ class GenerateConfig(ModelOptions):
     checkpoint: Checkpoint = same_as(EvalConfig, "checkpoint")
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template as a user turn (always on for a "
                                "run trained on chat rows)")
-    max_new_tokens: int = option(64, "tokens to generate at most")
+    max_new_tokens: int = same_as(TrainConfig, "max_new_tokens", help="tokens to generate at most")
     sample: bool = option(False, "sample instead of greedy decoding")
     temperature: float = option(1.0, "with --sample: the sampling temperature")
     top_p: float = option(1.0, "with --sample: nucleus sampling's probability mass")

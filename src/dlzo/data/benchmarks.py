@@ -20,10 +20,6 @@ from dlzo.data.hub import HUB_PREFIX, parse_hub_source
 from dlzo.data.official_files import label_index, read_json, read_jsonl, split_file
 from dlzo.errors import DlzoError
 
-DATA_DIR_HELP = ("folder of official task files (glue/SST-2/*.tsv, superglue/<Task>/*.jsonl, squad/, drop/), or 'hf' "
-                 "to load each task's Hugging Face dataset (online; 'hf:PATH[:CONFIG]' for a mirror)")
-
-
 HUB_SPLITS = {"train": "train", "valid": "validation"}
 
 

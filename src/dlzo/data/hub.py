@@ -12,6 +12,8 @@ from typing import NamedTuple
 from dlzo.errors import DlzoError
 
 HUB_PREFIX = "hf"
+DATA_DIR_HELP = ("folder of official task files (glue/SST-2/*.tsv, superglue/<Task>/*.jsonl, squad/, drop/), or 'hf' "
+                 "to load each task's Hugging Face dataset (online; 'hf:PATH[:CONFIG]' for a mirror)")
 
 
 class HubSource(NamedTuple):

@@ -8,13 +8,12 @@ through splitmix64, on a dedicated torch.Generator per device.
 from __future__ import annotations
 
 import random
-from typing import Literal, get_args
 
 import torch
 
+from dlzo.choices import DISTRIBUTIONS, Distribution
+
 _MASK64 = (1 << 64) - 1
-Distribution = Literal["gaussian", "rademacher"]  # of each element of z
-DISTRIBUTIONS = get_args(Distribution)
 
 
 def mix(*values: int) -> int:

@@ -16,11 +16,11 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from dlzo.choices import LayerRule, ProbeRule
 from dlzo.data.examples import Example
 from dlzo.engine.fastpath import BranchedForward
 from dlzo.engine.layer_screen import SCREEN, ScreenTask, screen_layers
@@ -35,14 +35,12 @@ from dlzo.engine.scoring import (
 )
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.model.loading import decoder_layers
-from dlzo.model.probe import ProbeResult, ProbeRule, find_dominant_layer
+from dlzo.model.probe import ProbeResult, find_dominant_layer
 
 # The quick measurement behind --scope dominant's fallback (the demo shows the same one, so that its
 # picture and the trained layer agree): 2 directions x the first 2 training batches of 16.
 QUICK_SENSITIVITY = {"seeds": 2, "batches": 2, "batch_size": 16}
 
-# how --scope dominant picks its layer: a probe rule, or the screen that trains the candidates
-LayerRule = Literal[ProbeRule, "screen"]
 
 
 @dataclass

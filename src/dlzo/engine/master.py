@@ -20,13 +20,11 @@ modules; a module that read another's weight directly would see the float32 mast
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Literal
 
 import torch
 from torch import nn
 
-# --master-weights: auto (every scope but full), on (full too) or off (the tensors' own dtype)
-MasterPolicy = Literal["auto", "on", "off"]
+from dlzo.choices import MasterPolicy
 
 HALF = (torch.bfloat16, torch.float16)
 

@@ -8,47 +8,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from dlzo.choices import ScopeSpec
+from dlzo.choices import parse_scope as parse_scope  # the syntax, read with the tensors it selects
 from dlzo.errors import DlzoError
-from dlzo.fields import comma_list
 from dlzo.model.loading import decoder_layers, decoder_layers_with_path, num_parameters
-
-SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora | lezo:K  (dominant: the probe's "
-              "layer, or the most perturbation-sensitive layer when the probe finds none; lezo:K: LeZO, K random "
-              "decoder layers perturbed and updated per step)")
 
 # Module-path segments, so that e.g. post_attention_layernorm is neither attention nor MLP.
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)\.")
 _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|fc1|fc2)\.")
-
-
-@dataclass
-class ScopeSpec:
-    kind: str  # "full" | "layers" | "lora" | "dominant" | "dominant-lora" | "lezo"
-    layers: list[int]
-    sampled_layers: int = 0  # lezo:K: layers drawn per step
-
-    @property
-    def needs_dominant_layer(self) -> bool:
-        return self.kind in ("dominant", "dominant-lora")
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.kind in ("lora", "dominant-lora")
-
-
-def parse_scope(text: str) -> ScopeSpec:
-    text = text.strip().lower()
-    if text in ("full", "lora", "dominant", "dominant-lora"):
-        return ScopeSpec(text, [])
-    lezo = re.fullmatch(r"lezo:(\d+)", text)
-    if lezo and int(lezo.group(1)) >= 1:
-        return ScopeSpec("lezo", [], sampled_layers=int(lezo.group(1)))
-    match = re.fullmatch(r"(layer|layers):([\d,\s]+)", text)
-    if match:
-        layers = sorted(set(comma_list(match.group(2), int)))  # the pattern admits digits only
-        if layers and (match.group(1) == "layers" or len(layers) == 1):
-            return ScopeSpec("layers", layers)
-    raise DlzoError(f"--scope {text!r} is not one of: {SCOPE_HELP}")
 
 
 def _param_filter(spec: str):

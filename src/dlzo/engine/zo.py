@@ -45,18 +45,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from dlzo.engine.directions import Directions, Distribution, direction_seed
+from dlzo.choices import ESTIMATORS, UPDATE_RULES, Distribution, Estimator, UpdateRule
+from dlzo.engine.directions import Directions, direction_seed
 from dlzo.engine.master import PerturbedMasters
-
-UpdateRule = Literal["sgd", "momentum", "adam", "hizoo"]  # how the estimate g·z becomes a step
-UPDATE_RULES = get_args(UpdateRule)
-Estimator = Literal["two-sided", "one-sided"]  # (L+ - L-)/2ε, or (L+ - L(θ))/ε with L(θ) shared
-ESTIMATORS = get_args(Estimator)
 
 
 def no_decay(name: str) -> bool:

@@ -20,13 +20,12 @@ trajectory.jsonl: the metric of each branch).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from dlzo.choices import GENERATED
 from dlzo.data.examples import Example
 from dlzo.data.metrics import best_over_answers, exact_match, f1_score
 from dlzo.engine import distributed as dist
@@ -43,11 +42,7 @@ from dlzo.errors import DlzoError
 from dlzo.evaluation.branched_generation import BranchedLeaves, SharedNoise, complete, tuned_in
 from dlzo.evaluation.evaluate import dev_batches
 from dlzo.evaluation.generation import chat_prompt
-from dlzo.evaluation.rewards import Reward, load_reward, split_spec
-
-Objective = Literal["loss", "accuracy", "f1", "exact-match"]  # --objective
-OBJECTIVES = get_args(Objective)
-GENERATED = ("f1", "exact-match")  # read from completions (as is a reward)
+from dlzo.evaluation.rewards import Reward, load_reward
 
 
 def accuracy_loss(batch: EncodedBatch, logprobs: torch.Tensor) -> torch.Tensor:
@@ -60,30 +55,6 @@ def accuracy_loss(batch: EncodedBatch, logprobs: torch.Tensor) -> torch.Tensor:
 def answer_text(completion: str) -> str:
     """The part of a completion scored against the answers: its first line, stripped (as `dlzo eval` reads it)."""
     return completion.split("\n")[0].strip()
-
-
-def check_objective_options(config) -> None:
-    """The objective's flags against each other and the optimizer (no file is read)."""
-    name = "--reward" if config.reward else f"--objective {config.objective}"
-    if config.reward:
-        split_spec(config.reward)
-        if config.objective != "loss":
-            raise DlzoError(f"--reward is the objective itself; leave --objective at loss, not {config.objective}")
-        if not config.data:
-            raise DlzoError("--reward needs --data: a file of prompt rows {\"prompt\": ...}")
-        if config.rule == "screen":
-            raise DlzoError("--reward: --rule screen compares layers on the loss of completions, which prompt rows "
-                            "have none of; use --rule sun or onset, or --scope layer:K")
-    if config.reward or config.objective != "loss":
-        if config.optimizer != "zo":
-            raise DlzoError(f"{name} has no gradient: train it with --optimizer zo")
-        if config.zo_update == "hizoo":
-            raise DlzoError(f"{name}: --zo-update hizoo's curvature needs a smooth loss; use sgd, momentum or adam")
-    if not (math.isfinite(config.temperature) and config.temperature >= 0):
-        raise DlzoError(f"--temperature must be 0 (greedy) or positive, not {config.temperature}")
-    if config.temperature > 0 and not (config.reward or config.objective in GENERATED):
-        raise DlzoError("--temperature samples the completions of --reward or --objective f1/exact-match; this run "
-                        "generates none")
 
 
 @dataclass
@@ -119,21 +90,21 @@ class RunObjective:
 
     def logged(self, loss: float, prefix: str = "") -> dict:
         """The metric beside a (negated) loss in metrics.jsonl; nothing for the loss itself."""
-        return {} if self.name == "loss" else {prefix + self.key: -loss}
+        return {} if self.name == "loss" else {prefix + self.key: 0.0 - loss}  # (0.0 - x: never -0.0)
 
     def step_logged(self, plus: list[float], minus: list[float]) -> dict:
         """The metric of each branch (each direction), for trajectory.jsonl."""
         if self.name == "loss":
             return {}
-        return {f"{self.key}_plus": [-v for v in plus], f"{self.key}_minus": [-v for v in minus]}
+        return {f"{self.key}_plus": [0.0 - v for v in plus], f"{self.key}_minus": [0.0 - v for v in minus]}
 
     def results(self, dev_start: float, best_dev: float, spec: str = "") -> dict:
         """What results.json adds: the objective and its dev metric before training and at the chosen checkpoint."""
         if self.name == "loss":
             return {}
         if self.name == "reward":
-            return {"objective": "reward", "reward": spec, "reward_start": -dev_start, "reward_best": -best_dev}
-        return {"objective": self.name, f"dev_{self.key}_start": -dev_start, f"dev_{self.key}_best": -best_dev}
+            return {"objective": "reward", "reward": spec, "reward_start": 0.0 - dev_start, "reward_best": 0.0 - best_dev}
+        return {"objective": self.name, f"dev_{self.key}_start": 0.0 - dev_start, f"dev_{self.key}_best": 0.0 - best_dev}
 
 
 def objective_for(config, task) -> RunObjective:
@@ -228,7 +199,7 @@ class GenerationRunner:
                              "decodes the completions")
         if tokenizer.pad_token_id is None:  # prompts of several lengths are padded (on the left)
             tokenizer.pad_token = tokenizer.eos_token
-        reward = load_reward(reward) if isinstance(reward, str) else Reward(reward)
+        reward = load_reward(reward) if isinstance(reward, str) else reward if isinstance(reward, Reward) else Reward(reward)
         return cls(model, tokenizer, names, fast, RunObjective("reward", reward), max_new_tokens,
                    context_limit(model, 2048), temperature, average_across_ranks=False)
 

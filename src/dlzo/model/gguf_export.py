@@ -14,16 +14,14 @@ convert it with llama.cpp's `convert_hf_to_gguf.py`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from dlzo.choices import GGUF_TYPES, GgufType  # noqa: F401 (re-exported: the names callers import from here)
 from dlzo.errors import DlzoError, first_line
 
-GgufType = Literal["f16", "q8_0", "f32"]  # --gguf-type: half, llama.cpp's 8-bit blocks, single
-GGUF_TYPES = get_args(GgufType)
 # architectures whose tensors transformers' GGUF reader only renames (llama: it also undoes the q/k permutation,
 # which write_gguf redoes); others transform tensors on the way in (fused qkv, norm offsets) and are refused
 _PLAIN_ARCHITECTURES = ("qwen2", "qwen3")

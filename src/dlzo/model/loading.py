@@ -10,17 +10,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from dlzo.errors import DlzoError, first_line
-
 # --dtype: auto (float32 on CPU, bfloat16 on CUDA: resolve_dtype) or a precision by either of its names
-Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
-DTYPES = get_args(Dtype)
+from dlzo.choices import DTYPES, Dtype  # noqa: F401 (re-exported)
+from dlzo.errors import DlzoError, first_line
 
 # Short names for the sample models that ship beside the project in ../shared.
 SHORT_NAMES: dict[str, str] = {

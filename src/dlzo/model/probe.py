@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import nn
 
+from dlzo.choices import ProbeRule  # noqa: F401 (re-exported)
 from dlzo.errors import DlzoError
 from dlzo.model.loading import decoder_layers
 
@@ -40,7 +41,7 @@ the autumn rain, the fish swim back upstream, and the stones disappear again und
 TOP_K = 5
 
 
-ProbeRule = Literal["sun", "onset"]  # the paper's absolute thresholds, or the largest persistent jump of max|h|
+
 RULES = get_args(ProbeRule)
 
 

@@ -36,18 +36,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from dlzo.choices import QUANTIZE_HELP, QUANTIZE_MODES, Quantize  # noqa: F401 (re-exported)
 from dlzo.errors import DlzoError
-
-Quantize = Literal["none", "int8", "int4"]
-QUANTIZE_MODES = get_args(Quantize)
-QUANTIZE_HELP = ("hold every linear layer outside the tuned scope in 8 or 4 bits, weight-only (torchao: int8 per "
-                 "row, int4 as QLoRA's NF4; the LM head, embeddings and tuned tensors stay in --dtype): none, int8, "
-                 "int4")
 
 INT4_BLOCK = 64  # elements sharing one absmax (QLoRA's default; smaller where a weight needs it: nf4_blocks)
 INT4_SCALER_BLOCK = 256  # int4 absmax values sharing one scale (QLoRA's double quantization)

@@ -30,7 +30,7 @@ def train_configs(config: DemoConfig, model_name: str, data_dir: str, out: Path)
     return [(label, TrainConfig(model=model_name, task="sst2", data_dir=str(data_dir), out=str(out / "runs" / label),
                                 scope=scope, steps=config.steps, lr=lr, eps=config.eps, num_dev=config.num_dev,
                                 num_test=config.num_test, eval_every=max(config.steps // 2, 1)))
-            for label, scope, lr in (("dominant", "dominant", config.lr), ("full", "full", config.full_lr))]
+            for label, scope, lr in (("dominant", "dominant", config.dominant_lr), ("full", "full", config.full_mezo_lr))]
 
 
 def demo_assets(config: DemoConfig) -> tuple[str, str]:

@@ -8,11 +8,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from dlzo.engine.scope import parse_scope
+from dlzo.choices import Dtype, MasterPolicy, Quantize, parse_scope
 from dlzo.errors import DlzoError
 from dlzo.fields import at_least_one, check_choices, comma_list, option, positive, same_as
-from dlzo.model.loading import Dtype, resolve_device
-from dlzo.model.quantize import Quantize, check_quantize
+from dlzo.model.loading import resolve_device
+from dlzo.model.quantize import check_quantize
 from dlzo.training.config import DataOptions, DataSource, TaskOptions, TrainConfig
 
 # the names `dlzo sweep` gives its runs (runs/<name>), so that a misspelt --only is refused before anything is
@@ -51,7 +51,7 @@ class SweepConfig(TaskOptions, DataOptions):
                                           "lezo:K (LeZO, K random layers per step, at --full-lr)")
     steps: int = option(200, "steps of every run")
     batch_size: int = same_as(TrainConfig, "batch_size")
-    lr: float = option(1e-5, "learning rate of the one-layer runs")
+    lr: float = same_as(TrainConfig, "lr", help="learning rate of the one-layer runs")
     full_lr: float = option(-1.0, "learning rate of full MeZO (-1: same as --lr)")
     lora_lr: float = option(-1.0, "learning rate of ZO-LoRA (-1: same as --lr)")
     adamw_lr: float = option(1e-5, "learning rate of the first-order reference")
@@ -132,8 +132,11 @@ class DemoConfig:
     hub_data: str = option("hf", "without sample assets: where SST-2 comes from (hf: the hub's GLUE SST-2, or "
                                  "hf:FOLDER, a local dataset folder in the same layout)")
     steps: int = option(40, "training steps of each run (the same for both)")
-    lr: float = option(1e-3, "ZO learning rate of the dominant layer (SmolLM2-135M grid: docs/results/smollm2-135m)")
-    full_lr: float = option(1e-4, "ZO learning rate of full MeZO (its own grid: a full-model step moves far more)")
+    # the demo's recipe, not other defaults of train's --lr and sweep's --full-lr: the rates its SmolLM2-135M
+    # grids chose for each run (a full-model step moves far more than one layer's)
+    dominant_lr: float = option(1e-3, "the recipe's ZO learning rate of the dominant layer (SmolLM2-135M grid: "
+                                      "docs/results/smollm2-135m)")
+    full_mezo_lr: float = option(1e-4, "the recipe's ZO learning rate of full MeZO (its own grid)")
     eps: float = same_as(TrainConfig, "eps")
     num_dev: int = same_as(TrainConfig, "num_dev", default=100)
     num_test: int = same_as(TrainConfig, "num_test", default=200)
@@ -157,6 +160,9 @@ class BenchConfig(TaskOptions):
                                         "(dlzo.model.quantize; a random --shape is made layer by layer, never in "
                                         "full precision): none, int8, int4. Only the one-layer variants and "
                                         "inference then run")
+    master_weights: MasterPolicy = option("auto", "the one-layer variants in bfloat16/float16: the layer's "
+                                                  "tensors as float32 masters cast per forward, as dlzo train "
+                                                  "holds them (auto and on: masters; off: the working dtype)")
 
     def validate(self) -> None:
         """The flags alone; --layer is checked against the model once it is loaded (dlzo.studies.bench)."""

@@ -11,22 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from dlzo.data.benchmarks import DATA_DIR_HELP
+from dlzo.choices import (
+    DISTRIBUTIONS,
+    GENERATED,
+    QUANTIZE_HELP,
+    SCOPE_HELP,
+    Distribution,
+    Dtype,
+    Estimator,
+    LayerRule,
+    MasterPolicy,
+    Objective,
+    Quantize,
+    UpdateRule,
+    parse_scope,
+    report_targets,
+)
 from dlzo.data.formats import FORMATS, DataFormat
-from dlzo.data.hub import is_hub_source
+from dlzo.data.hub import DATA_DIR_HELP, is_hub_source
 from dlzo.data.readers import parse_columns
-from dlzo.engine.directions import DISTRIBUTIONS, Distribution
-from dlzo.engine.layer_choice import LayerRule
-from dlzo.engine.master import MasterPolicy
-from dlzo.engine.scope import SCOPE_HELP, parse_scope
-from dlzo.engine.zo import Estimator, UpdateRule
 from dlzo.errors import DlzoError
-from dlzo.evaluation.objectives import Objective, check_objective_options
 from dlzo.evaluation.rewards import absolute_spec, split_spec
 from dlzo.fields import at_least_one, bad_choice, check_choices, option, positive, same_as
-from dlzo.model.loading import Dtype, resolve_device
-from dlzo.model.quantize import QUANTIZE_HELP, Quantize, check_quantize
-from dlzo.training.scalars import ReportTo
 
 DEFAULT_MAX_DEV = 500  # --data with --num-dev -1: at most this many held-out dev rows
 
@@ -126,12 +132,17 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     params: str = option("all", "tensors inside the tuned layers: all, mlp, attn, or a regex over names")
     optimizer: Optimizer = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
     steps: int = option(1000, "optimisation steps")
+    num_train_epochs: float = option(0.0, "train for this many passes over the training examples instead of --steps "
+                                          "(transformers' num_train_epochs): steps = ceil(epochs × floor(training "
+                                          "examples / --batch-size)), counted once the data is read; 0: --steps")
     batch_size: int = option(16, "examples per step (MeZO: 16)")
     grad_accum: int = option(1, "micro-batches per step; ZO uses one z across them")
     lr: float = option(1e-6, "learning rate (peak rate with a schedule)")
     lr_scheduler: Scheduler = option("constant", "learning-rate schedule: " + ", ".join(SCHEDULERS)
                                + " (transformers.get_scheduler)")
     warmup_steps: int = option(0, "linear warm-up steps of the schedule")
+    warmup_ratio: float = option(0.0, "with --warmup-steps 0: linear warm-up over this fraction of the steps, "
+                                      "rounded up (transformers' warmup_ratio)")
     eps: float = option(1e-3, "ZO perturbation scale epsilon")
     q: int = option(1, "ZO directions per step (the projected gradients are averaged)")
     parallel: Parallel = option("data", "with several ranks: data (shard the batch) or perturbation (split the q directions)")
@@ -195,7 +206,13 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     temperature: float = option(0.0, "--reward and --objective f1/exact-match: 0 greedy completions at each step; "
                                      "above 0 sampled at this temperature with the same random numbers for both "
                                      "branches (the dev set's are always greedy)")
-    report_to: ReportTo = option("none", "also log scalars to: none, tensorboard, wandb (metrics.jsonl is always written)")
+    log_every: int = option(10, "write a line of training loss and lr to metrics.jsonl every N steps")
+    save_every: int = option(0, "also write last.safetensors (the resume point) every N steps; 0: at each "
+                                "evaluation (--eval-every) only")
+    report_to: str = option("none", "also log scalars to one or more of: tensorboard, wandb (e.g. --report-to "
+                                    "tensorboard wandb); none: only metrics.jsonl, which is always written",
+                            several=True)
+    run_name: str = option("", "the run's name in TensorBoard and W&B (default: the --out folder's name)")
     quiet: bool = option(False, "no progress bar")
 
     def validate(self) -> None:
@@ -211,7 +228,14 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                       "max_nonfinite")
         positive(self, "lr")
         positive(self, "eps")
-        for name in ("eval_every", "warmup_steps", "weight_decay", "num_train", "num_test", "prefix_cache_mb"):
+        at_least_one(self, "log_every")
+        report_targets(self.report_to)
+        if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs >= 0):
+            raise DlzoError(f"--num-train-epochs must not be negative, not {self.num_train_epochs}")
+        if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1):
+            raise DlzoError(f"--warmup-ratio must be between 0 and 1, not {self.warmup_ratio}")
+        for name in ("eval_every", "save_every", "warmup_steps", "weight_decay", "num_train", "num_test",
+                     "prefix_cache_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise DlzoError(f"--{name.replace('_', '-')} must not be negative, not {value}")
@@ -244,13 +268,18 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             if not 0 <= getattr(self, name) < 1:
                 raise DlzoError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
 
+    def epoch_steps(self, num_examples: int) -> int:
+        """--num-train-epochs as steps over `num_examples` training examples: an epoch is a pass over them in
+        batches of --batch-size (dlzo.training.step.batch_indices' epochs, the last short batch left out)."""
+        return max(math.ceil(self.num_train_epochs * max(num_examples // self.batch_size, 1)), 1)
+
     def validate_quantize(self) -> None:
-        """--quantize: a scope that leaves linear layers frozen, one model on one device bitsandbytes runs on."""
+        """--quantize: a scope that leaves linear layers frozen, one model on one device. Whether this machine's
+        device and torchao run the mode needs torch: dlzo.training.loop.train asks right after validate()."""
         check_quantize_scope(self.quantize, self.scope, self.params, self.optimizer)
         if self.device_map:
             raise DlzoError(f"--quantize {self.quantize} with --device-map: a quantized model is loaded on one "
                             f"device (--device)")
-        check_quantize(self.quantize, resolve_device(self.device))
 
 
 def check_quantize_scope(quantize: str, scope: str, params: str, optimizer: str = "zo") -> None:
@@ -260,6 +289,30 @@ def check_quantize_scope(quantize: str, scope: str, params: str, optimizer: str 
         what = "--optimizer adamw --scope full" if optimizer == "adamw" and kind == "full" else f"--scope {scope}"
         raise DlzoError(f"--quantize {quantize}: {what} tunes every weight, none is frozen to quantize (quantize "
                         f"the frozen layers of a layer scope, e.g. --scope dominant or layer:K)")
+
+
+def check_objective_options(config) -> None:
+    """The objective's flags against each other and the optimizer (no file is read)."""
+    name = "--reward" if config.reward else f"--objective {config.objective}"
+    if config.reward:
+        split_spec(config.reward)
+        if config.objective != "loss":
+            raise DlzoError(f"--reward is the objective itself; leave --objective at loss, not {config.objective}")
+        if not config.data:
+            raise DlzoError("--reward needs --data: a file of prompt rows {\"prompt\": ...}")
+        if config.rule == "screen":
+            raise DlzoError("--reward: --rule screen compares layers on the loss of completions, which prompt rows "
+                            "have none of; use --rule sun or onset, or --scope layer:K")
+    if config.reward or config.objective != "loss":
+        if config.optimizer != "zo":
+            raise DlzoError(f"{name} has no gradient: train it with --optimizer zo")
+        if config.zo_update == "hizoo":
+            raise DlzoError(f"{name}: --zo-update hizoo's curvature needs a smooth loss; use sgd, momentum or adam")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise DlzoError(f"--temperature must be 0 (greedy) or positive, not {config.temperature}")
+    if config.temperature > 0 and not (config.reward or config.objective in GENERATED):
+        raise DlzoError("--temperature samples the completions of --reward or --objective f1/exact-match; this run "
+                        "generates none")
 
 
 @dataclass

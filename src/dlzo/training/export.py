@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dlzo.choices import EXPORT_DTYPES as EXPORT_DTYPE_NAMES
 from dlzo.engine.checkpoint import atomic_write_json, checked_load, save_tensors
 from dlzo.engine.scope import add_lora, parse_scope
 from dlzo.errors import DlzoError
@@ -29,7 +30,7 @@ from dlzo.training.run_model import build_for_run, load_checkpoint_of_run
 TUNED_FILE, TUNED_JSON = "tuned.safetensors", "tuned.json"
 
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}  # --dtype's names (dlzo.choices)
 
 
 def merged_model(run: str | Path, which: str = "best") -> tuple[nn.Module, object]:

@@ -29,7 +29,8 @@ from dlzo.errors import Diverged, DlzoError
 from dlzo.evaluation.evaluate import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.evaluation.objectives import dev_value, micro_batches, objective_for
 from dlzo.evaluation.rewards import RewardError
-from dlzo.model.loading import load_tokenizer, resolve_model_source
+from dlzo.model.loading import load_tokenizer, resolve_device, resolve_model_source
+from dlzo.model.quantize import check_quantize
 from dlzo.training.config import TrainConfig
 from dlzo.training.interrupt import Interrupted, StopNow, StopRequests
 from dlzo.training.prepare import (
@@ -56,7 +57,9 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     from transformers import get_scheduler
 
     holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)  # the scheduler's own bookkeeping
-    scheduler = get_scheduler(config.lr_scheduler, holder, num_warmup_steps=config.warmup_steps,
+    # transformers.TrainingArguments.get_warmup_steps: --warmup-steps, else --warmup-ratio of the steps
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * config.steps)
+    scheduler = get_scheduler(config.lr_scheduler, holder, num_warmup_steps=warmup,
                               num_training_steps=config.steps)
     factor = scheduler.lr_lambdas[0]
     return lambda step: config.lr * factor(step)
@@ -77,6 +80,7 @@ def train(config: TrainConfig) -> dict:
             raise DlzoError(f"--resume {config.resume} and --out {config.out} name different folders")
         config.out = config.resume
     config.validate()
+    check_quantize(config.quantize, resolve_device(config.device))  # the machine runs it (needs torch: not in validate)
     check_reporting(config.report_to)
     run = RunFolder(config.out, "--resume" if config.resume else "--out")
     previous = run.record() if run.decide(config) == RESUME else None
@@ -85,6 +89,8 @@ def train(config: TrainConfig) -> dict:
     # they are read and checked
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code) if config.data else None
     data = load_data(config, tokenizer)
+    if config.num_train_epochs:  # the training examples are counted now: the epochs become --steps
+        config.steps = config.epoch_steps(len(data.splits.train))
     objective_for(config, data.task)  # the objective fits the task, a --reward file loads
     if data.user is not None:
         check_same_data(previous, data)
@@ -293,7 +299,8 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
     """Set up, train, test. The loop below is the whole of training."""
     with StopRequests().installed() as stop:
         session, dev_start, best_dev = set_up(config, run, previous, data, stop)
-        scalars = ScalarLogger(config.report_to, run.path, asdict(config)) if session.is_main else None
+        scalars = (ScalarLogger(config.report_to, run.path, asdict(config), config.run_name) if session.is_main
+                   else None)
         first, nonfinite_in_a_row = session.point.step, 0
         dist.STEP_TRAFFIC["bytes"] = 0
         started = time.time()
@@ -311,7 +318,7 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
             done, elapsed = step + 1, time.time() - started
             if session.is_main:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
-                if step % 10 == 0 or done == config.steps:
+                if step % config.log_every == 0 or done == config.steps:
                     run.log_metrics({"step": step, "loss": loss, "lr": lr, "elapsed_s": round(elapsed, 3),
                                      **session.objective.logged(loss)})
                 scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/steps_per_s": (done - first) / max(elapsed, 1e-9),
@@ -320,7 +327,7 @@ def fit(config: TrainConfig, run: RunFolder, previous: dict | None, data: Data) 
                 dev, best_dev = session.validate(done, best_dev)
                 if session.is_main:
                     scalars.log(done, {"eval/dev_loss": dev})
-            elif stop:
+            elif stop or (config.save_every and done % config.save_every == 0):
                 session.save("last.safetensors", done, best_dev)
             if stop and done < config.steps:
                 raise Interrupted(f"stopped by {stop.signal} after step {done} of {config.steps} (saved "

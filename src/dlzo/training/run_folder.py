@@ -47,9 +47,10 @@ from dlzo.errors import DlzoError, first_line
 from dlzo.training.config import TrainConfig, same_path_option
 from dlzo.training.prepare import load_into
 
-# Keys that do not change what a run trained (where it lives, how it logs, where its frozen prefix is kept on
-# disk): a kept run, reused as finished by a study, must agree on every other one, steps included.
-FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "prefix_store")
+# Keys that do not change what a run trained (where it lives, how it logs and saves, where its frozen prefix is
+# kept on disk; the epochs, which became its steps): a kept run reused by a study must agree on every other one.
+FREE_FOR_A_KEPT_RUN = ("out", "resume", "quiet", "report_to", "run_name", "log_every", "save_every", "prefix_store",
+                       "num_train_epochs")
 # Keys that may differ between an interrupted run and its resumption.
 _FREE_ON_RESUME = (*FREE_FOR_A_KEPT_RUN, "steps")
 DIVERGED = "diverged.json"  # marks a learning-rate grid's run stopped by non-finite losses
@@ -234,9 +235,9 @@ class RunFolder:
 
     def recorded_options(self) -> dict:
         """The options the run was started with, as defaults for `dlzo train --resume`: the flags given again
-        must agree with them, so they need not be given. Where, how to log, and options dlzo no longer has are
-        left out."""
-        known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to"}
+        must agree with them, so they need not be given. Where, how to log, options dlzo no longer has, and the
+        epochs (the --steps they became are the default, which a --steps given again may raise) are left out."""
+        known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "quiet", "report_to", "num_train_epochs"}
         return {key: value for key, value in self.config().items() if key in known}
 
     def clear(self, why: str) -> None:

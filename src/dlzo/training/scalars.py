@@ -1,15 +1,13 @@
-"""Scalars of a run for TensorBoard or Weights & Biases, through the libraries' own writers.
+"""Scalars of a run for TensorBoard and/or Weights & Biases, through the libraries' own writers.
 metrics.jsonl in the run folder is written regardless; this only mirrors it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
+from dlzo.choices import report_targets
 from dlzo.errors import DlzoError, first_line
-
-ReportTo = Literal["none", "tensorboard", "wandb"]  # --report-to: where the scalars are mirrored
 
 
 def _summary_writer():
@@ -30,12 +28,13 @@ def _wandb():
     return wandb
 
 
-def check_reporting(report_to: ReportTo) -> None:
-    """Before anything is written: the mirror's package imports, and W&B (unless WANDB_MODE is offline or
+def check_reporting(report_to: str) -> None:
+    """Before anything is written: each backend's package imports, and W&B (unless WANDB_MODE is offline or
     disabled) has a login; it raised a traceback after the run had started."""
-    if report_to == "tensorboard":
+    targets = report_targets(report_to)
+    if "tensorboard" in targets:
         _summary_writer()
-    elif report_to == "wandb":
+    if "wandb" in targets:
         wandb = _wandb()
         if os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun"):
             return
@@ -46,14 +45,20 @@ def check_reporting(report_to: ReportTo) -> None:
 
 
 class ScalarLogger:
-    def __init__(self, report_to: str, folder: Path, config: dict):
+    """The scalars mirrored to each backend of --report-to (comma-separated: "tensorboard,wandb" writes both),
+    under --run-name (default: the run folder's name): W&B's run name, TensorBoard's run folder
+    (FOLDER/tensorboard/NAME; FOLDER/tensorboard itself without a name)."""
+
+    def __init__(self, report_to: str, folder: Path, config: dict, run_name: str = ""):
         self.report_to, self.writer, self.run = report_to, None, None
-        if report_to == "tensorboard":
-            self.writer = _summary_writer()(log_dir=str(folder / "tensorboard"))
-        elif report_to == "wandb":
+        targets = report_targets(report_to)
+        if "tensorboard" in targets:
+            log_dir = folder / "tensorboard" / run_name if run_name else folder / "tensorboard"
+            self.writer = _summary_writer()(log_dir=str(log_dir))
+        if "wandb" in targets:
             wandb = _wandb()
             try:
-                self.run = wandb.init(project="dlzo", dir=str(folder), config=config, name=folder.name)
+                self.run = wandb.init(project="dlzo", dir=str(folder), config=config, name=run_name or folder.name)
             except Exception as err:  # a server that refuses, a bad setting: one line, not wandb's traceback
                 raise DlzoError(f"--report-to wandb: {first_line(err)}") from None
 
@@ -61,11 +66,11 @@ class ScalarLogger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
-        elif self.run is not None:
+        if self.run is not None:
             self.run.log(values, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        elif self.run is not None:
+        if self.run is not None:
             self.run.finish()
