@@ -12,7 +12,7 @@
 #                      Without a file, a model's random-init shape is benchmarked instead (`--shape smollm2-135m`,
 #                      `--shape qwen2.5-0.5b`: the same memory and time, no real weights), and the log says so.
 #   DLZO_WHEELS        a folder of wheels to install first into a private site folder (default .whl when present):
-#                      the gguf package for GGUF files, the quantization library, whatever the machine lacks
+#                      the gguf package for GGUF files, torchao for --quantize, whatever the machine lacks
 #   GPU_CHECK_DEVICE   cuda (default); cpu runs the same steps on the CPU (a dry run of the script, slow)
 #   GPU_CHECK_BUDGET   seconds for everything (default 480)
 # Writes OUT_DIR/gpu_check.json (each bench's peaks and step times beside the plan's predictions),

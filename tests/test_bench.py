@@ -111,3 +111,28 @@ def test_rows_variants_repeat_the_batch_and_report_the_per_direction_ratio(tmp_p
             variants[f"rows_x{copies}"]["step_s"] / copies / variants["rows_x1"]["step_s"])
     with pytest.raises(DlzoError, match="power of two"):
         repeated_batch(packed, "rows_x3")
+
+
+@pytest.mark.requires_shared
+@pytest.mark.parametrize("policy", ["auto", "off"])
+def test_one_layer_variants_in_bfloat16_step_float32_masters_and_give_the_model_back(monkeypatch, policy):
+    """As dlzo train: the layer's tensors become float32 masters the optimizer steps (the forward casts them to
+    bfloat16); afterwards the model holds bfloat16 tensors again, for the next variant."""
+    model = load_model(str(STORIES), dtype="bfloat16", device="cpu")
+    packed, separate = synthetic_batches(batch=2, seq=8, vocab=model.config.vocab_size)
+    seen = []
+    original = TimedOptimizer.__init__
+
+    def spy(self, named, *args, **kwargs):
+        seen.append(({p.dtype for _, p in named}, kwargs.get("working_dtypes")))
+        original(self, named, *args, **kwargs)
+
+    monkeypatch.setattr(TimedOptimizer, "__init__", spy)
+    result = run_variant("layer_cached", model, packed, separate, 1, 1, torch.device("cpu"), policy)
+    assert result["peak_mem_bytes"] > 0
+    dtypes, working = seen[0]
+    if policy == "auto":
+        assert dtypes == {torch.float32} and set(working.values()) == {torch.bfloat16}
+    else:
+        assert dtypes == {torch.bfloat16} and working is None
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -12,7 +12,14 @@ from conftest import SMOLLM2, tiny_config, tiny_model
 from dlzo.cli.main import main
 from dlzo.cli.plan import PlanConfig, predict
 from dlzo.errors import DlzoError
-from dlzo.model.memory_plan import CPU_RUNTIME_BYTES, CPU_SLACK_FORWARD, PlanInputs, plan, total
+from dlzo.model.memory_plan import (
+    CPU_QUANTIZED_RUNTIME_BYTES,
+    CPU_RUNTIME_BYTES,
+    CPU_SLACK_FORWARD,
+    PlanInputs,
+    plan,
+    total,
+)
 from dlzo.model.quantize import quantized_bytes
 from dlzo.model.shape import model_shape, read_config
 
@@ -70,18 +77,18 @@ def test_a_tiny_configs_plan_is_the_sum_of_its_parts_done_by_hand(w, quantize, m
     # RMSNorm's float32 pair in half precision, and the embedding's copy (h): twice over for the ± rows
     forward = w * (2 * h + 3 * 64) + (2 * 4 * h if w == 2 else 0)
 
-    # a quantized forward: int8 holds the widest linear's inputs (float16, int8) and its int32 and float16
-    # outputs (up_proj: 32 -> 64); int4 the largest linear (64 x 32) dequantized in the working dtype
-    dequant = {"none": 0, "int8": tokens * (3 * h + (6 + w) * 64), "int4": 64 * h * w}[quantize]
-    assert step["activations"] == 2 * tokens * (forward + w * h) + (
-        dequant if quantize != "int8" else 2 * dequant)
+    # a quantized forward holds the largest linear (64 x 32) dequantized: int8 in the working dtype; int4 as
+    # NF4 dequantizes, two int64 indices a byte, three working-dtype copies and a byte of codes
+    dequant = {"none": 0, "int8": 64 * h * w, "int4": 64 * h * (9 + 3 * w)}[quantize]
+    assert step["activations"] == 2 * tokens * (forward + w * h) and step["dequant"] == dequant
     assert step["baseline"] == 1000
-    assert step["overhead"] == CPU_RUNTIME_BYTES + int(CPU_SLACK_FORWARD * step["activations"])
+    quantized_runtime = 0 if quantize == "none" else CPU_QUANTIZED_RUNTIME_BYTES
+    assert step["overhead"] == CPU_RUNTIME_BYTES + quantized_runtime + int(CPU_SLACK_FORWARD * step["activations"])
     assert total(step) == sum(step.values())
 
     infer = parts["inference"]  # the whole vocabulary's logits (512) beside 2h outweigh a layer's forward
     assert infer["weights"] == brute_force_weights(model, 2, w, quantize, False)
-    assert infer["activations"] == tokens * w * (2 * h + 512) + dequant
+    assert infer["activations"] == tokens * w * (2 * h + 512) and infer["dequant"] == dequant
 
     full = parts["full_mezo"]  # every tensor tuned: nothing quantized, no master under auto
     assert full["weights"] == sum(p.numel() for p in model.parameters()) * w

@@ -214,3 +214,18 @@ def test_a_gguf_is_read_tensor_by_tensor_with_the_values_of_the_float_conversion
     assert all(torch.equal(p, expected[n]) for n, p in kept.items())
     text = "The movie was great, and the popcorn was fine. It was"
     assert tokenizer(text)["input_ids"] == float_tokenizer(text)["input_ids"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_layers_run_on_cuda_as_on_the_cpu(tmp_path, mode):
+    """On a GPU: the model read tensor by tensor onto CUDA in bfloat16, quantized there, gives the CPU's
+    quantized logits (to bfloat16 rounding); its quantized weights are on the GPU."""
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    on_gpu = load_quantized(str(tmp_path / "m"), mode, dtype="bfloat16", device="cuda")
+    on_cpu = load_quantized(str(tmp_path / "m"), mode, dtype="bfloat16", device="cpu")
+    assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gpu, cpu = on_gpu(input_ids=ids.cuda()).logits.float().cpu(), on_cpu(input_ids=ids).logits.float()
+    assert (gpu - cpu).norm() < 0.02 * cpu.norm()

@@ -3,15 +3,17 @@
 Each prediction is a sum of named parts (bytes), so a table can show where the memory goes and a test can add
 the same parts by hand:
 
-  weights      every tensor in the dtype it is held in: the working dtype; under --quantize each nn.Linear of
-               the frozen decoder layers in torchao's layout (dlzo.model.quantize.quantized_bytes; the LM
-               head and embeddings stay in the working dtype); a float32 master of each tuned tensor with masters
+  weights      every tensor in the dtype it is held in: the working dtype; under --quantize each frozen
+               nn.Linear but the LM head in torchao's layout (dlzo.model.quantize.quantized_bytes; the head and
+               the embeddings stay in the working dtype); a float32 master of each tuned tensor with masters
   baseline     the process before any tensor (Python, torch, transformers, dlzo): on a CPU the resident memory a
                measurement (RSS) includes; on a GPU the allocator's peak leaves it out (0)
   cache        the frozen prefix: the hidden states the tuned layer receives, for every cached sequence
   perturb      the ZO step's perturbed tensors: z, θ+εz, θ-εz of the tuned layer in the working dtype, or with
                masters only one tensor's float32 z and its cast at a time (dlzo.engine.master)
   activations  what the forward (or forward and backward) holds at its peak, from per-token sizes below
+  dequant      under --quantize, the largest frozen linear dequantized by its forward (torchao's weight-only
+               layers multiply by the whole weight dequantized)
   grads/state  AdamW: a gradient and two moments per tuned element, in the tuned tensors' dtype (the gradients
                appear as the backward frees the saved activations: `activations` is what the backward's start
                holds beyond them, or the step's temporaries)
@@ -39,6 +41,7 @@ from dlzo.model.shape import ModelShape, TensorShape
 # model's construction and a first forward add beyond the tensors (thread pools, kernel caches, heap the
 # allocator keeps), and the freed blocks glibc keeps resident during a step, a fraction of its activations.
 CPU_RUNTIME_BYTES = 64 * 2**20
+CPU_QUANTIZED_RUNTIME_BYTES = 32 * 2**20  # torchao's first quantized forwards (measured: 33 MiB)
 CPU_SLACK_FORWARD = 0.5
 CPU_SLACK_BACKWARD = 0.5
 # On a GPU torch.cuda.max_memory_allocated counts tensors (no process, no freed blocks), and cuBLAS's workspace,
@@ -69,9 +72,8 @@ def masters_on(inputs: PlanInputs, full_scope: bool) -> bool:
 
 
 def weight_bytes(shape: ModelShape, inputs: PlanInputs, tuned: set[int] | None, masters: bool) -> int:
-    """Every tensor as held: tuned layers (None: all) in the working dtype or as float32 masters, the linears of
-    the frozen nn.Linear layers quantized under --quantize (not the LM head), the rest (embeddings, norms) in
-    the working dtype."""
+    """Every tensor as held: tuned layers (None: all) in the working dtype or as float32 masters, each frozen
+    nn.Linear but the LM head quantized under --quantize, the rest (embeddings, norms) in the working dtype."""
     total = 0
     for index, layer in enumerate(shape.layers):
         is_tuned = tuned is None or index in tuned
@@ -90,16 +92,17 @@ def tensor_bytes(tensor: TensorShape, inputs: PlanInputs, is_tuned: bool, master
     return tensor.numel * inputs.dtype_bytes
 
 
-def dequant_bytes(shape: ModelShape, inputs: PlanInputs, tokens: int) -> int:
-    """What one quantized linear's forward adds over `tokens` tokens: int8 (LLM.int8) the inputs in float16 and
-    int8 and the output as int32 and float16 before the cast, at the widest linear; int4 the weight dequantized
-    in the working dtype, at the largest linear."""
+def dequant_bytes(shape: ModelShape, inputs: PlanInputs) -> int:
+    """What a quantized linear's forward adds: torchao's weight-only layers multiply by the weight dequantized
+    whole, at the largest linear. int8: the weight in the working dtype. int4 (NF4Tensor.get_original_weight):
+    both nibbles of every byte as int64 indices (8 bytes an element), the looked-up, scaled and stacked values
+    (3 x the working dtype) and a byte of shifted codes. Measured on a 11008 x 4096 layer on this CPU: 2.0 and
+    15.1 bytes an element in bfloat16, 4.1 and 21.1 in float32 (these formulas: 2, 15, 4 and 21)."""
     linears = [t for layer in shape.layers for t in layer if t.linear]
     if inputs.quantize == "none" or not linears:
         return 0
-    if inputs.quantize == "int8":
-        return tokens * max(3 * t.shape[1] + (6 + inputs.dtype_bytes) * t.shape[0] for t in linears)
-    return largest(linears) * inputs.dtype_bytes
+    per_element = inputs.dtype_bytes if inputs.quantize == "int8" else 9 + 3 * inputs.dtype_bytes
+    return largest(linears) * per_element
 
 
 def forward_per_token(shape: ModelShape, w: int) -> int:
@@ -136,12 +139,15 @@ def largest(tensors: list[TensorShape]) -> int:
     return max((t.numel for t in tensors), default=0)
 
 
-def cpu_parts(inputs: PlanInputs, activations: int, slack: float = CPU_SLACK_FORWARD) -> dict[str, int]:
-    """On a CPU the process baseline, the runtime a first forward adds and the allocator's slack; on a GPU the
-    cuBLAS workspace."""
+def cpu_parts(inputs: PlanInputs, activations: int, slack: float = CPU_SLACK_FORWARD,
+              quantized: bool = True) -> dict[str, int]:
+    """On a CPU the process baseline, the runtime a first forward adds (a quantized one more) and the
+    allocator's slack; on a GPU the cuBLAS workspace. `quantized`: the step runs quantized layers if
+    --quantize asks (not the full scope's)."""
     if inputs.device != "cpu":
         return {"baseline": 0, "overhead": CUDA_WORKSPACE_BYTES}
-    return {"baseline": inputs.baseline_bytes, "overhead": CPU_RUNTIME_BYTES + int(slack * activations)}
+    runtime = CPU_RUNTIME_BYTES + (CPU_QUANTIZED_RUNTIME_BYTES if quantized and inputs.quantize != "none" else 0)
+    return {"baseline": inputs.baseline_bytes, "overhead": runtime + int(slack * activations)}
 
 
 def inference(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
@@ -150,9 +156,9 @@ def inference(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
     inference variant."""
     w, tokens = inputs.dtype_bytes, inputs.batch_size * inputs.max_length
     per_token = max(forward_per_token(shape, w), w * (2 * shape.hidden_size + shape.vocab_size))
-    activations = tokens * per_token + dequant_bytes(shape, inputs, tokens)
+    activations = tokens * per_token
     return {"weights": weight_bytes(shape, inputs, set(inputs.tuned_layers), False),
-            "activations": activations, **cpu_parts(inputs, activations)}
+            "activations": activations, "dequant": dequant_bytes(shape, inputs), **cpu_parts(inputs, activations)}
 
 
 def zo_step(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
@@ -167,10 +173,10 @@ def zo_step(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
     else:  # z, θ+εz and θ-εz of every tuned tensor, and one tensor's ε·z while they are made
         perturb = 3 * sum(t.numel for t in tuned_tensors) * w + largest(tuned_tensors) * w
     activations = 2 * tokens * (forward_per_token(shape, w) + w * shape.hidden_size)
-    activations += dequant_bytes(shape, inputs, 2 * tokens)
     return {"weights": weight_bytes(shape, inputs, tuned, masters),
             "cache": inputs.cached_sequences * inputs.max_length * shape.hidden_size * w,
-            "perturb": perturb, "activations": activations, **cpu_parts(inputs, activations)}
+            "perturb": perturb, "activations": activations, "dequant": dequant_bytes(shape, inputs),
+            **cpu_parts(inputs, activations)}
 
 
 def full_mezo(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
@@ -181,7 +187,7 @@ def full_mezo(shape: ModelShape, inputs: PlanInputs) -> dict[str, int]:
     activations = tokens * forward_per_token(shape, w)
     return {"weights": weight_bytes(shape, inputs, None, masters),
             "perturb": largest(shape.tensors()) * (4 if masters else w),
-            "activations": activations, **cpu_parts(inputs, activations)}
+            "activations": activations, **cpu_parts(inputs, activations, quantized=False)}
 
 
 def adamw(shape: ModelShape, inputs: PlanInputs, first_layer: int | None = None,
@@ -204,8 +210,6 @@ def adamw(shape: ModelShape, inputs: PlanInputs, first_layer: int | None = None,
     else:
         saved += frozen_above * saved_per_token(shape, w, False)
     backward = tokens * (saved + backward_per_token(shape, w))
-    if not full:  # the frozen layers' quantized forward (and backward): every tensor is tuned in the full scope
-        backward += dequant_bytes(shape, inputs, tokens)
     if masters:  # each module's cast of its master is what its linear keeps for the input gradient
         backward += tuned_elements * w
     grads = tuned_elements * element
@@ -213,9 +217,11 @@ def adamw(shape: ModelShape, inputs: PlanInputs, first_layer: int | None = None,
     step = tuned_elements * element if inputs.device != "cpu" else 2 * largest(tuned_tensors) * element
     # the gradients appear as the backward frees what the forward saved, and the step comes after: the peak is
     # the larger of the backward's start (all saved) and the step (all gradients and the step's temporaries)
+    # (a quantized frozen layer's forward and backward dequantize its weight: nothing is frozen in the full scope)
     return {"weights": weight_bytes(shape, inputs, None if full else tuned, masters),
             "state": 2 * tuned_elements * element, "grads": grads, "activations": max(backward - grads, step),
-            **cpu_parts(inputs, backward, CPU_SLACK_BACKWARD)}
+            "dequant": 0 if full else dequant_bytes(shape, inputs),
+            **cpu_parts(inputs, backward, CPU_SLACK_BACKWARD, quantized=not full)}
 
 
 def plan(shape: ModelShape, inputs: PlanInputs) -> dict[str, dict[str, int]]:

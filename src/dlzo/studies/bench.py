@@ -47,6 +47,7 @@ from dlzo.data.benchmarks import load_task
 from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.fastpath import BranchedForward
 from dlzo.engine.layer_choice import layer_parameters
+from dlzo.engine.master import install_masters
 from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.scope import add_lora
 from dlzo.engine.scoring import EncodedBatch, batch_loss, encode, fast_layout
@@ -239,10 +240,28 @@ def rows_forward(model: nn.Module, packed: EncodedBatch, variant: str, layer: in
     return lambda: runner.loss_pair(repeated, fixed, fixed)
 
 
+ONE_LAYER_VARIANTS = ("layer_plain", "layer_fast", "layer_cached", "floor")
+
+
 def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: EncodedBatch, layer: int,
-                repeats: int, device: torch.device) -> dict:
-    """Time `repeats` steps (after one warm-up) and return the medians."""
+                repeats: int, device: torch.device, master_weights: str = "off") -> dict:
+    """Time `repeats` steps (after one warm-up) and return the medians. A one-layer variant of a half-precision
+    model holds the layer as float32 masters when `master_weights` asks (dlzo.engine.master, as dlzo train);
+    they are cast back into the model afterwards, for the next variant."""
+    masters = None
+    if name in ONE_LAYER_VARIANTS:
+        masters = install_masters(model, [n for n, _ in layer_parameters(model, layer)], master_weights, "layer")
+    try:
+        return _run_variant(name, model, packed, separate, layer, repeats, device, masters)
+    finally:
+        if masters is not None:
+            masters.remove()
+
+
+def _run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: EncodedBatch, layer: int,
+                 repeats: int, device: torch.device, masters) -> dict:
     forward_s = [0.0]
+    working = masters.working if masters else None
 
     def timed(fn):
         def wrapper(*args):
@@ -261,7 +280,8 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
         batch, full_logits = (separate, True) if name == "upstream_full" else (packed, False)
         step = lambda: optimizer.step(timed(lambda: batch_loss(model, batch, full_logits=full_logits)))  # noqa: E731
     elif name == "layer_plain":
-        optimizer = TimedOptimizer(layer_parameters(model, layer), lr=1e-7, eps=1e-3, exact_restore=True)
+        optimizer = TimedOptimizer(layer_parameters(model, layer), lr=1e-7, eps=1e-3, exact_restore=True,
+                                   working_dtypes=working)
         step = lambda: optimizer.step(timed(lambda: batch_loss(model, separate, full_logits=True)))  # noqa: E731
     elif name in ("layer_fast", "layer_cached", "lora", "floor"):
         frozen = None
@@ -276,7 +296,7 @@ def run_variant(name: str, model: nn.Module, packed: EncodedBatch, separate: Enc
             frozen = FrozenPrefix(target, layer, limit_bytes=2**62)
             frozen.fill(packed)
         runner = BranchedForward(target, [n for n, _ in named], frozen)
-        optimizer = TimedOptimizer(named, lr=1e-7, eps=1e-3)
+        optimizer = TimedOptimizer(named, lr=1e-7, eps=1e-3, working_dtypes=working if name != "lora" else None)
         pair = timed(lambda plus, minus: runner.loss_pair(packed, plus, minus))
         if name == "floor":
             fixed = {n: p.detach().clone() for n, p in named}
@@ -339,7 +359,8 @@ def bench(config: BenchConfig) -> dict:
     packed, separate = packed.to(device), separate.to(device)
     results = {}
     for name in comma_list(config.variants):
-        results[name] = run_variant(name, model, packed, separate, config.layer, config.repeats, device)
+        results[name] = run_variant(name, model, packed, separate, config.layer, config.repeats, device,
+                                    config.master_weights)
         print(f"{name:>14}: step {results[name]['step_s']:.3f}s  (forward {results[name]['forward_s']:.3f}s, "
               f"perturb {results[name]['perturb_s']:.3f}s, update {results[name]['update_s']:.3f}s)  "
               f"peak {results[name]['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
@@ -355,6 +376,7 @@ def bench(config: BenchConfig) -> dict:
         "cached_vs_fast": ratio("layer_cached", "layer_fast"),
         "dominant_vs_floor": ratio("floor", "layer_fast"),
         "peak_mem_vs_inference": ratio("layer_fast", "inference", "peak_mem_bytes"),
+        "cached_peak_mem_vs_inference": ratio("layer_cached", "inference", "peak_mem_bytes"),
         "hf_trainer_mem_vs_inference": ratio("hf_trainer", "hf_inference", "peak_mem_bytes"),
         "hf_trainer_step_vs_inference": ratio("hf_inference", "hf_trainer"),
     }
@@ -364,6 +386,7 @@ def bench(config: BenchConfig) -> dict:
             ratios[f"{name}_per_direction_vs_x1"] = results[name]["step_s"] / copies / results["rows_x1"]["step_s"]
     report = {
         "model": source, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "quantize": config.quantize,
+        "master_weights": config.master_weights != "off" and dtype in (torch.bfloat16, torch.float16),
         "threads": torch.get_num_threads(), "batch": config.batch, "inputs": inputs,
         "fast_tokens": int(packed.input_ids.numel()), "upstream_tokens": int(separate.input_ids.numel()),
         "fast_shape": list(packed.input_ids.shape), "upstream_shape": list(separate.input_ids.shape), "layer": config.layer,
