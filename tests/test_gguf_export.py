@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMOLLM2, tiny_model
+from conftest import tiny_model
 from dlzo.errors import DlzoError
 from dlzo.model.gguf_export import _llama_permute, write_gguf
 
@@ -89,29 +89,3 @@ def test_bad_type_and_foreign_file_are_one_line(tmp_path):
     with pytest.raises(DlzoError, match="cannot read GGUF file"):
         write_gguf(model, tmp_path / "junk.gguf", tmp_path / "out.gguf", "f16")
     assert not (tmp_path / "out.gguf").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.requires_shared
-def test_smollm2_exported_after_tuning_reads_back_with_its_tokenizer(tmp_path):
-    """The real file: every tensor rewritten (layer 11 tuned), tokenizer and chat template carried over; logits
-    within f16's and q8_0's rounding (measured 0.03 and 0.5 on logits of magnitude 26; argmax identical)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dlzo.model.loading import load_model, load_tokenizer
-
-    model, tokenizer = load_model(str(SMOLLM2), dtype="float32", device="cpu"), load_tokenizer(str(SMOLLM2))
-    with torch.no_grad():
-        for param in model.model.layers[11].parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
-    ids = tokenizer("The movie was great, and the", return_tensors="pt").input_ids
-    reference = _logits(model, ids)
-    for kind, tolerance in (("f16", 0.1), ("q8_0", 1.5)):
-        out = write_gguf(model, SMOLLM2, tmp_path / f"tuned-{kind}.gguf", kind)
-        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-        got = _logits(back, ids)
-        assert (got - reference).abs().max().item() <= tolerance
-        assert torch.equal(got.argmax(-1), reference.argmax(-1))
-        back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
-        assert back_tokenizer("hello world").input_ids == tokenizer("hello world").input_ids
-        assert back_tokenizer.chat_template == tokenizer.chat_template
