@@ -1,8 +1,9 @@
 """Regenerate brevity.jsonl: 120 prompt rows for the reward example (docs/objectives.md).
 
-Each row asks for a short answer about an everyday thing and says how short: {"prompt": ..., "max_words": 12}.
-The reward (examples/rewards/brevity.py) reads "max_words" from the row: 1 for an answer of at most that many
-words, less the longer it runs. Made up for dlzo (no data set was copied).
+Each row asks for a short answer about an everyday thing, says how short, and names the thing:
+{"prompt": ..., "max_words": 12, "subject": "rain"}. The rewards (examples/rewards/brevity.py) read these fields:
+`reward` wants at most max_words words that name the subject, `length_only` the length alone. Made up for dlzo
+(no data set was copied).
 
     python examples/data/make_brevity.py            # rewrites examples/data/brevity.jsonl
     python examples/data/make_brevity.py OUT.jsonl  # writes elsewhere
@@ -30,7 +31,8 @@ MAX_WORDS = 12
 def rows() -> list[dict]:
     things = [t.strip() for t in THINGS.split("|") if t.strip()]
     # each thing under the two templates its place picks, so that no prompt repeats
-    return [{"prompt": TEMPLATES[(i + k) % len(TEMPLATES)].format(thing), "max_words": MAX_WORDS}
+    return [{"prompt": TEMPLATES[(i + k) % len(TEMPLATES)].format(thing), "max_words": MAX_WORDS,
+             "subject": thing.split()[-1]}
             for k in (0, 2) for i, thing in enumerate(things)]
 
 

@@ -159,6 +159,8 @@ def classification_scores(model: nn.Module, tokenizer, examples: list[Example], 
 
 
 def own_eval_line(result: dict) -> str:
+    if "mean_reward" in result:  # dlzo eval --reward
+        return f"{result['data']} ({result['rows']}): mean reward {result['mean_reward']:.4f} by {result['reward']}"
     parts = [f"{result['data']} ({result['format']}, {result['rows']}):"]
     if "perplexity" in result:
         parts.append(f"loss {result['loss']:.4f} per token, perplexity {result['perplexity']:.3f}")

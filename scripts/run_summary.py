@@ -1,0 +1,99 @@
+"""Summaries of finished `dlzo train` runs over seeds, for the figures in docs/ (mean ± std, each seed's value).
+
+    python scripts/run_summary.py table OUT.json NAME=RUN_s0,RUN_s1,RUN_s2 [NAME=...]
+        results.json of each run: test metric, best dev loss (or dev metric / reward), seconds a step, and the
+        peak RSS a run's log recorded (a line "maxrss_kb N", as `/usr/bin/time -f "maxrss_kb %M"` writes it,
+        in RUN.log beside the folder), per name.
+    python scripts/run_summary.py curves OUT.png NAME=RUN_s0,... [NAME=...]
+        the dev metric of every run against its step (metrics.jsonl), one colour per name.
+
+Reads only what the runs wrote; nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+DEV_KEYS = ("dev_reward", "dev_accuracy", "dev_f1", "dev_exact_match", "dev_loss")  # the first a run logs
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+            "values": [round(v, 4) for v in values]}
+
+
+def peak_rss(run: Path) -> float | None:
+    log = run.with_name(run.name + ".log")
+    if not log.exists():
+        return None
+    lines = [line for line in log.read_text().splitlines() if line.startswith("maxrss_kb ")]
+    return int(lines[-1].split()[1]) * 1024 if lines else None
+
+
+def summary(runs: list[Path]) -> dict:
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    row = {"runs": [str(run) for run in runs]}
+    for key in ("test_value", "dev_loss_start", "dev_loss_best", "reward_start", "reward_best",
+                "dev_accuracy_start", "dev_accuracy_best", "seconds_per_step"):
+        values = [r[key] for r in results if key in r]
+        if len(values) == len(results):
+            row[key] = spread(values)
+    peaks = [peak_rss(run) for run in runs]
+    if all(p is not None for p in peaks):
+        row["peak_rss_bytes"] = spread(peaks)
+    return row
+
+
+def parse(pairs: list[str]) -> dict[str, list[Path]]:
+    named = {}
+    for pair in pairs:
+        name, _, folders = pair.partition("=")
+        if not folders:
+            raise SystemExit(f"run_summary: {pair!r} is not NAME=RUN,RUN,...")
+        named[name] = [Path(f) for f in folders.split(",")]
+    return named
+
+
+def curves(out: Path, named: dict[str, list[Path]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for colour, (name, runs) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), named.items()):
+        for index, run in enumerate(runs):
+            logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
+            key = next(k for k in DEV_KEYS if k in logged[0])
+            axis.plot([r["step"] for r in logged], [r[key] for r in logged], color=colour, alpha=0.8,
+                      marker="o", markersize=3, label=name if index == 0 else None)
+            axis.set_ylabel(key.replace("_", " "))
+    axis.set_xlabel("step")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 3 or argv[0] not in ("table", "curves"):
+        raise SystemExit(__doc__)
+    what, out, named = argv[0], Path(argv[1]), parse(argv[2:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if what == "curves":
+        curves(out, named)
+    else:
+        out.write_text(json.dumps({name: summary(runs) for name, runs in named.items()}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
