@@ -1,6 +1,7 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both create .venv and install first.
 # `make test-fast` is the quick loop: the tests not marked slow (processes, kills, sweeps, races, the demo, the
-# harness, the SmolLM2 GGUF, anything over a few seconds), under 2 minutes on a 2-core machine.
+# harness, the SmolLM2 GGUF, anything over a few seconds): 720 tests in 59 s on this 2-core machine (make test:
+# 805 tests in 6 min 40 s, 8 min 31 s with the install, on a fresh clone).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # One pip command for torch and everything else, so transformers/peft never pull a CUDA torch here.

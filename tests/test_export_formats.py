@@ -101,3 +101,27 @@ def test_gguf_export_of_a_smollm2_run_reads_back_with_its_tuned_layer_and_tokeni
             assert back_tokenizer.chat_template == tokenizer.chat_template
     base = dict(load_model(str(SMOLLM2), dtype="float32", device="cpu").named_parameters())[name]
     assert not torch.equal(dict(tuned.named_parameters())[name], base)  # the run did move layer 11
+
+
+@pytest.mark.slow
+def test_llama_cpp_loads_and_generates_from_an_exported_smollm2_run(tmp_path):
+    """What GGUF users run: llama.cpp (llama-cpp-python, an optional install: `pip install llama-cpp-python`)
+    loads the exported q8_0 file of a tuned run and its greedy next token is the tuned model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from dlzo.training.run_model import load_checkpoint_of_run
+
+    run = tmp_path / "run"
+    assert main(["train", *flags(small_run(model=str(SMOLLM2), steps=2, eval_every=0, scope="layer:11",
+                                           num_train=8, num_dev=4, num_test=4)), "--out", str(run)]) == 0
+    out = tmp_path / "tuned.gguf"
+    assert main(["export", "--run", str(run), "--gguf", str(out), "--checkpoint", "final", "--gguf-type", "q8_0"]) == 0
+    loaded = load_checkpoint_of_run(run, "final")
+    text = "The capital of France is"
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0, -1].argmax().item()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=2, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids[0].tolist()  # the same tokenizer
+    first = next(iter(llm.generate(ids[0].tolist(), temp=0.0)))  # greedy, from the same token ids
+    assert first == expected
+    assert llm.create_completion(text, max_tokens=8, temperature=0.0)["choices"][0]["text"].strip()
