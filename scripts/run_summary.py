@@ -6,6 +6,9 @@
         in RUN.log beside the folder), per name.
     python scripts/run_summary.py curves OUT.png NAME=RUN_s0,... [NAME=...]
         the dev metric of every run against its step (metrics.jsonl), one colour per name.
+    python scripts/run_summary.py depth OUT.png LAYER=RUN_s0,RUN_s1 [LAYER=...]
+        test metric and best dev loss (mean ± std over seeds, each seed a dot) against the tuned layer; the
+        table beside it as OUT.json.
 
 Reads only what the runs wrote; nothing is trained here.
 """
@@ -83,13 +86,38 @@ def curves(out: Path, named: dict[str, list[Path]]) -> None:
     figure.savefig(out, dpi=120)
 
 
+def depth(out: Path, named: dict[str, list[Path]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {int(layer): summary(runs) for layer, runs in named.items()}
+    out.with_suffix(".json").write_text(json.dumps({str(k): rows[k] for k in sorted(rows)}, indent=1) + "\n")
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, key, label in ((axes[0], "test_value", "test accuracy"), (axes[1], "dev_loss_best", "best dev loss")):
+        layers = sorted(rows)
+        means = [rows[k][key]["mean"] for k in layers]
+        spreads = [rows[k][key]["std"] or 0.0 for k in layers]
+        axis.errorbar(layers, means, yerr=spreads, marker="o", capsize=3)
+        for k in layers:
+            axis.scatter([k] * len(rows[k][key]["values"]), rows[k][key]["values"], color="grey", s=8, zorder=3)
+        axis.set_xlabel("tuned layer")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[0] not in ("table", "curves"):
+    if len(argv) < 3 or argv[0] not in ("table", "curves", "depth"):
         raise SystemExit(__doc__)
     what, out, named = argv[0], Path(argv[1]), parse(argv[2:])
     out.parent.mkdir(parents=True, exist_ok=True)
     if what == "curves":
         curves(out, named)
+    elif what == "depth":
+        depth(out, named)
     else:
         out.write_text(json.dumps({name: summary(runs) for name, runs in named.items()}, indent=1) + "\n")
     print(f"wrote {out}")
