@@ -61,10 +61,7 @@ def load_prompt_rows(source: str, columns: str = "", eval_source: str = "", eval
         record.update(dev_source=eval_source, train_rows=row_ranges(numbers),
                       dev_rows=row_ranges([dev_numbers[i] for i in picked]), eval_fraction=None)
     else:
-        if len(examples) < 2:
-            raise DlzoError(f"{source}: only 1 row; at least 2 are needed to hold one out for evaluation "
-                            f"(or pass --eval-data)")
-        held = held_out(len(examples), eval_fraction, max_eval, seed)
+        held = held_out(source, len(examples), eval_fraction, max_eval, seed)
         train = [e for i, e in enumerate(examples) if i not in held]
         dev = [e for i, e in enumerate(examples) if i in held]
         record.update(dev_source=source, train_rows=row_ranges([n for i, n in enumerate(numbers) if i not in held]),

@@ -103,10 +103,7 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
     else:
         if not 0 < eval_fraction < 1:
             raise DlzoError(f"--eval-fraction must be between 0 and 1, not {eval_fraction}")
-        if len(rows) < 2:
-            raise DlzoError(f"{source}: only 1 row; at least 2 are needed to hold one out for evaluation "
-                            f"(or pass --eval-data)")
-        held = held_out(len(rows), eval_fraction, max_eval, seed)
+        held = held_out(source, len(rows), eval_fraction, max_eval, seed)
         train = [e for i, e in enumerate(train_all) if i not in held]
         dev = [e for i, e in enumerate(train_all) if i in held]
         record.update(dev_source=source, train_rows=row_ranges([r.number for i, r in enumerate(rows) if i not in held]),
@@ -124,9 +121,12 @@ def load_user_data(source: str, tokenizer=None, data_format: str = "auto", colum
     return UserData(train, dev, fmt, fmt != "classification", record, notes, name=source_name(source))
 
 
-def held_out(count: int, eval_fraction: float, max_eval: int, seed: int) -> set[int]:
-    """The indices of the rows held out as the dev set: a seeded `eval_fraction` of `count` rows, at least 1, at
-    most `max_eval`, never all of them."""
+def held_out(source: str, count: int, eval_fraction: float, max_eval: int, seed: int) -> set[int]:
+    """The indices of `source`'s rows held out as the dev set: a seeded `eval_fraction` of `count` rows, at least
+    1, at most `max_eval`, never all of them (so a file needs 2 rows)."""
+    if count < 2:
+        raise DlzoError(f"{source}: only 1 row; at least 2 are needed to hold one out for evaluation "
+                        f"(or pass --eval-data)")
     num_dev = min(max_eval, max(1, round(eval_fraction * count)), count - 1)
     return set(np.random.RandomState(seed).permutation(count)[:num_dev].tolist())
 
