@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dlzo.engine.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from dlzo.model.checkpoint import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 
 
 def test_tensors_round_trip_as_safetensors(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STORIES, flags, small_run
-from dlzo.engine.checkpoint import checkpoint_metadata
+from dlzo.model.checkpoint import checkpoint_metadata
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
 

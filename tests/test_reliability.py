@@ -300,7 +300,7 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_disk_full_is_one_line_and_leaves_no_half_written_file(tmp_path, capsys, monkeypatch):
-    import dlzo.engine.checkpoint as checkpoint
+    import dlzo.model.checkpoint as checkpoint
 
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:

@@ -11,14 +11,14 @@ import torch
 
 from dlzo.cli.options import ExportConfig, GenerateConfig, ReplayConfig, ReportConfig
 from dlzo.engine import distributed
-from dlzo.engine.checkpoint import (
+from dlzo.errors import DlzoError
+from dlzo.evaluation.generation import chat_prompt, generate_text
+from dlzo.model.checkpoint import (
     atomic_write_json,
     check_output,
     load_tensors,
     save_tensors,
 )
-from dlzo.errors import DlzoError
-from dlzo.evaluation.generation import chat_prompt, generate_text
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.studies.report import report
 from dlzo.training.config import TrainConfig

@@ -15,7 +15,6 @@ from dlzo.data.examples import Example
 from dlzo.data.hub import is_hub_source
 from dlzo.data.prompts import load_prompt_rows
 from dlzo.data.user_data import UserData, UserTask, file_digest, load_user_data
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.scoring import (
     context_limit,
 )
@@ -34,6 +33,7 @@ from dlzo.evaluation.harness import evaluate_with_harness
 from dlzo.evaluation.objectives import RunObjective, generated_metrics
 from dlzo.evaluation.rewards import load_reward
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import load_model, load_tokenizer, resolve_model_source
 from dlzo.training.config import DEFAULT_MAX_DEV, TrainConfig
 from dlzo.training.run_folder import RunFolder

@@ -45,8 +45,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from dlzo.engine.checkpoint import atomic_write_json, save_tensors
 from dlzo.engine.scoring import EncodedBatch
+from dlzo.model.checkpoint import atomic_write_json, save_tensors
 from dlzo.model.loading import decoder_layers
 
 STORE_VERSION = 1  # raised whenever what a file holds, or how it is computed, changes

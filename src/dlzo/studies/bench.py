@@ -44,7 +44,6 @@ from transformers import (
 )
 
 from dlzo.data.benchmarks import load_task
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.fastpath import BranchedForward
 from dlzo.engine.layer_choice import layer_parameters
 from dlzo.engine.master import install_masters
@@ -54,6 +53,7 @@ from dlzo.engine.scoring import EncodedBatch, batch_loss, encode, fast_layout
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.errors import DlzoError
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
 from dlzo.model.quantize import logical_parameters
 from dlzo.model.quantized_load import layer_in_float, load_quantized, random_quantized

@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from dlzo.data.benchmarks import load_task, task_splits
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.layer_choice import QUICK_SENSITIVITY
 from dlzo.evaluation.evaluate import evaluate
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import SHORT_NAMES, load_model, load_tokenizer
 from dlzo.model.probe import find_dominant_layer, format_table
 from dlzo.studies.options import DemoConfig, SensitivityConfig

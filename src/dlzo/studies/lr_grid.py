@@ -21,9 +21,9 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.errors import Diverged, DlzoError
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
 from dlzo.training.run_folder import RESUME, REUSE, RunFolder

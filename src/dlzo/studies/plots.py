@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dlzo.engine.checkpoint import atomic_write_json
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.probe import ProbeResult
 
 

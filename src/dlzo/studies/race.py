@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.scoring import encode, fast_layout
 from dlzo.errors import DlzoError
 from dlzo.evaluation.evaluate import evaluate
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import load_model, load_tokenizer, resolve_device
 from dlzo.studies.bench import PeakMemory, run_variant
 from dlzo.studies.options import RaceConfig

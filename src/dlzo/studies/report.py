@@ -11,9 +11,9 @@ from pathlib import Path
 
 import matplotlib
 
-from dlzo.engine.checkpoint import atomic_write_text
 from dlzo.errors import DlzoError
 from dlzo.evaluation.evaluate import own_eval_line
+from dlzo.model.checkpoint import atomic_write_text
 from dlzo.studies.plots import plot_loss_curves
 from dlzo.studies.spread import format_spread, spread
 from dlzo.training.run_folder import RunFolder

@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from dlzo.data.benchmarks import load_task
 from dlzo.data.user_data import load_user_data
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.engine.layer_choice import layer_sensitivity, leading_batches, propagation, rank_correlation
 from dlzo.engine.scoring import encode
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import decoder_layers, load_model, load_tokenizer, resolve_model_source
 from dlzo.studies.options import SensitivityConfig
 from dlzo.studies.plots import plot_sensitivity

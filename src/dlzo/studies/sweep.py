@@ -10,9 +10,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dlzo.data.benchmarks import load_task, task_splits
-from dlzo.engine.checkpoint import atomic_write_json
 from dlzo.errors import DlzoError
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import load_model, load_tokenizer
 from dlzo.model.probe import find_dominant_layer
 from dlzo.studies.lr_grid import choose_rates, kept_rates, parse_grid, read_kept_grid

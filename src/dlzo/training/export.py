@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from dlzo.choices import EXPORT_DTYPES as EXPORT_DTYPE_NAMES
-from dlzo.engine.checkpoint import atomic_write_json, checked_load, save_tensors
 from dlzo.engine.scope import add_lora, parse_scope
 from dlzo.errors import DlzoError
 from dlzo.fields import comma_list
+from dlzo.model.checkpoint import atomic_write_json, checked_load, save_tensors
 from dlzo.model.gguf_export import GGUF_TYPES, write_gguf
 from dlzo.model.loading import resolve_model_source
 from dlzo.training.prepare import load_into

@@ -21,7 +21,6 @@ from dlzo.data.benchmarks import Task
 from dlzo.data.examples import Splits
 from dlzo.data.user_data import count_truncated
 from dlzo.engine import distributed as dist
-from dlzo.engine.checkpoint import checked_load
 from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.prefix_store import PrefixStore, start_loss_key
 from dlzo.engine.scoring import context_limit, fast_layout
@@ -29,6 +28,7 @@ from dlzo.errors import Diverged, DlzoError
 from dlzo.evaluation.evaluate import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.evaluation.objectives import dev_value, micro_batches, objective_for
 from dlzo.evaluation.rewards import RewardError
+from dlzo.model.checkpoint import checked_load
 from dlzo.model.loading import load_tokenizer, resolve_device, resolve_model_source
 from dlzo.model.quantize import check_quantize
 from dlzo.training.config import TrainConfig

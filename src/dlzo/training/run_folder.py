@@ -35,15 +35,15 @@ import torch
 from filelock import FileLock, Timeout
 
 from dlzo.data.user_data import file_digest
-from dlzo.engine.checkpoint import (
+from dlzo.engine.zo import ZOOptimizer
+from dlzo.errors import DlzoError, first_line
+from dlzo.model.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     checked_load,
     checkpoint_metadata,
     save_tensors,
 )
-from dlzo.engine.zo import ZOOptimizer
-from dlzo.errors import DlzoError, first_line
 from dlzo.training.config import TrainConfig, same_path_option
 from dlzo.training.prepare import load_into
 

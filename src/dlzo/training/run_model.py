@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from dlzo.engine.checkpoint import checked_load
 from dlzo.errors import DlzoError
+from dlzo.model.checkpoint import checked_load
 from dlzo.model.loading import resolve_device
 from dlzo.training.config import TrainConfig
 from dlzo.training.prepare import Prepared, load_into, prepare_model
