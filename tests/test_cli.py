@@ -64,7 +64,7 @@ def test_wrong_type_in_recipe(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--model", "m", "--zo-update", "nesterov"],
-     "argument --zo-update: invalid choice: 'nesterov' (choose from 'sgd', 'momentum', 'adam', 'hizoo')"),
+     "argument --zo-update: invalid choice: 'nesterov' (choose from 'sgd', 'momentum', 'adam', 'hizoo', 'normalized')"),
     (["eval", "--checkpoint", "newest"], "argument --checkpoint: invalid choice: 'newest'"),
     (["train", "--model", "m", "--lerning-rate", "1e-3"], "unrecognized arguments: --lerning-rate 1e-3"),
 ])
@@ -81,8 +81,8 @@ def test_a_recipe_value_outside_the_choices_is_one_line(tmp_path, capsys):
     recipe.write_text('model = "m"\ndistribution = "uniform"\n')
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"dlzo: error: --config {recipe}: key 'distribution' should be one of gaussian, rademacher, "
+    assert err == (f"dlzo: error: --config {recipe}: key 'distribution' should be one of gaussian, rademacher, lowrank, "
                    f"got 'uniform'\n")
     recipe.write_text('zo_update = true\n')
-    with pytest.raises(DlzoError, match="key 'zo_update' should be one of sgd, momentum, adam, hizoo, got True"):
+    with pytest.raises(DlzoError, match="key 'zo_update' should be one of sgd, momentum, adam, hizoo, normalized, got True"):
         load_recipe(str(recipe), TrainConfig)

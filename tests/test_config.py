@@ -57,7 +57,7 @@ def test_enum_options_are_literal_types_whose_values_are_written_once():
     """The allowed values come from the engine (the lowest module that needs them), and every command that has
     the option offers exactly those: argparse's choices are the Literal's values."""
     choices = literal_fields(TrainConfig)
-    assert choices["distribution"] == DISTRIBUTIONS == ("gaussian", "rademacher")
+    assert choices["distribution"] == DISTRIBUTIONS == ("gaussian", "rademacher", "lowrank")
     assert choices["estimator"] == ESTIMATORS and choices["zo_update"] == UPDATE_RULES
     assert choices["rule"] == ("sun", "onset", "screen") and choices["optimizer"] == ("zo", "adamw")
     for cls in (SweepConfig, RaceConfig, EvalConfig):
@@ -73,9 +73,9 @@ def test_enum_options_are_literal_types_whose_values_are_written_once():
 def test_a_config_built_without_the_command_line_is_checked_against_its_choices():
     """A TrainConfig made in Python (a race recipe, a sweep, a script) or from a run's record never went through
     argparse: validate() names the flag and the values, in one line."""
-    with pytest.raises(DlzoError, match=r"^--distribution 'uniform' is not one of gaussian, rademacher$"):
+    with pytest.raises(DlzoError, match=r"^--distribution 'uniform' is not one of gaussian, rademacher, lowrank$"):
         TrainConfig(model="m", distribution="uniform").validate()
-    with pytest.raises(DlzoError, match=r"^--zo-update 'nesterov' is not one of sgd, momentum, adam, hizoo$"):
+    with pytest.raises(DlzoError, match=r"^--zo-update 'nesterov' is not one of sgd, momentum, adam, hizoo, normalized$"):
         TrainConfig(model="m", zo_update="nesterov").validate()
     with pytest.raises(DlzoError, match=r"^--dtype 'float8' is not one of auto, float32"):
         SweepConfig(model="m", dtype="float8").validate()
@@ -94,7 +94,7 @@ def test_zo_arguments_share_train_configs_definitions():
         assert zo[name].metadata["help"] == train[name].metadata["help"], name
         assert zo[name].default == train[name].default, name
         assert zo_types[name] == train_types[name], name
-    with pytest.raises(ValueError, match=r"ZOArguments\.zo_update must be one of sgd, momentum, adam, hizoo, not 'sg'"):
+    with pytest.raises(ValueError, match=r"ZOArguments\.zo_update must be one of sgd, momentum, adam, hizoo, normalized, not 'sg'"):
         ZOArguments(zo_update="sg")
     with pytest.raises(ValueError, match="hizoo needs estimator=two-sided"):
         ZOArguments(zo_update="hizoo", estimator="one-sided")

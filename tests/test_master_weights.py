@@ -20,6 +20,7 @@ from dlzo.model.loading import decoder_layers
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
 from dlzo.training.replay import replay
+from dlzo.training.step import LayerCheckpointing
 
 LAYER = 1
 
@@ -146,6 +147,27 @@ def test_adamw_steps_the_masters_through_the_cast():
     adam.step()
     assert all(masters.masters[n].grad is not None and masters.masters[n].grad.dtype == torch.float32 for n in names)
     assert all(not torch.equal(p, before[n]) for n, p in tuned(model, names))
+
+
+def test_gradient_checkpointing_recomputes_through_the_casts_and_leaves_the_masters_in_place():
+    """--gradient-checkpointing: the backward recomputes the tuned layer through its masters' casts to the
+    layer's end, so each module's hook puts its master back (torch's early stop of the recomputation skipped
+    the last one's): the same float32 gradients and steps as without, and every tuned tensor a float32 leaf."""
+    runs = []
+    for checkpointed in (False, True):
+        model = half_model()
+        names = layer_names(model)
+        MasterWeights(model, names)
+        checkpointing = LayerCheckpointing(model, LAYER) if checkpointed else None
+        adam = torch.optim.AdamW([p for _, p in tuned(model, names)], lr=1e-3)
+        for _ in range(2):
+            adam.zero_grad()
+            with checkpointing.active() if checkpointed else contextlib.nullcontext():
+                model(**causal_inputs()).loss.backward()
+            assert all(p.is_leaf and p.dtype == torch.float32 and p.grad is not None for _, p in tuned(model, names))
+            adam.step()
+        runs.append({n: p.detach().clone() for n, p in tuned(model, names)})
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
 
 def test_remove_puts_the_cast_masters_back():

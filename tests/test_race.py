@@ -15,7 +15,7 @@ from dlzo.evaluation.evaluate import EvalResult
 from dlzo.studies import race as race_module
 from dlzo.studies.options import RaceConfig
 from dlzo.studies.race import race, race_ratios
-from dlzo.studies.recipes import parse_recipes
+from dlzo.studies.recipes import parse_recipes, recipe_config
 
 TINY = small_run("lr", "quiet", num_train=32, num_dev=8, num_test=8)
 SCORING = 3600.0  # seconds each scripted scoring takes on the race's clock (virtual: nothing sleeps)
@@ -30,6 +30,15 @@ def test_recipes_parse_typed_and_bad_ones_name_the_recipe():
                          ("a: steps=3", "race's own"), ("a: lr=1; a: lr=2", "distinct"), ("lr=1", "NAME:")):
         with pytest.raises(DlzoError, match=message):
             parse_recipes(bad)
+
+
+def test_a_first_order_recipe_may_checkpoint_its_backward_and_a_zo_one_may_not(tmp_path):
+    [(_, first_order)] = parse_recipes("fo: optimizer=adamw scope=layer:2 gradient_checkpointing=true")
+    assert first_order == {"optimizer": "adamw", "scope": "layer:2", "gradient_checkpointing": True}
+    assert recipe_config(RaceConfig(model="m"), first_order, 0, tmp_path).gradient_checkpointing
+    [(_, zo)] = parse_recipes("zo: gradient_checkpointing=1")
+    with pytest.raises(DlzoError, match="^--gradient-checkpointing needs --optimizer adamw"):
+        recipe_config(RaceConfig(model="m"), zo, 0, tmp_path)
 
 
 def test_the_smollm2_recipe_files_load():

@@ -13,7 +13,16 @@ from dlzo.data.examples import Example
 from dlzo.engine.scope import parse_scope, select
 from dlzo.engine.scoring import batch_loss, encode
 from dlzo.engine.zo import ZOOptimizer, direction_seed
-from dlzo.training.step import StepRunner, adamw_step, batch_indices, step_batches, zo_step
+from dlzo.errors import DlzoError
+from dlzo.model.loading import decoder_layers
+from dlzo.training.step import (
+    LayerCheckpointing,
+    StepRunner,
+    adamw_step,
+    batch_indices,
+    step_batches,
+    zo_step,
+)
 
 EXAMPLES = [Example("Once upon a time there was", [" a", " the"], 1), Example("The cat sat on", [" the", " a"], 0),
             Example("Lily liked to play in the", [" park", " sun"], 0),
@@ -121,3 +130,45 @@ def test_adamw_step_trains_the_scope_and_skips_a_non_finite_loss(stories_tokeniz
     loss, skipped = adamw_step(model, torch.optim.AdamW(params, lr=1e-2), batches, params)
     assert skipped and loss != loss  # NaN
     assert all(torch.equal(p.detach(), after[n]) for n, p in model.named_parameters() if n in scope.names)
+
+
+def count_forwards(blocks) -> list[int]:
+    """How often each block's attention starts: the recomputation calls the block's forward itself, past the
+    block's own hooks but through its modules' (and stops once it has what the backward needs)."""
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.self_attn.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # OPT's layers apply dropout (0.1) in their own forward
+def test_gradient_checkpointing_recomputes_the_layers_and_steps_the_same(stories_tokenizer, arch):
+    """--gradient-checkpointing: the same losses and weights over two AdamW steps of a layer scope (the step
+    runs in eval mode, so no dropout either way), the layers from the tuned one up run twice a micro-batch (the
+    forward and the backward's recomputation), those below once, and every module is left in eval mode."""
+    batches = step_batches(stories_tokenizer, EXAMPLES, 2, torch.device("cpu"), fast_path=True, max_length=512,
+                           generation=False, layout="padded")
+    runs = []
+    for checkpointed in (False, True):
+        model = tiny_model(arch, layers=4)
+        params = [p for n, p in model.named_parameters() if n in select(model, parse_scope("layer:1"), [1]).names]
+        checkpointing = LayerCheckpointing(model, 1) if checkpointed else None
+        calls = count_forwards(decoder_layers(model))
+        adam = torch.optim.AdamW(params, lr=1e-2)
+        losses = [adamw_step(model, adam, batches, params, checkpointing) for _ in range(2)]
+        runs.append((losses, dict(model.named_parameters()), calls))
+        assert not any(module.training for module in model.modules())
+    (plain_losses, plain, plain_calls), (losses, weights, calls) = runs
+    assert [loss for loss, _ in losses] == pytest.approx([loss for loss, _ in plain_losses], rel=1e-6)
+    assert not any(skipped for _, skipped in losses)
+    for name, param in plain.items():
+        torch.testing.assert_close(weights[name], param, rtol=1.3e-6, atol=1e-5)
+    assert plain_calls == [4] * 4  # two steps of two micro-batches
+    assert calls == [4, 8, 8, 8]
+
+
+def test_gradient_checkpointing_refuses_a_model_without_transformers_checkpointing():
+    model = tiny_model("llama", layers=2)
+    model.supports_gradient_checkpointing = False
+    with pytest.raises(DlzoError, match="^--gradient-checkpointing: .*does not support"):
+        LayerCheckpointing(model, 1)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STORIES, assert_replay_and_resume_exact, flags, small_run, tiny_model
+from dlzo.cli.main import main
 from dlzo.errors import DlzoError
 from dlzo.training.config import TrainConfig
 from dlzo.training.loop import train
@@ -147,6 +148,46 @@ def test_adamw_baseline_changes_only_the_scope(tmp_path):
     results = train(TrainConfig(**SMALL, out=str(tmp_path), steps=3, eval_every=0, scope="layer:3", optimizer="adamw"))
     final = load_file(tmp_path / "final.safetensors")
     assert all(".layers.3." in n for n in final) and results["optimizer"] == "adamw"
+
+
+def test_adamw_with_gradient_checkpointing_trains_the_same_weights_and_keeps_the_option(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """--gradient-checkpointing recomputes activations in the backward: transformers' checkpoint runs each layer
+    from the tuned one up (2, 3 and 4 of 5) at each step, the same weights after AdamW steps of a layer scope,
+    the option in run.json, kept by --resume (whose recorded options are the defaults), and with --optimizer zo
+    one line naming the flag."""
+    import transformers.modeling_utils
+
+    calls, real = [], transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    options = dict(**SMALL, steps=2, eval_every=0, scope="layer:2", optimizer="adamw")
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    train(TrainConfig(**options, out=str(plain)))
+    assert calls == []
+    train(TrainConfig(**options, out=str(checkpointed), gradient_checkpointing=True))
+    assert len(calls) == 2 * 3  # two steps of one micro-batch; the evaluations run without gradients
+    a, b = load_file(plain / "final.safetensors"), load_file(checkpointed / "final.safetensors")
+    assert set(a) == set(b) and all(".layers.2." in n for n in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1.3e-6, atol=1e-5)
+    assert json.loads((checkpointed / "run.json").read_text())["config"]["gradient_checkpointing"] is True
+    assert json.loads((plain / "run.json").read_text())["config"]["gradient_checkpointing"] is False
+
+    assert main(["train", "--resume", str(checkpointed), "--no-gradient-checkpointing"]) == 2
+    assert "--gradient-checkpointing was True in that run, now False" in capsys.readouterr().err
+    for name in ("last.safetensors", "final.safetensors", "results.json"):
+        (checkpointed / name).unlink()  # as if killed before its first save: the resume starts clean
+    assert main(["train", "--resume", str(checkpointed)]) == 0
+    assert json.loads((checkpointed / "run.json").read_text())["config"]["gradient_checkpointing"] is True
+    b = load_file(checkpointed / "final.safetensors")
+    assert all(torch.allclose(b[name], a[name], rtol=1.3e-6, atol=1e-5) for name in a)
+
+    capsys.readouterr()
+    zo = flags({k: v for k, v in options.items() if k != "optimizer"})
+    assert main(["train", *zo, "--out", str(tmp_path / "zo"), "--gradient-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--gradient-checkpointing needs --optimizer adamw" in err
+    assert not (tmp_path / "zo").exists()  # nothing written before the flags are checked
 
 
 def test_batch_order_is_a_function_of_the_step():

@@ -28,9 +28,11 @@ ExportDtype = Literal["float32", "bfloat16", "float16"]  # dlzo export --dtype
 EXPORT_DTYPES = get_args(ExportDtype)
 
 # --- the ZO step ---
-Distribution = Literal["gaussian", "rademacher"]  # of each element of z
+# of each element of z; lowrank: z = U·Vᵀ/sqrt(r) per matrix (LOZO, arXiv 2410.07698), V kept for --lowrank-lazy steps
+Distribution = Literal["gaussian", "rademacher", "lowrank"]
 DISTRIBUTIONS = get_args(Distribution)
-UpdateRule = Literal["sgd", "momentum", "adam", "hizoo"]  # how the estimate g·z becomes a step
+# how the estimate g·z becomes a step; normalized: divided by the spread of the q projected gradients (FZOO)
+UpdateRule = Literal["sgd", "momentum", "adam", "hizoo", "normalized"]
 UPDATE_RULES = get_args(UpdateRule)
 Estimator = Literal["two-sided", "one-sided"]  # (L+ - L-)/2ε, or (L+ - L(θ))/ε with L(θ) shared
 ESTIMATORS = get_args(Estimator)

@@ -28,7 +28,7 @@ ROWS = {
     "full_mezo": "full MeZO step",
     "adamw": "AdamW, every tensor",
     "adamw_layer": "AdamW, the scope's layers",
-    "adamw_layer_checkpointed": "AdamW, the scope, checkpointed above",
+    "adamw_layer_checkpointed": "AdamW, the scope, --gradient-checkpointing",
 }
 
 

@@ -7,6 +7,7 @@ through splitmix64, on a dedicated torch.Generator per device.
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -30,16 +31,32 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
     return mix(run_seed, step, direction)
 
 
+def small_magnitudes(tensor: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The elements of `tensor` among the `fraction` of smallest magnitude (ties at the threshold included):
+    Sparse-MeZO's mask (arXiv 2402.15751), which perturbs and updates only those."""
+    flat = tensor.detach().abs().flatten().float()
+    count = max(1, math.ceil(fraction * flat.numel()))
+    threshold = flat.kthvalue(count).values
+    return tensor.detach().abs().float() <= threshold
+
+
 class Directions:
-    """z for each tensor of a direction: Gaussian or Rademacher, over every tensor or, with LeZO
+    """z for each tensor of a direction: Gaussian, Rademacher or low-rank, over every tensor or, with LeZO
     (arXiv 2410.09823), over `sampled_layers` of the layer groups drawn from the direction's seed (so replay and
-    resume draw the same ones)."""
+    resume draw the same ones).
+
+    lowrank (LOZO, arXiv 2410.07698): a matrix's z is U·Vᵀ/sqrt(r) with U (rows x r) drawn from the direction's
+    seed and V (columns x r) from `subspace`, a key the caller keeps for several steps (LOZO's lazy sampling of
+    V), so every element still has unit variance but the step moves the matrix within a rank-r subspace that
+    changes only every few steps; vectors (norms, biases) stay Gaussian."""
 
     def __init__(self, num_tensors: int, distribution: Distribution = "gaussian", layer_groups: list[int] | None = None,
-                 sampled_layers: int = 0):
+                 sampled_layers: int = 0, rank: int = 4):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
-        self.distribution = distribution
+        if rank < 1:
+            raise ValueError(f"the low-rank directions' rank must be at least 1, not {rank}")
+        self.distribution, self.rank = distribution, rank
         self.layer_groups, self.sampled_layers = list(layer_groups or []), sampled_layers
         if self.layer_groups and len(self.layer_groups) != num_tensors:
             raise ValueError("layer_groups needs one group per tensor")
@@ -56,9 +73,9 @@ class Directions:
             self._active = (seed, {i for i, g in enumerate(self.layer_groups) if g in chosen})
         return self._active[1]
 
-    def sample(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    def sample(self, seed: int, index: int, like: torch.Tensor, subspace: int = 0) -> torch.Tensor:
         """z for tensor `index` of direction `seed`, shaped and typed like `like` (zero for a tensor outside the
-        direction's LeZO layers)."""
+        direction's LeZO layers); `subspace` keys the lowrank distribution's V."""
         active = self.active(seed)
         if active is not None and index not in active:
             return torch.zeros_like(like)
@@ -66,7 +83,13 @@ class Directions:
         if generator is None:
             generator = self._generators[like.device] = torch.Generator(device=like.device)
         generator.manual_seed(mix(seed, index))
-        if self.distribution == "gaussian":
+        if self.distribution == "lowrank" and like.dim() == 2:
+            rank = min(self.rank, *like.shape)
+            left = torch.randn((like.shape[0], rank), generator=generator, device=like.device, dtype=like.dtype)
+            generator.manual_seed(mix(subspace, index, 0x10_20))
+            right = torch.randn((like.shape[1], rank), generator=generator, device=like.device, dtype=like.dtype)
+            return (left @ right.T).mul_(rank ** -0.5)
+        if self.distribution in ("gaussian", "lowrank"):
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
         bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype)
         return bits.mul_(2).sub_(1)

@@ -6,20 +6,13 @@ or, with `estimator="one-sided"`, g = (L(θ + εz) - L(θ)) / ε with L(θ) eval
 by the q directions (q+1 evaluations instead of 2q; the estimate FZOO, arXiv 2506.09034, batches).
 
 `update_rule` turns the estimate d = mean g·z (+ wd·θ) into a step: sgd (the line above, the default),
-momentum (m <- β1·m + d, θ <- θ - lr·m), adam (ZO-AdaMM: Adam's moments of d, bias-corrected) or hizoo
-(HiZOO, arXiv 2402.15173: a diagonal Hessian estimate D, per element of the tuned tensors, shapes both the
-perturbation and the step; below). Their state lives over the tuned tensors only and is a pure function of the
-logged (seeds, grads, lr; hizoo also the curvatures), so `replay_step` from the base weights rebuilds it bit for
-bit (resume of a stateful run replays the whole log).
-
-hizoo, per step (D starts at 1; α = `hessian_smooth`):
-
-    u = z / sqrt(D),  L0 = L(θ),  L± = L(θ ± εu),  g = (L+ - L-) / 2ε,  c = |L+ + L- - 2·L0| / 2ε²
-    D <- D·(1 - α + α·c·z²),  θ <- θ - lr·(g·z / sqrt(D) + wd·θ)
-
-c is the loss's curvature along u, and c·z²·D is HiZOO's one-sample estimate of the Hessian's diagonal (its
-Σ'^-1), smoothed into D; with q > 1 the directions update D one after another, in order, and the step uses the
-D after the last. A step costs three forwards instead of two, so it only pays if it needs fewer steps.
+momentum (m <- β1·m + d, θ <- θ - lr·m), adam (ZO-AdaMM: Adam's moments of d, bias-corrected), normalized
+(FZOO: the g divided by their spread over the q directions) or hizoo (HiZOO, arXiv 2402.15173: a diagonal
+Hessian estimate D per element shapes the perturbation and the step; `step_hizoo`). The directions may be
+low-rank per matrix (LOZO) or masked to small-magnitude weights (Sparse-MeZO; dlzo.engine.directions). All
+state lives over the tuned tensors only and is a pure function of the base weights and the logged (seeds,
+grads, lr; hizoo also the curvatures), so `replay_step` rebuilds it bit for bit (resume of a stateful run
+replays the whole log).
 
 z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
 from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
@@ -32,12 +25,10 @@ Two ways to evaluate the perturbed losses:
   e.g. from one batched forward (dlzo.engine.fastpath); the model's weights are never perturbed in place.
 - `step_one_sided(loss_at)`: loss_at(tensors or None) returns L at those tuned tensors (None: θ).
 
-The public contract, which every other module uses (none reaches into private methods): `step`,
-`step_functional`, `step_one_sided`, `step_hizoo`, `finish`, `seeds_for_step` (a step's direction seeds, for
-a caller that gathers the directions from several processes before `finish`: dlzo.training.step), `perturbed(seed)` (θ±εz of one
-direction, for measurements), `add_noise`, `apply_update` (bench times it alone), `restore_and_update`,
-`replay_step` (re-apply a logged step: replay and resume), `stateful` (whether a resume needs the optimizer's
-state file) and `state_dict`/`load_state_dict`.
+The public contract, which every other module uses (none reaches into private methods): the steps above and
+`step_hizoo`, `finish`, `seeds_for_step` (for a caller that gathers the directions from several processes before
+`finish`: dlzo.training.step), `perturbed(seed)`, `add_noise`, `apply_update` (bench times it alone),
+`restore_and_update`, `replay_step` (replay and resume), `stateful` and `state_dict`/`load_state_dict`.
 """
 
 from __future__ import annotations
@@ -50,14 +41,9 @@ import torch
 from torch import nn
 
 from dlzo.choices import ESTIMATORS, UPDATE_RULES, Distribution, Estimator, UpdateRule
-from dlzo.engine.directions import Directions, direction_seed
+from dlzo.engine.directions import Directions, direction_seed, mix, small_magnitudes
 from dlzo.engine.master import PerturbedMasters
-
-
-def no_decay(name: str) -> bool:
-    """MeZO applies no weight decay to biases and normalisation weights."""
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered or ".ln" in lowered or "ln_" in lowered
+from dlzo.engine.update_rules import adam_update, no_decay, normalized
 
 
 @dataclass
@@ -96,6 +82,9 @@ class ZOOptimizer:
         estimator: Estimator = "two-sided",
         hessian_smooth: float = 1e-6,
         working_dtypes: dict[str, torch.dtype] | None = None,
+        rank: int = 4,
+        lazy_steps: int = 50,
+        mask_fraction: float = 0.0,
     ):
         self.named = list(params)
         if not self.named:
@@ -114,11 +103,22 @@ class ZOOptimizer:
         if update_rule == "hizoo" and sampled_layers:
             raise ValueError("update_rule hizoo with LeZO's sampled layers would shrink the D of every layer a "
                              "direction leaves out (z = 0 there)")
+        if update_rule == "normalized" and q < 2:
+            raise ValueError("update_rule normalized divides by the spread of the q directions' estimates: q >= 2")
+        if lazy_steps < 1:
+            raise ValueError(f"lazy_steps must be at least 1, not {lazy_steps}")
+        if not 0 <= mask_fraction < 1:
+            raise ValueError(f"mask_fraction must be in [0, 1), not {mask_fraction}")
         self.hessian_smooth, self.working_dtypes = hessian_smooth, working_dtypes
+        self.rank, self.lazy_steps, self.mask_fraction = rank, lazy_steps, mask_fraction
+        # Sparse-MeZO's mask: the smallest-magnitude fraction of each matrix, chosen once from the weights the
+        # optimizer starts from (the base weights on resume and replay too: they build it before loading a step)
+        self.masks = {i: small_magnitudes(p, mask_fraction) for i, (_, p) in enumerate(self.named)
+                      if mask_fraction and p.dim() == 2}
         self.hessian: dict[int, torch.Tensor] = {}  # hizoo: tensor index -> D, the diagonal Hessian estimate
         self.moments: dict[int, list[torch.Tensor]] = {}  # tensor index -> [m] (momentum) or [m, v] (adam)
         self.updates = 0  # applied (not skipped) updates: Adam's bias-correction step
-        self.directions = Directions(len(self.named), distribution, layer_groups, sampled_layers)
+        self.directions = Directions(len(self.named), distribution, layer_groups, sampled_layers, rank)
         self.layer_groups, self.sampled_layers = self.directions.layer_groups, sampled_layers
         self.step_count = 0
 
@@ -129,8 +129,12 @@ class ZOOptimizer:
         return self.directions.active(seed)
 
     def sample(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-        """z for tensor `index` of direction `seed`, regenerated identically on any call."""
-        return self.directions.sample(seed, index, like)
+        """z for tensor `index` of direction `seed`, regenerated identically on any call: within the mask
+        (mask_fraction), and for lowrank in the subspace of the current block of `lazy_steps` steps (the step
+        count is the step being taken, in training and replay alike)."""
+        z = self.directions.sample(seed, index, like, mix(self.seed, self.step_count // self.lazy_steps))
+        mask = self.masks.get(index)
+        return z if mask is None else z.mul_(mask.to(z.device))
 
     def add_noise(self, seed: int, scale: float) -> None:
         """θ += scale·z(seed), in place."""
@@ -161,6 +165,8 @@ class ZOOptimizer:
         if self.update_rule == "hizoo" and curvatures is None:
             raise ValueError("update_rule hizoo needs each direction's curvature (a log without them is not hizoo's)")
         self.updates += 1
+        if self.update_rule == "normalized":
+            grads = normalized(grads)
         for index, (name, param) in enumerate(self.named):
             if zs is not None:
                 noise = [zs[d][index] for d in range(len(seeds))]
@@ -191,8 +197,9 @@ class ZOOptimizer:
 
     @property
     def stateful(self) -> bool:
-        """Momentum and Adam carry state from step to step (not checkpointed: rebuilt by replaying the log)."""
-        return self.update_rule != "sgd"
+        """Momentum and Adam carry state from step to step (not checkpointed: rebuilt by replaying the log);
+        normalized is a function of each step's own estimates."""
+        return self.update_rule not in ("sgd", "normalized")
 
     def _update_tensor(self, index: int, name: str, param: torch.Tensor, noise: Iterable[torch.Tensor],
                        grads: list[float], owned: bool) -> None:
@@ -203,7 +210,7 @@ class ZOOptimizer:
             direction = term if direction is None else direction.add_(term)
         if self.weight_decay and not no_decay(name):
             direction.add_(param.data, alpha=self.weight_decay)
-        if self.update_rule in ("sgd", "hizoo"):
+        if self.update_rule in ("sgd", "hizoo", "normalized"):
             param.data.sub_(direction, alpha=self.lr)
         elif self.update_rule == "momentum":
             state = self.moments.get(index)
@@ -213,20 +220,10 @@ class ZOOptimizer:
                 state[0].mul_(self.beta1).add_(direction)
             param.data.sub_(state[0], alpha=self.lr)
         else:
-            self._adam_update(index, param, direction)
-
-    def _adam_update(self, index: int, param: torch.Tensor, direction: torch.Tensor) -> None:
-        """m <- β1·m + (1-β1)·d, v <- β2·v + (1-β2)·d², θ <- θ - lr·m̂ / (sqrt(v̂) + eps)."""
-        state = self.moments.get(index)
-        if state is None:
-            state = self.moments[index] = [torch.zeros_like(direction), torch.zeros_like(direction)]
-        first, second = state
-        first.mul_(self.beta1).add_(direction, alpha=1 - self.beta1)
-        second.mul_(self.beta2).addcmul_(direction, direction, value=1 - self.beta2)
-        correction1 = 1 - self.beta1 ** self.updates
-        correction2 = 1 - self.beta2 ** self.updates
-        denominator = second.div(correction2).sqrt_().add_(self.adam_eps)
-        param.data.addcdiv_(first, denominator, value=-self.lr / correction1)
+            state = self.moments.get(index)
+            if state is None:
+                state = self.moments[index] = [torch.zeros_like(direction), torch.zeros_like(direction)]
+            adam_update(param, direction, state, self.lr, self.beta1, self.beta2, self.adam_eps, self.updates)
 
     def restore_and_update(self, seed: int, grad: float) -> None:
         """The last +εz of MeZO's round trip and the update, from one z per tensor: the same arithmetic
@@ -350,9 +347,14 @@ class ZOOptimizer:
     @torch.no_grad()
     def step_hizoo(self, loss_at: Callable[[dict[str, torch.Tensor] | None], float],
                    directions: list[int] | None = None, update: bool = True) -> StepResult:
-        """HiZOO's step: L0 = loss_at(None) once, then for each direction L± = loss_at(θ ± εz/sqrt(D)),
-        g = (L+ - L-)/2ε and the curvature c = |L+ + L- - 2·L0|/2ε² (the module docstring has the update).
-        All three come from the same loss_at, so they round alike: c divides their difference by 2ε²."""
+        """HiZOO's step (D starts at 1; α = `hessian_smooth`):
+
+            u = z / sqrt(D),  L0 = L(θ),  L± = L(θ ± εu),  g = (L+ - L-) / 2ε,  c = |L+ + L- - 2·L0| / 2ε²
+            D <- D·(1 - α + α·c·z²),  θ <- θ - lr·(g·z / sqrt(D) + wd·θ)
+
+        c is the loss's curvature along u, and c·z²·D HiZOO's one-sample estimate of the Hessian's diagonal,
+        smoothed into D; q > 1 directions update D in order and the step uses the D after the last. All three
+        losses come from the same loss_at, so they round alike: c divides their difference by 2ε²."""
         if self.update_rule != "hizoo":
             raise ValueError(f"step_hizoo is the hizoo update rule's step, not {self.update_rule}'s")
         all_seeds = self.seeds_for_step(self.step_count)
@@ -438,7 +440,8 @@ class ZOOptimizer:
         return {"step_count": self.step_count, "lr": self.lr, "eps": self.eps, "q": self.q, "seed": self.seed,
                 "weight_decay": self.weight_decay, "distribution": self.distribution, "update_rule": self.update_rule,
                 "beta1": self.beta1, "beta2": self.beta2, "updates": self.updates, "estimator": self.estimator,
-                "hessian_smooth": self.hessian_smooth}
+                "hessian_smooth": self.hessian_smooth, "rank": self.rank, "lazy_steps": self.lazy_steps,
+                "mask_fraction": self.mask_fraction}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])

@@ -194,8 +194,10 @@ def adamw(shape: ModelShape, inputs: PlanInputs, first_layer: int | None = None,
           checkpointed: bool = False) -> dict[str, int]:
     """One first-order AdamW step (dlzo train --optimizer adamw: answer-only logits). first_layer None: every
     tensor tuned; else the layer scope, whose backward runs from the top down to `first_layer` only: the tuned
-    layers keep what their weight gradients need, the frozen layers above only what the input gradients need
-    (`checkpointed`: only their input, each recomputed in turn during the backward)."""
+    layers keep what their weight gradients need, the frozen layers above only what the input gradients need.
+    `checkpointed` (dlzo train --gradient-checkpointing): every layer from the lowest tuned one up keeps only
+    its input, and the backward recomputes one layer at a time, so the peak is at the layer whose own saved
+    tensors and the inputs up to it weigh most (the top frozen layer, or a tuned one)."""
     w, tokens = inputs.dtype_bytes, inputs.batch_size * inputs.max_length
     full = first_layer is None
     tuned = set(range(len(shape.layers))) if full else set(inputs.tuned_layers)
@@ -203,12 +205,13 @@ def adamw(shape: ModelShape, inputs: PlanInputs, first_layer: int | None = None,
     tuned_tensors = shape.tensors() if full else [t for i in sorted(tuned) for t in shape.layers[i]]
     tuned_elements = sum(t.numel for t in tuned_tensors)
     element = 4 if masters else w
-    frozen_above = len(shape.layers) - (0 if full else first_layer) - len(tuned)
-    saved = len(tuned) * saved_per_token(shape, w, True)
-    if checkpointed:
-        saved += frozen_above * w * shape.hidden_size + saved_per_token(shape, w, False)
+    start = 0 if full else first_layer
+    if checkpointed:  # recomputing layer i: the inputs of layers start..i and i's own saved tensors
+        saved = max((index - start + 1) * w * shape.hidden_size + saved_per_token(shape, w, index in tuned)
+                    for index in range(start, len(shape.layers)))
     else:
-        saved += frozen_above * saved_per_token(shape, w, False)
+        frozen_above = len(shape.layers) - start - len(tuned)
+        saved = len(tuned) * saved_per_token(shape, w, True) + frozen_above * saved_per_token(shape, w, False)
     backward = tokens * (saved + backward_per_token(shape, w))
     if masters:  # each module's cast of its master is what its linear keeps for the input gradient
         backward += tuned_elements * w
@@ -232,7 +235,7 @@ def plan(shape: ModelShape, inputs: PlanInputs) -> dict[str, dict[str, int]]:
         whole = adamw(shape, inputs)
         return {"inference": inference(shape, inputs), "zo_step": full_mezo(shape, inputs),
                 "full_mezo": full_mezo(shape, inputs), "adamw": whole, "adamw_layer": whole,
-                "adamw_layer_checkpointed": whole}
+                "adamw_layer_checkpointed": adamw(shape, inputs, checkpointed=True)}
     first = min(inputs.tuned_layers)
     return {
         "inference": inference(shape, inputs),

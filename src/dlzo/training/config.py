@@ -131,6 +131,10 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                               "the rules' layers and the last layer at rates around --lr, compared on dev loss)")
     params: str = option("all", "tensors inside the tuned layers: all, mlp, attn, or a regex over names")
     optimizer: Optimizer = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
+    gradient_checkpointing: bool = option(False, "with --optimizer adamw: the decoder layers from the lowest tuned "
+                                                 "one up keep only their input, their activations recomputed in "
+                                                 "the backward (transformers' non-reentrant checkpointing): less "
+                                                 "memory (dlzo plan), one more forward of those layers")
     steps: int = option(1000, "optimisation steps")
     num_train_epochs: float = option(0.0, "train for this many passes over the training examples instead of --steps "
                                           "(transformers' num_train_epochs): steps = ceil(epochs × floor(training "
@@ -153,13 +157,19 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                                          "((L(θ+εz) - L(θ))/ε, L(θ) shared by the --q directions: q+1 forwards a "
                                          "step instead of 2q)")
     zo_update: UpdateRule = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
-                                   "g·z), adam (ZO-AdaMM) or hizoo (HiZOO's diagonal Hessian estimate scales the "
-                                   "perturbation and the step; three forwards a step); state only over the tuned "
-                                   "tensors, rebuilt by replay")
+                                   "g·z), adam (ZO-AdaMM), hizoo (HiZOO's diagonal Hessian estimate scales the "
+                                   "perturbation and the step; three forwards a step) or normalized (FZOO: the "
+                                   "step divided by the spread of the --q estimates, q >= 2); state only over the "
+                                   "tuned tensors, rebuilt by replay")
     beta1: float = option(0.9, "--zo-update momentum / adam: the first-moment decay")
     beta2: float = option(0.999, "--zo-update adam: the second-moment decay")
     hessian_smooth: float = option(1e-6, "--zo-update hizoo: the weight of each step's curvature sample in the "
                                          "Hessian estimate (HiZOO's alpha)")
+    lowrank_rank: int = option(4, "--distribution lowrank: the rank r of each matrix's z = U·Vᵀ/sqrt(r) (LOZO)")
+    lowrank_lazy: int = option(50, "--distribution lowrank: steps that share one V, i.e. one subspace of each "
+                                   "matrix (LOZO's lazy sampling)")
+    zo_mask: float = option(0.0, "perturb and update only this fraction of each tuned matrix, its smallest-"
+                                 "magnitude weights at step 0 (Sparse-MeZO); 0: every weight")
     seed: int = option(0, "run seed: ZO directions and data order")
     data_seed: int = option(0, "seed of the train/dev/test sampling (MeZO's train_set_seed; --data: of the "
                                "held-out rows)")
@@ -224,6 +234,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         absolute_paths(self)
         self.reward = absolute_spec(self.reward)  # a resumed run (or dlzo eval --run) finds the file from any folder
         check_objective_options(self)
+        if self.gradient_checkpointing and self.optimizer != "adamw":
+            raise DlzoError("--gradient-checkpointing needs --optimizer adamw: a ZO step runs forwards only, with no "
+                            "backward whose activations could be recomputed")
         at_least_one(self, "steps", "batch_size", "grad_accum", "q", "eval_batch_size", "lora_r", "max_length",
                       "max_nonfinite")
         positive(self, "lr")
@@ -262,6 +275,13 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             raise DlzoError("--zo-update hizoo needs --estimator two-sided (its curvature uses L+, L- and L(θ))")
         if self.zo_update == "hizoo" and self.parallel == "perturbation":
             raise DlzoError("--zo-update hizoo: --parallel perturbation does not gather the curvatures; use data")
+        if self.zo_update == "normalized" and self.q < 2:
+            raise DlzoError("--zo-update normalized divides by the spread of the --q directions' estimates: "
+                            f"pass --q 2 or more, not {self.q} (FZOO uses 8 with --estimator one-sided)")
+        if self.lowrank_rank < 1 or self.lowrank_lazy < 1:
+            raise DlzoError("--lowrank-rank and --lowrank-lazy must be at least 1")
+        if not (math.isfinite(self.zo_mask) and 0 <= self.zo_mask < 1):
+            raise DlzoError(f"--zo-mask must be in [0, 1), not {self.zo_mask}")
         if not (math.isfinite(self.hessian_smooth) and 0 <= self.hessian_smooth < 1):
             raise DlzoError(f"--hessian-smooth must be in [0, 1), not {self.hessian_smooth}")
         for name in ("beta1", "beta2"):

@@ -44,7 +44,14 @@ from dlzo.training.prepare import (
 from dlzo.training.run_data import Data, check_same_data, load_data, own_data_results, own_data_summary
 from dlzo.training.run_folder import RESUME, ResumePoint, RunFolder, library_versions
 from dlzo.training.scalars import ScalarLogger, check_reporting
-from dlzo.training.step import adamw_step, batch_indices, step_batches, step_runner, zo_step
+from dlzo.training.step import (
+    LayerCheckpointing,
+    adamw_step,
+    batch_indices,
+    step_batches,
+    step_runner,
+    zo_step,
+)
 
 # Examples per forward when the frozen prefix is built: a constant, so the cached tensors do not depend on
 # --batch-size; 64 rather than a step's 16 because fewer, larger matrix products run faster.
@@ -132,6 +139,8 @@ class Session:
         self.zo = make_zo_optimizer(self.prepared, self.perturbation == "copy") if config.optimizer == "zo" else None
         self.adam = (torch.optim.AdamW(list(self.tensors.values()), lr=config.lr, weight_decay=config.weight_decay)
                      if self.zo is None else None)
+        self.checkpointing = (LayerCheckpointing(self.model, min(self.prepared.scope.layers, default=0))
+                              if self.adam is not None and config.gradient_checkpointing else None)
         if previous is not None and self.zo is None and (run.path / "last.safetensors").exists():
             raise DlzoError("--resume is supported for ZO runs only (AdamW state is not checkpointed)")
         self.point = (run.resume_point(self.model, self.zo, self.perturbation == "arithmetic") if previous is not None
@@ -267,7 +276,7 @@ class Session:
         if self.zo is None:
             for group in self.adam.param_groups:
                 group["lr"] = lr
-            return (*adamw_step(self.model, self.adam, batches, list(self.tensors.values())), None)
+            return (*adamw_step(self.model, self.adam, batches, list(self.tensors.values()), self.checkpointing), None)
         self.zo.lr = lr
         result = zo_step(self.zo, self.runner, batches, self.directions)
         if self.is_main:

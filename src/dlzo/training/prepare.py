@@ -95,7 +95,8 @@ def make_zo_optimizer(prepared: Prepared, exact_restore: bool = True) -> ZOOptim
                        exact_restore=exact_restore, layer_groups=scope.layer_groups,
                        sampled_layers=scope.sampled_layers, update_rule=config.zo_update, beta1=config.beta1,
                        beta2=config.beta2, estimator=config.estimator,
-                       hessian_smooth=config.hessian_smooth,
+                       hessian_smooth=config.hessian_smooth, rank=config.lowrank_rank,
+                       lazy_steps=config.lowrank_lazy, mask_fraction=config.zo_mask,
                        working_dtypes=prepared.masters.working if prepared.masters else None)
 
 

@@ -4,11 +4,13 @@ or through the fast path), the ZO step and the first-order (AdamW) reference ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from dlzo.data.examples import Example
 from dlzo.engine import distributed as dist
@@ -17,7 +19,9 @@ from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.scope import Scope
 from dlzo.engine.scoring import EncodedBatch, encode, loss_from_logprobs, token_logprobs
 from dlzo.engine.zo import StepResult, ZOOptimizer
+from dlzo.errors import DlzoError, first_line
 from dlzo.evaluation.objectives import GenerationRunner, RunObjective
+from dlzo.model.loading import decoder_layers
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -118,13 +122,71 @@ def evaluate_step(optimizer: ZOOptimizer, runner: StepRunner | GenerationRunner,
     return result
 
 
+class LayerCheckpointing:
+    """--gradient-checkpointing: transformers' own activation checkpointing of the decoder layers from the lowest
+    tuned one up (non-reentrant, so a layer whose input needs no gradient is fine): each keeps only its input
+    for the backward, which recomputes its activations. The layers below get no gradient and run as they are.
+
+    transformers checkpoints a layer only in training mode, and the step runs in eval mode (no dropout, the
+    loss of the ZO runs): `active()` switches those layers alone to training mode (their submodules stay in
+    eval) for the step's forwards, and the checkpointed forward and its recomputation run with the layers back
+    in eval mode, where a layer that applies dropout in its own forward (OPT, Falcon) reads it."""
+
+    def __init__(self, model: nn.Module, first_layer: int = 0):
+        kwargs = {"use_reentrant": False, "context_fn": lambda: (self.eval_mode(), self.eval_mode())}
+        try:
+            if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as err:  # an architecture without transformers' checkpointing
+            raise DlzoError(f"--gradient-checkpointing: {first_line(err)}") from None
+        # transformers makes the embeddings' output require a gradient (for reentrant checkpointing): without
+        # that hook the backward stops at the lowest tuned layer, as it does without checkpointing
+        model.disable_input_require_grads()
+        model.config.use_cache = False
+        layers = list(decoder_layers(model))
+        for layer in layers[:first_layer]:
+            layer.gradient_checkpointing = False
+        self.layers = [layer for layer in layers[first_layer:] if getattr(layer, "gradient_checkpointing", False)]
+        if not self.layers:
+            raise DlzoError(f"--gradient-checkpointing: {type(model).__name__}'s decoder layers are not "
+                            f"transformers' checkpointing layers")
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        self._switch(False)
+        try:
+            yield
+        finally:
+            self._switch(True)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """The step's forwards and backwards: the checkpointed layers' own mode open to transformers' check.
+        Each recomputation runs its layer to the end (torch stops it early, once it has the tensors the backward
+        needs, by default): a float32 master's module (dlzo.engine.master) puts the master back in its hook
+        after its forward, which an early stop would skip, leaving the cast in the model."""
+        self._switch(True)
+        try:
+            with set_checkpoint_early_stop(False):
+                yield
+        finally:
+            self._switch(False)
+
+    def _switch(self, training: bool) -> None:
+        for layer in self.layers:
+            layer.training = training
+
+
 def adamw_step(model: nn.Module, adam: torch.optim.Optimizer, batches: list[EncodedBatch],
-               params: list[torch.Tensor]) -> tuple[float, bool]:
-    """First-order reference: backpropagation through the same loss. Returns (loss, skipped)."""
+               params: list[torch.Tensor], checkpointing: LayerCheckpointing | None = None) -> tuple[float, bool]:
+    """First-order reference: backpropagation through the same loss (`checkpointing`: the layers' activations
+    recomputed in the backward). Returns (loss, skipped)."""
     model.train(False)  # no dropout, same loss as the ZO runs
     adam.zero_grad(set_to_none=True)
     total = 0.0
-    with torch.enable_grad():
+    with torch.enable_grad(), checkpointing.active() if checkpointing is not None else nullcontext():
         for batch in batches:
             loss = loss_from_logprobs(batch, token_logprobs(model, batch)) / len(batches)
             loss.backward()
