@@ -21,6 +21,8 @@ working dtype (`reload_float`): they start from the same values as in a float ru
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import mmap
 from collections.abc import Iterable, Iterator
@@ -279,6 +281,7 @@ def fill(model: nn.Module, weights, wanted: set[str], quantized: set[str], quant
         if "weight" in parts and ("bias" in parts or module.bias is None):
             del pending[module_name]
             replace_module(model, module_name, quantize_linear(_linear(module, parts), quantize, device))
+            trim_heap()
 
 
 def _put(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -320,6 +323,16 @@ def release_weights(model: nn.Module) -> None:
     """Drop the checkpoint reader (and, for the fallback, the full-precision copy it holds)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
     inner.dlzo_weights = None
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's freed blocks back to the system (glibc's malloc_trim; elsewhere nothing). Each float32
+    weight read and quantized leaves its blocks freed but kept by the allocator: measured on Qwen2.5-0.5B's
+    GGUF with int8, 3.6 GB of anonymous memory after the load against 1.7 GB once trimmed (the model's tensors
+    are 1.4 GB), and that excess stayed for the whole run."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def layer_in_float(model: nn.Module, layer: int) -> None:
