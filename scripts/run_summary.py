@@ -6,6 +6,9 @@
         in RUN.log beside the folder), per name.
     python scripts/run_summary.py curves OUT.png NAME=RUN_s0,... [NAME=...]
         the dev metric of every run against its step (metrics.jsonl), one colour per name.
+    python scripts/run_summary.py screen OUT.json NAME=RUN [NAME=...]
+        a dev-loss screen: each run's dev values by step, the value at its last evaluation (what a grid judges)
+        and its best, and its seconds a step.
     python scripts/run_summary.py depth OUT.png LAYER=RUN_s0,RUN_s1 [LAYER=...]
         test metric and best dev loss (mean ± std over seeds, each seed a dot) against the tuned layer; the
         table beside it as OUT.json.
@@ -86,6 +89,19 @@ def curves(out: Path, named: dict[str, list[Path]]) -> None:
     figure.savefig(out, dpi=120)
 
 
+def screen(named: dict[str, list[Path]]) -> dict:
+    rows = {}
+    for name, runs in named.items():
+        for run in runs:
+            logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
+            key = next(k for k in DEV_KEYS if k in logged[0])
+            values = {r["step"]: round(r[key], 4) for r in logged}
+            results = json.loads((run / "results.json").read_text())
+            rows[name] = {"run": str(run), "metric": key, "by_step": values, "last": values[max(values)],
+                          "best": min(values.values()), "seconds_per_step": results.get("seconds_per_step")}
+    return rows
+
+
 def depth(out: Path, named: dict[str, list[Path]]) -> None:
     import matplotlib
 
@@ -110,7 +126,7 @@ def depth(out: Path, named: dict[str, list[Path]]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[0] not in ("table", "curves", "depth"):
+    if len(argv) < 3 or argv[0] not in ("table", "curves", "depth", "screen"):
         raise SystemExit(__doc__)
     what, out, named = argv[0], Path(argv[1]), parse(argv[2:])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +134,8 @@ def main(argv: list[str]) -> None:
         curves(out, named)
     elif what == "depth":
         depth(out, named)
+    elif what == "screen":
+        out.write_text(json.dumps(screen(named), indent=1) + "\n")
     else:
         out.write_text(json.dumps({name: summary(runs) for name, runs in named.items()}, indent=1) + "\n")
     print(f"wrote {out}")
