@@ -96,9 +96,11 @@ def screen(named: dict[str, list[Path]]) -> dict:
             logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
             key = next(k for k in DEV_KEYS if k in logged[0])
             values = {r["step"]: round(r[key], 4) for r in logged}
-            results = json.loads((run / "results.json").read_text())
+            finished = (run / "results.json").exists()  # a run stopped early (diverging) has its evaluations only
+            results = json.loads((run / "results.json").read_text()) if finished else {}
             rows[name] = {"run": str(run), "metric": key, "by_step": values, "last": values[max(values)],
-                          "best": min(values.values()), "seconds_per_step": results.get("seconds_per_step")}
+                          "best": min(values.values()), "finished": finished,
+                          "seconds_per_step": results.get("seconds_per_step")}
     return rows
 
 
