@@ -9,10 +9,13 @@ from torch import nn
 
 from conftest import assert_replay_and_resume_exact, small_run
 from dlzo.engine.directions import small_magnitudes
-from dlzo.engine.update_rules import normalized
+from dlzo.engine.update_rules import normalized, rate_from_weights
 from dlzo.engine.zo import ZOOptimizer, direction_seed
 from dlzo.errors import DlzoError
+from dlzo.model.loading import decoder_layers, load_model
 from dlzo.training.config import TrainConfig
+from dlzo.training.loop import train
+from dlzo.training.run_folder import read_jsonl
 
 
 def make(**kwargs):
@@ -123,16 +126,39 @@ def test_levers_replay_bit_exactly(options):
 
 
 @pytest.mark.parametrize("options,message", [(dict(lowrank_rank=0), "--lowrank-rank"),
-                                             (dict(zo_mask=1.0), "--zo-mask"), (dict(zo_mask=-0.1), "--zo-mask")])
+                                             (dict(zo_mask=1.0), "--zo-mask"), (dict(zo_mask=-0.1), "--zo-mask"),
+                                             (dict(lr_per_rms=0.05), "--zo-update normalized"),
+                                             (dict(lr_per_rms=-1.0, zo_update="normalized", q=2), "--lr-per-rms")])
 def test_bad_lever_options_name_their_flag(options, message):
     with pytest.raises(DlzoError, match=message):
         TrainConfig(**small_run(**options)).validate()
+
+
+def test_rate_from_weights_is_the_rms_of_the_matrices_alone():
+    matrix, other, vector = torch.full((3, 4), 2.0), torch.full((2, 2), -4.0), torch.full((5,), 100.0)
+    expected = math.sqrt((12 * 4 + 4 * 16) / 16)  # the vector is left out
+    assert rate_from_weights([matrix, vector, other], 0.05) == pytest.approx(0.05 * expected)
+    with pytest.raises(ValueError, match="tuned matrix"):
+        rate_from_weights([vector], 0.05)
+
+
+@pytest.mark.requires_shared
+def test_lr_per_rms_sets_the_logged_rate_from_the_base_weights(tmp_path):
+    run = dict(small_run(num_dev=8, num_test=8), steps=2, scope="layer:1", zo_update="normalized", q=2,
+               lr_per_rms=0.05)
+    train(TrainConfig(**run, out=str(tmp_path / "run")))
+    layer = decoder_layers(load_model(run["model"]))[1]
+    matrices = [p.detach().double() for p in layer.parameters() if p.dim() == 2]
+    rms = math.sqrt(sum(float(m.square().sum()) for m in matrices) / sum(m.numel() for m in matrices))
+    logged = [entry["lr"] for entry in read_jsonl(tmp_path / "run" / "trajectory.jsonl")]
+    assert logged == pytest.approx([0.05 * rms] * 2, rel=1e-9)
 
 
 @pytest.mark.slow
 @pytest.mark.requires_shared
 @pytest.mark.parametrize("options", [dict(zo_update="normalized", q=3, estimator="one-sided",
                                           distribution="rademacher"),
+                                     dict(zo_update="normalized", q=2, lr_per_rms=0.05),
                                      dict(distribution="lowrank", lowrank_rank=2, lowrank_lazy=3),
                                      dict(zo_mask=0.1)])
 def test_lever_runs_replay_and_resume_bit_exactly(tmp_path, options):

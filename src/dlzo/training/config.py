@@ -168,6 +168,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     lowrank_rank: int = option(4, "--distribution lowrank: the rank r of each matrix's z = U·Vᵀ/sqrt(r) (LOZO)")
     lowrank_lazy: int = option(50, "--distribution lowrank: steps that share one V, i.e. one subspace of each "
                                    "matrix (LOZO's lazy sampling)")
+    lr_per_rms: float = option(0.0, "with --zo-update normalized: the rate is this many times the RMS of the "
+                                    "tuned matrices at step 0, in place of --lr (0.05 measured to carry from "
+                                    "SmolLM2 to Qwen2.5; docs/benchmarks.md); 0: --lr")
     zo_mask: float = option(0.0, "perturb and update only this fraction of each tuned matrix, its smallest-"
                                  "magnitude weights at step 0 (Sparse-MeZO); 0: every weight")
     seed: int = option(0, "run seed: ZO directions and data order")
@@ -278,6 +281,11 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         if self.zo_update == "normalized" and self.q < 2:
             raise DlzoError("--zo-update normalized divides by the spread of the --q directions' estimates: "
                             f"pass --q 2 or more, not {self.q} (FZOO uses 8 with --estimator one-sided)")
+        if self.lr_per_rms and self.zo_update != "normalized":
+            raise DlzoError("--lr-per-rms sets the rate of the normalized step, whose size is the rate's alone; "
+                            "pass --zo-update normalized (with --q 2 or more)")
+        if not (math.isfinite(self.lr_per_rms) and self.lr_per_rms >= 0):
+            raise DlzoError(f"--lr-per-rms must be a non-negative number, not {self.lr_per_rms}")
         if self.lowrank_rank < 1 or self.lowrank_lazy < 1:
             raise DlzoError("--lowrank-rank and --lowrank-lazy must be at least 1")
         if not (math.isfinite(self.zo_mask) and 0 <= self.zo_mask < 1):

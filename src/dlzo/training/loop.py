@@ -24,6 +24,7 @@ from dlzo.engine import distributed as dist
 from dlzo.engine.prefix import FrozenPrefix
 from dlzo.engine.prefix_store import PrefixStore, start_loss_key
 from dlzo.engine.scoring import context_limit, fast_layout
+from dlzo.engine.update_rules import rate_from_weights
 from dlzo.errors import Diverged, DlzoError
 from dlzo.evaluation.evaluate import EvalResult, dev_batches, dev_loss, evaluate, perplexity
 from dlzo.evaluation.objectives import dev_value, micro_batches, objective_for
@@ -58,9 +59,10 @@ from dlzo.training.step import (
 PREFIX_CHUNK = 64
 
 
-def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
-    """lr at each step from transformers.get_scheduler (the same schedules as Trainer); constant gives
-    exactly config.lr, so runs without a schedule log the same numbers as before schedules existed."""
+def lr_schedule(config: TrainConfig, base: float | None = None) -> Callable[[int], float]:
+    """lr at each step from transformers.get_scheduler (the same schedules as Trainer) times `base` (default
+    config.lr); constant gives exactly the base, so runs without a schedule log the same numbers as before
+    schedules existed."""
     from transformers import get_scheduler
 
     holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)  # the scheduler's own bookkeeping
@@ -69,7 +71,8 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     scheduler = get_scheduler(config.lr_scheduler, holder, num_warmup_steps=warmup,
                               num_training_steps=config.steps)
     factor = scheduler.lr_lambdas[0]
-    return lambda step: config.lr * factor(step)
+    peak = config.lr if base is None else base
+    return lambda step: peak * factor(step)
 
 
 def perturbation_kind(config: TrainConfig, prepared: Prepared) -> str:
@@ -131,6 +134,11 @@ class Session:
         self.device = next(self.model.parameters()).device
         self.is_main = dist.is_main_process()
         self.tensors = tuned_tensors(self.model, self.prepared.scope)
+        # --lr-per-rms: from the weights the run starts from, before a resume loads its checkpoint
+        self.base_lr = rate_from_weights(self.tensors.values(), config.lr_per_rms) if config.lr_per_rms else config.lr
+        if config.lr_per_rms and self.is_main and not self.resumed:
+            print(f"--lr-per-rms {config.lr_per_rms:g}: lr {self.base_lr:.4g} ({config.lr_per_rms:g} x the RMS of the "
+                  f"tuned matrices)")
         self.perturbation = perturbation_kind(config, self.prepared)
         if (config.estimator == "one-sided" or config.zo_update == "hizoo") and self.perturbation == "arithmetic":
             flag = "--zo-update hizoo" if config.zo_update == "hizoo" else "--estimator one-sided"
@@ -149,7 +157,7 @@ class Session:
             warning = half_precision_warning(self.prepared.masters, self.zo, self.perturbation == "arithmetic", self.point.step)
             if warning:
                 print(warning)
-        self.lr_at = lr_schedule(config)
+        self.lr_at = lr_schedule(config, self.base_lr)
         self.layout = fast_layout(self.model, self.tokenizer, config.fast_path)
         self.rank, self.world = dist.rank(), dist.world_size()
         split_directions = config.parallel == "perturbation" and self.world > 1
