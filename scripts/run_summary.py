@@ -68,6 +68,12 @@ def parse(pairs: list[str]) -> dict[str, list[Path]]:
     return named
 
 
+def dev_records(run: Path) -> tuple[str, list[dict]]:
+    """The dev metric a run logs (the first of DEV_KEYS) and its evaluation records."""
+    logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
+    return next(k for k in DEV_KEYS if k in logged[0]), logged
+
+
 def curves(out: Path, named: dict[str, list[Path]]) -> None:
     import matplotlib
 
@@ -77,8 +83,7 @@ def curves(out: Path, named: dict[str, list[Path]]) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for colour, (name, runs) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), named.items()):
         for index, run in enumerate(runs):
-            logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
-            key = next(k for k in DEV_KEYS if k in logged[0])
+            key, logged = dev_records(run)
             axis.plot([r["step"] for r in logged], [r[key] for r in logged], color=colour, alpha=0.8,
                       marker="o", markersize=3, label=name if index == 0 else None)
             axis.set_ylabel(key.replace("_", " "))
@@ -93,8 +98,7 @@ def screen(named: dict[str, list[Path]]) -> dict:
     rows = {}
     for name, runs in named.items():
         for run in runs:
-            logged = [r for r in records(run / "metrics.jsonl") if any(k in r for k in DEV_KEYS)]
-            key = next(k for k in DEV_KEYS if k in logged[0])
+            key, logged = dev_records(run)
             values = {r["step"]: round(r[key], 4) for r in logged}
             finished = (run / "results.json").exists()  # a run stopped early (diverging) has its evaluations only
             results = json.loads((run / "results.json").read_text()) if finished else {}

@@ -34,10 +34,9 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
 def small_magnitudes(tensor: torch.Tensor, fraction: float) -> torch.Tensor:
     """The elements of `tensor` among the `fraction` of smallest magnitude (ties at the threshold included):
     Sparse-MeZO's mask (arXiv 2402.15751), which perturbs and updates only those."""
-    flat = tensor.detach().abs().flatten().float()
-    count = max(1, math.ceil(fraction * flat.numel()))
-    threshold = flat.kthvalue(count).values
-    return tensor.detach().abs().float() <= threshold
+    magnitude = tensor.detach().abs().float()
+    count = max(1, math.ceil(fraction * magnitude.numel()))
+    return magnitude <= magnitude.flatten().kthvalue(count).values
 
 
 class Directions:

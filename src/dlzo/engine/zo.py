@@ -132,7 +132,8 @@ class ZOOptimizer:
         """z for tensor `index` of direction `seed`, regenerated identically on any call: within the mask
         (mask_fraction), and for lowrank in the subspace of the current block of `lazy_steps` steps (the step
         count is the step being taken, in training and replay alike)."""
-        z = self.directions.sample(seed, index, like, mix(self.seed, self.step_count // self.lazy_steps))
+        subspace = mix(self.seed, self.step_count // self.lazy_steps) if self.distribution == "lowrank" else 0
+        z = self.directions.sample(seed, index, like, subspace)
         mask = self.masks.get(index)
         return z if mask is None else z.mul_(mask.to(z.device))
 

@@ -24,7 +24,6 @@ Variants, all on the same inputs in the same process:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import statistics
 import tempfile
 import threading
@@ -56,7 +55,7 @@ from dlzo.fields import comma_list
 from dlzo.model.checkpoint import atomic_write_json
 from dlzo.model.loading import decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
 from dlzo.model.quantize import logical_parameters
-from dlzo.model.quantized_load import layer_in_float, load_quantized, random_quantized
+from dlzo.model.quantized_load import layer_in_float, load_quantized, random_quantized, trim_heap
 from dlzo.studies.options import BenchConfig
 from dlzo.training.hf_trainer import ZOArguments, ZOTrainer
 
@@ -146,8 +145,7 @@ class PeakMemory:
             return
         import psutil
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed blocks back so RSS reflects this block only
+        trim_heap()  # hand freed blocks back so RSS reflects this block only
         process, running, peak = psutil.Process(), [True], [0]
 
         def sample():

@@ -244,14 +244,14 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                       "max_nonfinite")
         positive(self, "lr")
         positive(self, "eps")
-        at_least_one(self, "log_every")
+        at_least_one(self, "log_every", "lowrank_rank", "lowrank_lazy")
         report_targets(self.report_to)
         if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs >= 0):
             raise DlzoError(f"--num-train-epochs must not be negative, not {self.num_train_epochs}")
         if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1):
             raise DlzoError(f"--warmup-ratio must be between 0 and 1, not {self.warmup_ratio}")
         for name in ("eval_every", "save_every", "warmup_steps", "weight_decay", "num_train", "num_test",
-                     "prefix_cache_mb"):
+                     "prefix_cache_mb", "lr_per_rms"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise DlzoError(f"--{name.replace('_', '-')} must not be negative, not {value}")
@@ -284,10 +284,6 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         if self.lr_per_rms and self.zo_update != "normalized":
             raise DlzoError("--lr-per-rms sets the rate of the normalized step, whose size is the rate's alone; "
                             "pass --zo-update normalized (with --q 2 or more)")
-        if not (math.isfinite(self.lr_per_rms) and self.lr_per_rms >= 0):
-            raise DlzoError(f"--lr-per-rms must be a non-negative number, not {self.lr_per_rms}")
-        if self.lowrank_rank < 1 or self.lowrank_lazy < 1:
-            raise DlzoError("--lowrank-rank and --lowrank-lazy must be at least 1")
         if not (math.isfinite(self.zo_mask) and 0 <= self.zo_mask < 1):
             raise DlzoError(f"--zo-mask must be in [0, 1), not {self.zo_mask}")
         if not (math.isfinite(self.hessian_smooth) and 0 <= self.hessian_smooth < 1):
