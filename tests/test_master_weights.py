@@ -83,9 +83,12 @@ def test_an_update_at_lr_1e_6_survives_with_masters_and_is_rounded_away_without(
     assert changed[False] < 0.1  # bfloat16 keeps about 0.1%, float16 about 1%
 
 
-@pytest.mark.parametrize("rule,estimator", [("sgd", "two-sided"), ("adam", "two-sided"), ("sgd", "one-sided"),
-                                            ("hizoo", "two-sided")])
-def test_lazy_perturbation_is_the_eager_one_bit_for_bit(rule, estimator):
+@pytest.mark.parametrize("rule,estimator,levers", [
+    ("sgd", "two-sided", {}), ("adam", "two-sided", {}), ("sgd", "one-sided", {}), ("hizoo", "two-sided", {}),
+    ("normalized", "one-sided", {"distribution": "rademacher"}),
+    ("sgd", "two-sided", {"distribution": "lowrank", "rank": 2, "lazy_steps": 2}),
+    ("sgd", "two-sided", {"mask_fraction": 0.2})])
+def test_lazy_perturbation_is_the_eager_one_bit_for_bit(rule, estimator, levers):
     """The same masters stepped twice: perturbed tensors made one module at a time in the working dtype (what a
     run does), and as whole float32 dicts that the masters' cast hook casts. Same losses, same masters."""
     inputs = causal_inputs()
@@ -94,8 +97,9 @@ def test_lazy_perturbation_is_the_eager_one_bit_for_bit(rule, estimator):
         model = half_model()
         names = layer_names(model)
         masters = MasterWeights(model, names)
-        opt = ZOOptimizer(tuned(model, names), lr=1e-2, eps=1e-2, q=2 if rule == "sgd" else 1, update_rule=rule,
-                          estimator=estimator, hessian_smooth=0.1, working_dtypes=masters.working if lazy else None)
+        opt = ZOOptimizer(tuned(model, names), lr=1e-2, eps=1e-2, q=2 if rule in ("sgd", "normalized") else 1,
+                          update_rule=rule, estimator=estimator, hessian_smooth=0.1,
+                          working_dtypes=masters.working if lazy else None, **levers)
         runner = BranchedForward(model, names)
 
         def loss_at(tensors, model=model):
