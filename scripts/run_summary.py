@@ -1,7 +1,8 @@
 """Summaries of finished `dlzo train` runs over seeds, for the figures in docs/ (mean ± std, each seed's value).
 
     python scripts/run_summary.py table OUT.json NAME=RUN_s0,RUN_s1,RUN_s2 [NAME=...]
-        results.json of each run: test metric, best dev loss (or dev metric / reward), seconds a step, and the
+        results.json of each run: test metric, best dev loss (or dev metric / reward), seconds a step, the mean
+        |g| of its ZO steps (trajectory.jsonl), and the
         peak RSS a run's log recorded (a line "maxrss_kb N", as `/usr/bin/time -f "maxrss_kb %M"` writes it,
         in RUN.log beside the folder), per name.
     python scripts/run_summary.py curves OUT.png NAME=RUN_s0,... [NAME=...]
@@ -52,6 +53,11 @@ def summary(runs: list[Path]) -> dict:
         values = [r[key] for r in results if key in r]
         if len(values) == len(results):
             row[key] = spread(values)
+    # the mean |g| of a run's ZO steps: how large the estimate is beside the forward's rounding (half precision)
+    grads = [[abs(g) for r in records(run / "trajectory.jsonl") for g in r["grads"]]
+             for run in runs if (run / "trajectory.jsonl").exists()]
+    if len(grads) == len(runs) and all(grads):
+        row["mean_abs_grad"] = spread([sum(g) / len(g) for g in grads])
     peaks = [peak_rss(run) for run in runs]
     if all(p is not None for p in peaks):
         row["peak_rss_bytes"] = spread(peaks)
