@@ -59,7 +59,7 @@ def test_enum_options_are_literal_types_whose_values_are_written_once():
     choices = literal_fields(TrainConfig)
     assert choices["distribution"] == DISTRIBUTIONS == ("gaussian", "rademacher", "lowrank")
     assert choices["estimator"] == ESTIMATORS and choices["zo_update"] == UPDATE_RULES
-    assert choices["rule"] == ("sun", "onset", "screen") and choices["optimizer"] == ("zo", "adamw")
+    assert choices["rule"] == ("guarded", "sun", "onset", "screen") and choices["optimizer"] == ("zo", "adamw")
     for cls in (SweepConfig, RaceConfig, EvalConfig):
         assert literal_fields(cls)["dtype"] == choices["dtype"], cls
     assert literal_fields(EvalConfig)["checkpoint"] == literal_fields(ExportConfig)["checkpoint"] == (

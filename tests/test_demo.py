@@ -15,11 +15,10 @@ def test_demo_runs_end_to_end_on_stories(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     headline = run_demo(DemoConfig(shared=str(SHARED), out=str(out), model="stories260k", steps=2,
                                    num_dev=8, num_test=8, dominant_lr=1e-3, full_mezo_lr=1e-4))
-    # stories260K has no massive activations: the probe finds none and training falls back to sensitivity
-    assert headline["dominant_layer"] is None and 0 <= headline["trained_layer"] < 5
+    # stories260K has no massive activations: the probe finds none and the guarded rule tunes the last layer
+    assert headline["dominant_layer"] is None and headline["trained_layer"] == 4
     sensitivity = json.loads((out / "sensitivity" / "sensitivity.json").read_text())
-    signal = [layer["mean"] for layer in sensitivity["layers"]]
-    assert headline["trained_layer"] == max(range(len(signal)), key=signal.__getitem__)
+    assert [layer["layer"] for layer in sensitivity["layers"]] == [0, 1, 2, 3, 4]
     # the headline repeats the files it summarises
     assert json.loads((out / "headline.json").read_text()) == headline
     dominant = json.loads((out / "runs" / "dominant" / "results.json").read_text())

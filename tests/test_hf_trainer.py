@@ -442,13 +442,24 @@ def test_label_smoothing_is_the_loss_of_both_branches(stories_path, tmp_path):
 
 
 def test_dominant_scope_falls_back_to_the_most_sensitive_layer(stories_path, tmp_path):
-    """stories260K has no massive activations: the trainer measures each layer's sensitivity instead."""
+    """stories260K has no massive activations: with the sun rule the trainer measures each layer's sensitivity
+    instead."""
     import dlzo
 
-    trainer = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments())
+    trainer = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="sun"))
     layer, means = trainer.layer_sensitivity()
     assert trainer.zo_scope.layers == [layer] and means[layer] == max(means)
     assert "fell back to the most perturbation-sensitive layer" in trainer.zo_layer_reason
+
+
+def test_dominant_scope_uses_the_guarded_rule_by_default(stories_path, tmp_path):
+    """ZOArguments() takes `dlzo train`'s default rule: on stories260K (no massive activations) the last layer,
+    with the guarded rule's record kept for the checkpoints."""
+    import dlzo
+
+    trainer = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments())
+    assert trainer.zo_scope.layers == [4] and trainer.zo_layer_choice["rule"] == "guarded"
+    assert trainer.zo_layer_choice["paper_rule_layer"] is None and "tuning the last layer 4" in trainer.zo_layer_reason
 
 
 def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tmp_path, monkeypatch):
@@ -463,10 +474,10 @@ def test_dominant_scope_takes_the_probes_layer_or_the_given_one(stories_path, tm
         return SimpleNamespace(dominant_layer=3, reason="a planted jump", layers=stats)
 
     monkeypatch.setattr(dlzo.engine.layer_choice, "find_dominant_layer", planted)
-    assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments()).zo_scope.layers == [3]
+    assert make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="sun")).zo_scope.layers == [3]
     onset = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(rule="onset"))
     assert rules == ["sun", "onset"] and onset.zo_scope.layers == [3]
-    with pytest.raises(ValueError, match="rule must be one of sun, onset, screen"):
+    with pytest.raises(ValueError, match="rule must be one of guarded, sun, onset, screen"):
         dlzo.ZOArguments(rule="largest")
     given = make_trainer(stories_path, tmp_path, zo=dlzo.ZOArguments(layer=1))
     assert given.zo_scope.layers == [1] and all(".layers.1." in n for n in given.zo_scope.names)
@@ -513,11 +524,11 @@ def test_dominant_lora_scope_puts_adapters_on_the_dominant_layer_only(stories_pa
     assert changed and changed <= set(lora_names)
 
     with pytest.raises(ValueError, match="dominant-lora: probe found no massive activations.*layer=K"):
-        make_trainer(stories_path, tmp_path / "none", zo=dlzo.ZOArguments(scope="dominant-lora"))
+        make_trainer(stories_path, tmp_path / "none", zo=dlzo.ZOArguments(scope="dominant-lora", rule="sun"))
     stats = [SimpleNamespace(max_abs=1000.0, ratio=5000.0)] * 5
     monkeypatch.setattr(dlzo.engine.layer_choice, "find_dominant_layer",
                         lambda *args, **kwargs: SimpleNamespace(dominant_layer=1, layers=stats))
-    probed = make_trainer(stories_path, tmp_path / "probed", zo=dlzo.ZOArguments(scope="dominant-lora"))
+    probed = make_trainer(stories_path, tmp_path / "probed", zo=dlzo.ZOArguments(scope="dominant-lora", rule="sun"))
     assert all(".layers.1." in n for n in probed.zo_scope.names) and "probe" in probed.zo_layer_reason
 
 

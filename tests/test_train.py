@@ -37,7 +37,7 @@ def test_train_end_to_end_writes_run_folder(tmp_path):
 
 
 def test_dominant_scope_falls_back_to_sensitivity_on_stories(tmp_path, capsys):
-    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="dominant"))
+    train(TrainConfig(**SMALL, out=str(tmp_path), steps=1, eval_every=0, scope="dominant", rule="sun"))
     choice = json.loads((tmp_path / "run.json").read_text())["layer_choice"]
     assert "no massive activations" in choice["reason"] and 0 <= choice["layer"] < 5
     assert "fell back to the most perturbation-sensitive layer" in capsys.readouterr().out

@@ -38,8 +38,9 @@ Estimator = Literal["two-sided", "one-sided"]  # (L+ - L-)/2ε, or (L+ - L(θ))/
 ESTIMATORS = get_args(Estimator)
 # --master-weights: auto (every scope but full), on (full too) or off (the tensors' own dtype)
 MasterPolicy = Literal["auto", "on", "off"]
-# how --scope dominant picks its layer: a probe rule, or the screen that trains the candidates
-LayerRule = Literal[ProbeRule, "screen"]
+# how --scope dominant picks its layer: the sun rule's layer where the paper's premise holds there, else the last
+# layer (guarded); a probe rule alone; or the screen that trains the candidates
+LayerRule = Literal["guarded", ProbeRule, "screen"]
 
 # --- a run ---
 Objective = Literal["loss", "accuracy", "f1", "exact-match"]  # --objective
@@ -49,9 +50,8 @@ ReportTo = Literal["none", "tensorboard", "wandb"]  # each backend --report-to m
 REPORT_TARGETS = get_args(ReportTo)
 
 # --- the scope ---
-SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora | lezo:K  (dominant: the probe's "
-              "layer, or the most perturbation-sensitive layer when the probe finds none; lezo:K: LeZO, K random "
-              "decoder layers perturbed and updated per step)")
+SCOPE_HELP = ("full | dominant | layer:K | layers:K1,K2 | lora | dominant-lora | lezo:K  (dominant: the layer "
+              "--rule picks; lezo:K: LeZO, K random decoder layers perturbed and updated per step)")
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Choosing and measuring layers: which decoder layer to tune, and how strongly each one moves the loss.
 
-- `choose_dominant_layer`: the probe's layer (massive activations, dlzo.model.probe); when the probe finds none,
-  the most perturbation-sensitive layer of a quick measurement (`QUICK_SENSITIVITY`). With rule "screen": a
-  short paired training race of the rules' layers and the last layer (dlzo.engine.layer_screen) decides.
+- `choose_dominant_layer`: rule "guarded" (the default): the paper's (sun) rule's layer where its premise holds
+  there, else the last layer (`guarded_choice`). Rules "sun" and "onset": the probe's layer (massive activations,
+  dlzo.model.probe); when the probe finds none, the most perturbation-sensitive layer of a quick measurement
+  (`QUICK_SENSITIVITY`). Rule "screen": a short paired training race of the rules' layers and the last layer
+  (dlzo.engine.layer_screen) decides.
+- `guarded_choice`: the guarded rule's record, shared by `dlzo train` and `dlzo.ZOTrainer`.
 - `screen_choice`: that screen and its record, shared by `dlzo train` and `dlzo.ZOTrainer`.
 - `layer_sensitivity`: per-layer |L(θ+εz_l) - L(θ-εz_l)| / 2ε, inference only.
 - `propagation`: how far a one-layer perturbation travels through the later layers.
@@ -189,14 +192,17 @@ def most_sensitive_layer(model: nn.Module, batches: list, eps: float, distributi
 
 
 def choose_dominant_layer(model: nn.Module, tokenizer, train: list[Example], eps: float,
-                          device: torch.device | None = None, rule: LayerRule = "sun", dev: list[Example] | None = None,
+                          device: torch.device | None = None, rule: LayerRule = "guarded", dev: list[Example] | None = None,
                           lr: float = 1e-3, seed: int = 0, distribution: str = "gaussian", generation: bool = False,
                           max_length: int = 2048) -> dict:
-    """{"layer": K, "reason": why, ...}: the probe's layer by `rule` (sun or onset, dlzo.model.probe); when the
-    rule finds none, the most perturbation-sensitive layer of a quick measurement. Rule "screen": the
+    """{"layer": K, "reason": why, ...}: rule "guarded", `guarded_choice` on the probe of the first training texts;
+    the probe's layer by `rule` (sun or onset, dlzo.model.probe), when the rule finds none the most
+    perturbation-sensitive layer of a quick measurement. Rule "screen": the
     screen of the rules' layers and the last layer (`screen_choice`), trained on `train`'s first batches at
     `lr` x SCREEN's factors and compared on `dev`'s first examples (held-out training examples without it)."""
     texts = [e.prompt + e.continuations[e.label] for e in train[:64]]
+    if rule == "guarded":
+        return guarded_choice(find_dominant_layer(model, tokenizer, texts, rule="sun"))
     if rule == "screen":
         probe = screen_probe(model, tokenizer, texts)
         task = example_screen_task(model, tokenizer, train, dev, device, generation, max_length)
@@ -213,6 +219,39 @@ def choose_dominant_layer(model: nn.Module, tokenizer, train: list[Example], eps
         f"(mean |L+ - L-|/2eps = {means[layer]:.3g}, layers: " + ", ".join(f"{i}:{m:.3g}" for i, m in enumerate(means))
         + ")"), "doubts": ["the sensitivity fallback's pick is not reproducible (docs/results/study.md, section 2); "
                            "--rule screen compares candidate layers by training them"]}
+
+
+# Why the guarded rule's fallback is the last layer (docs/results/study.md): wherever the premise failed, the last
+# layer beat (Qwen2.5-Coder-0.5B SST-2 and RTE, a third family's SST-2) or tied (Qwen2.5 CB, COPA) the rule's layer,
+# and it is the cheapest layer to tune (the frozen-prefix cache skips every layer below it).
+LAST_LAYER_WHY = ("the last layer beat or tied the rule's layer on every model where the premise failed "
+                  "(docs/results/study.md)")
+
+
+def guarded_choice(probe: ProbeResult) -> dict:
+    """The guarded rule: the sun rule's layer when the paper's premise holds there (`probe.premise`,
+    dlzo.model.probe.premise_decision), else the last layer. Costs nothing beyond the probe; the same
+    calibration texts give the same pick. The record says whether the pick agrees with the paper's rule."""
+    last = len(probe.layers) - 1
+    paper, premise = probe.picks.get("sun"), probe.premise
+    record = {"rule": "guarded", "rule_layers": dict(probe.picks), "paper_rule_layer": paper, "premise": premise}
+    if paper is not None and premise.get("holds"):
+        s = probe.layers[paper]
+        return {"layer": paper, "reason": (f"probe: first layer with massive activations (max|h| {s.max_abs:.3g}, "
+                                           f"{s.ratio:.3g}x the median); the paper's premise holds there: "
+                                           f"{premise['reason']}"),
+                **record, "agrees_with_paper_rule": True, "doubts": []}
+    if paper is None:
+        why = f"the paper's rule (sun) finds no massive activations ({probe.reason})"
+    else:
+        why = f"the paper's rule (sun) picks layer {paper}, but its premise fails there: {premise['reason']}"
+    agrees = paper == last
+    verdict = "" if agrees or paper is None else "; THE CHOICE DISAGREES WITH THE PAPER'S RULE"
+    return {"layer": last, "reason": f"{why}; tuning the last layer {last} ({LAST_LAYER_WHY}){verdict}",
+            **record, "agrees_with_paper_rule": agrees,
+            "doubts": [] if agrees or paper is None else [
+                f"the paper's rule picks layer {paper} and the guarded rule layer {last}; --rule sun tunes the "
+                f"paper's layer, --rule screen compares them by training both"]}
 
 
 def early_layer_doubt(layer: int, num_layers: int) -> str | None:

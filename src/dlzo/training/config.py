@@ -125,10 +125,13 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     resume: str = option("", "continue the interrupted run in this folder: its recorded arguments are the defaults, "
                              "and flags given must agree with them (--steps may grow with a constant rate)")
     scope: str = option("dominant", SCOPE_HELP)
-    rule: LayerRule = option("sun", "how --scope dominant picks its layer: sun (first layer with max|h| > 100 and >= 1000x "
-                              "the median), onset (the largest persistent jump of max|h|; docs/rules.md), when the "
-                              "rule finds none the most perturbation-sensitive layer; or screen (a few ZO steps of "
-                              "the rules' layers and the last layer at rates around --lr, compared on dev loss)")
+    rule: LayerRule = option("guarded", "how --scope dominant picks its layer: guarded (the sun rule's layer where the "
+                              "paper's premise holds there: most calibration sequences carry the outlier and it has "
+                              "stopped growing; else the last layer; docs/rules.md), sun (first layer with max|h| > "
+                              "100 and >= 1000x the median), onset (the largest persistent jump of max|h|), with sun "
+                              "and onset the most perturbation-sensitive layer when the rule finds none; or screen (a "
+                              "few ZO steps of the rules' layers and the last layer at rates around --lr, compared on "
+                              "dev loss)")
     params: str = option("all", "tensors inside the tuned layers: all, mlp, attn, or a regex over names")
     optimizer: Optimizer = option("zo", "zo (SPSA, forward only) or adamw (first-order reference, backpropagation)")
     gradient_checkpointing: bool = option(False, "with --optimizer adamw: the decoder layers from the lowest tuned "
@@ -346,8 +349,8 @@ class ZOArguments:
     `dlzo train` are TrainConfig's own fields: one help text, default and set of allowed values for both."""
 
     scope: str = option("dominant", (
-        "Which tensors to tune: dominant (the probe's layer: the first decoder layer with massive "
-        "activations; when the probe finds none, the layer whose perturbation moves the training loss most) "
+        "Which tensors to tune: dominant (the layer `rule` picks: by default the first decoder layer with "
+        "massive activations where the paper's premise holds there, else the last layer) "
         "| layer:K | layers:K1,K2 | full (every tensor, MeZO) | lora (LoRA adapters on q/v projections) "
         "| dominant-lora (LoRA adapters on the dominant layer only)"))
     layer: int | None = option(None, "With scope=dominant or dominant-lora: tune this decoder layer (0-based) instead "

@@ -35,6 +35,7 @@ from dlzo.engine.fastpath import BranchedForward, swapped_tensors
 from dlzo.engine.layer_choice import (
     QUICK_SENSITIVITY,
     early_layer_doubt,
+    guarded_choice,
     model_loss_screen_task,
     most_sensitive_layer,
     probed_layer,
@@ -66,12 +67,16 @@ def _tokenizer_of(processing_class, data_collator):
     return candidate
 
 
-def _given_or_probed_layer(zo_args: ZOArguments, model: nn.Module, tokenizer) -> tuple[int | None, str]:
-    """The first two ways both dominant scopes choose their layer: ZOArguments.layer, else the probe's rule
-    ((None, why not) when it finds none)."""
+def _given_or_probed_layer(zo_args: ZOArguments, model: nn.Module, tokenizer) -> dict:
+    """The first two ways both dominant scopes choose their layer, as a layer-choice record: ZOArguments.layer,
+    else the probe on its calibration text by the rule (guarded: `guarded_choice`, which always names a layer;
+    sun or onset: {"layer": None, ...} when the rule finds none)."""
     if zo_args.layer is not None:
-        return zo_args.layer, "layer given by ZOArguments.layer"
-    return probed_layer(model, tokenizer, rule=zo_args.rule)
+        return {"layer": zo_args.layer, "reason": "layer given by ZOArguments.layer"}
+    if zo_args.rule == "guarded" and tokenizer is not None:
+        return guarded_choice(screen_probe(model, tokenizer))
+    layer, why = probed_layer(model, tokenizer, rule="sun" if zo_args.rule == "guarded" else zo_args.rule)
+    return {"layer": layer, "reason": why}
 
 
 class ZOStepOptimizer(torch.optim.Optimizer):
@@ -149,11 +154,14 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer builds the lr scheduler from args.lr_scheduler_type; pass no scheduler")
         spec = parse_scope(zo_args.scope)
         layers, self.zo_layer_reason = spec.layers, ""
-        self.zo_layer_choice: dict = {}  # rule=screen: the screen's record (dlzo.engine.layer_choice.screen_choice)
+        # rules guarded and screen: the choice's record (dlzo.engine.layer_choice.guarded_choice, screen_choice)
+        self.zo_layer_choice: dict = {}
         if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
             tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
                                       trainer_kwargs.get("data_collator"))
-            layer, self.zo_layer_reason = _given_or_probed_layer(zo_args, model, tokenizer)
+            choice = _given_or_probed_layer(zo_args, model, tokenizer)
+            layer, self.zo_layer_reason = choice["layer"], choice["reason"]
+            self.zo_layer_choice = choice if "rule" in choice else {}
             if layer is None:
                 raise ValueError(f"scope=dominant-lora: {self.zo_layer_reason}; pass ZOArguments(layer=K), or use "
                                  f"scope=dominant, whose fallback measures layer sensitivity on the training data")
@@ -225,12 +233,19 @@ class ZOTrainer(Trainer):
                 warnings.warn(f"ZOTrainer ignores TrainingArguments.{name}={value!r}: {why}", UserWarning, stacklevel=3)
 
     def _dominant_layer(self) -> tuple[int, str]:
-        """ZOArguments.layer; else the probe's layer (massive activations, on the probe's calibration text);
-        else the layer whose perturbation changes the model's loss most on the first training batches."""
+        """ZOArguments.layer; else the rule's layer on the probe's calibration text (guarded: the sun rule's layer
+        where the paper's premise holds, else the last layer); with sun or onset finding none, the layer whose
+        perturbation changes the model's loss most on the first training batches."""
         tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
         if self.zo_args.rule == "screen" and self.zo_args.layer is None:
             return self._screened_layer(tokenizer)
-        layer, why = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
+        choice = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
+        layer, why = choice["layer"], choice["reason"]
+        if "rule" in choice:  # the guarded rule's record
+            self.zo_layer_choice = choice
+            for doubt in choice["doubts"]:
+                logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
+            return layer, why
         if layer is not None:
             doubt = early_layer_doubt(layer, len(decoder_layers(self.model))) if self.zo_args.layer is None else None
             if doubt:
