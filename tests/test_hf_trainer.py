@@ -353,6 +353,42 @@ def test_a_stateful_update_rule_resumes_bit_for_bit(stories_path, tmp_path):
     s, r = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(s[n], r[n]) for n in straight.zo_scope.names)
 
+def test_lowrank_directions_and_the_mask_reach_the_optimizer_and_resume_bit_for_bit(stories_path, tmp_path):
+    """ZOArguments' lowrank_rank, lowrank_lazy and zo_mask are `dlzo train`'s: the matrices move only where the
+    mask (their smallest-magnitude half at step 0) lets them, the log replays the run from the base weights with
+    the same options, and a resume from step 3 of 6 (V changes at step 4: lazy 2) ends on the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    import dlzo
+    from dlzo.engine.directions import small_magnitudes
+    from dlzo.engine.zo import ZOOptimizer
+
+    args = dlzo.ZOArguments(layer=2, distribution="lowrank", lowrank_rank=2, lowrank_lazy=2, zo_mask=0.5)
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, zo=args)
+    straight = make_trainer(stories_path, tmp_path / "straight", **settings)
+    base = weights(straight.model)
+    straight.train()
+    assert (straight._zo.rank, straight._zo.lazy_steps, straight._zo.mask_fraction) == (2, 2, 0.5)
+    trained = dict(straight.model.named_parameters())
+    for name in straight.zo_scope.names:
+        moved = trained[name].detach() != base[name]
+        if base[name].dim() == 2:
+            assert moved.any() and not (moved & ~small_magnitudes(base[name], 0.5)).any(), name
+    fresh = dict(AutoModelForCausalLM.from_pretrained(stories_path).named_parameters())
+    replay = ZOOptimizer([(n, fresh[n]) for n in straight.zo_scope.names], eps=args.eps, seed=straight.args.seed,
+                         distribution="lowrank", rank=2, lazy_steps=2, mask_fraction=0.5)
+    for h in straight.zo_history:
+        replay.replay_step(h["seeds"], h["projected_grads"], h["lr"], h["skipped"])
+    assert all(torch.equal(fresh[n], trained[n]) for n in straight.zo_scope.names)
+    resumed = make_trainer(stories_path, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
+    assert resumed.zo_history == straight.zo_history[3:]
+    r = dict(resumed.model.named_parameters())
+    assert all(torch.equal(trained[n], r[n]) for n in straight.zo_scope.names)
+    with pytest.raises(ValueError, match="zo_mask must be in"):
+        dlzo.ZOArguments(zo_mask=1.0)
+
+
 def test_non_finite_steps_are_skipped(stories_path, tmp_path):
     trainer = make_trainer(stories_path, tmp_path, max_steps=2)
     with torch.no_grad():

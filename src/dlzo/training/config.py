@@ -376,6 +376,9 @@ class ZOArguments:
     beta1: float = same_as(TrainConfig, "beta1")
     beta2: float = same_as(TrainConfig, "beta2")
     hessian_smooth: float = same_as(TrainConfig, "hessian_smooth")
+    lowrank_rank: int = same_as(TrainConfig, "lowrank_rank")
+    lowrank_lazy: int = same_as(TrainConfig, "lowrank_lazy")
+    zo_mask: float = same_as(TrainConfig, "zo_mask")
     quantize: Quantize = same_as(TrainConfig, "quantize")
     reward: str = option("", "Train on a reward instead of the model's loss: a function (prompts, completions, rows) "
                              "-> list[float], or PATH.py:FUNCTION; the train_dataset's rows are {\"prompt\": ...} "
@@ -396,6 +399,10 @@ class ZOArguments:
             raise ValueError("ZOArguments.rule=screen trains the candidate layers themselves: use scope=dominant")
         if self.q < 1 or not self.eps > 0:
             raise ValueError("ZOArguments needs q >= 1 and eps > 0")
+        if self.lowrank_rank < 1 or self.lowrank_lazy < 1:
+            raise ValueError("ZOArguments needs lowrank_rank >= 1 and lowrank_lazy >= 1")
+        if not (math.isfinite(self.zo_mask) and 0 <= self.zo_mask < 1):
+            raise ValueError(f"ZOArguments.zo_mask must be in [0, 1), not {self.zo_mask}")
         if self.zo_update == "hizoo" and self.estimator != "two-sided":
             raise ValueError("ZOArguments.zo_update=hizoo needs estimator=two-sided (its curvature uses L+, L- and L(θ))")
         for name in ("beta1", "beta2", "hessian_smooth"):

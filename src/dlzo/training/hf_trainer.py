@@ -190,7 +190,8 @@ class ZOTrainer(Trainer):
                                seed=self.args.seed, distribution=zo_args.distribution,
                                exact_restore=spec.kind != "full", update_rule=zo_args.zo_update,
                                beta1=zo_args.beta1, beta2=zo_args.beta2, estimator=zo_args.estimator,
-                               hessian_smooth=zo_args.hessian_smooth,
+                               hessian_smooth=zo_args.hessian_smooth, rank=zo_args.lowrank_rank,
+                               lazy_steps=zo_args.lowrank_lazy, mask_fraction=zo_args.zo_mask,
                                working_dtypes=self.zo_masters.working if self.zo_masters else None)
         note = half_precision_warning(self.zo_masters, self._zo, spec.kind == "full", self.state.global_step)
         if note:
