@@ -19,7 +19,7 @@ from torch import nn
 
 from dlzo.choices import ProbeRule  # noqa: F401 (re-exported)
 from dlzo.errors import DlzoError
-from dlzo.model.loading import decoder_layers
+from dlzo.model.loading import backbone_and_head, decoder_layers
 
 # Ordinary English prose written for this project, used when the user gives no calibration text.
 DEFAULT_CALIBRATION_TEXT = """\
@@ -189,9 +189,13 @@ def measure_layers(
         )
     )
     try:
+        body, _ = backbone_and_head(model)  # the hidden states are all the probe reads: no logits over the vocabulary
+    except DlzoError:
+        body = model
+    try:
         for number, ids in enumerate(sequences):
             current["sequence"] = number
-            model(input_ids=ids[None].to(device), use_cache=False)
+            body(input_ids=ids[None].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
