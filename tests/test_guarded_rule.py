@@ -16,6 +16,7 @@ from dlzo.model.probe import (
     LayerStats,
     calibration_sequences,
     find_dominant_layer,
+    format_table,
     premise_decision,
     sun_decision,
 )
@@ -67,6 +68,7 @@ def test_an_outlier_every_sequence_carries_keeps_the_papers_layer(stories_tokeni
     assert result.layers[2].carriers == len(TEXTS) == brute_force_carriers(model, stories_tokenizer, 2, result)
     assert result.layers[1].carriers == 0
     assert result.premise["holds"] and result.premise["climb"] < 1.01
+    assert "the paper's premise at layer 2 holds: carried by 8 of 8" in format_table(result)
     choice = guarded_choice(result)
     assert choice["layer"] == 2 and choice["agrees_with_paper_rule"] and choice["doubts"] == []
     assert "premise holds there: carried by 8 of 8 calibration sequences" in choice["reason"]
@@ -81,6 +83,8 @@ def test_an_outlier_on_one_sequence_only_sends_the_choice_to_the_last_layer(stor
     counter[0] = 0
     assert result.layers[1].carriers == 1 == brute_force_carriers(model, stories_tokenizer, 1, result)
     assert not result.premise["holds"] and "only 1 of 8 calibration sequences carry it (at least 90% wanted)" in result.premise["reason"]
+    assert "the paper's premise at layer 1 FAILS: only 1 of 8" in format_table(result)
+    assert result.to_json()["premise"]["carriers"] == 1 and result.to_json()["layers"][1]["carriers"] == 1
     choice = guarded_choice(result)
     assert choice["layer"] == 5 and choice["paper_rule_layer"] == 1 and not choice["agrees_with_paper_rule"]
     assert "THE CHOICE DISAGREES WITH THE PAPER'S RULE" in choice["reason"]
