@@ -12,7 +12,8 @@
         and its best, and its seconds a step.
     python scripts/run_summary.py depth OUT.png LAYER=RUN_s0,RUN_s1 [LAYER=...]
         test metric and best dev loss (mean ± std over seeds, each seed a dot) against the tuned layer; the
-        table beside it as OUT.json.
+        table beside it as OUT.json. A layer may instead name a sweep's summary, LAYER=SEEDS.json:RUN (a
+        `dlzo sweep` seeds.json and one of its runs, e.g. layer11): its seeds' test and best dev loss.
 
 Reads only what the runs wrote; nothing is trained here.
 """
@@ -62,6 +63,13 @@ def summary(runs: list[Path]) -> dict:
     if all(p is not None for p in peaks):
         row["peak_rss_bytes"] = spread(peaks)
     return row
+
+
+def sweep_row(spec: str) -> dict:
+    """One run of a `dlzo sweep` seeds.json ("PATH.json:RUN"), in `summary`'s keys: its run folders may be gone."""
+    path, _, name = spec.rpartition(":")
+    run = json.loads(Path(path).read_text())["runs"][name]
+    return {"runs": [spec], "test_value": spread(run["test"]["values"]), "dev_loss_best": spread(run["dev_best"]["values"])}
 
 
 def parse(pairs: list[str]) -> dict[str, list[Path]]:
@@ -120,7 +128,8 @@ def depth(out: Path, named: dict[str, list[Path]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {int(layer): summary(runs) for layer, runs in named.items()}
+    rows = {int(layer): sweep_row(str(runs[0])) if len(runs) == 1 and ".json:" in str(runs[0]) else summary(runs)
+            for layer, runs in named.items()}
     out.with_suffix(".json").write_text(json.dumps({str(k): rows[k] for k in sorted(rows)}, indent=1) + "\n")
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for axis, key, label in ((axes[0], "test_value", "test accuracy"), (axes[1], "dev_loss_best", "best dev loss")):
