@@ -12,12 +12,12 @@ from test_probe import SMOLLM2_CURVE, climbing_curve
 from conftest import small_run, tiny_model
 from dlzo.engine.layer_choice import choose_dominant_layer, guarded_choice
 from dlzo.model.loading import decoder_layers
+from dlzo.model.premise import premise_decision
 from dlzo.model.probe import (
     LayerStats,
     calibration_sequences,
     find_dominant_layer,
     format_table,
-    premise_decision,
     sun_decision,
 )
 from dlzo.training.config import TrainConfig

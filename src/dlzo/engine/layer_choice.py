@@ -230,7 +230,7 @@ LAST_LAYER_WHY = ("the last layer beat or tied the rule's layer on every model w
 
 def guarded_choice(probe: ProbeResult) -> dict:
     """The guarded rule: the sun rule's layer when the paper's premise holds there (`probe.premise`,
-    dlzo.model.probe.premise_decision), else the last layer. Costs nothing beyond the probe; the same
+    dlzo.model.premise.premise_decision), else the last layer. Costs nothing beyond the probe; the same
     calibration texts give the same pick. The record says whether the pick agrees with the paper's rule."""
     last = len(probe.layers) - 1
     paper, premise = probe.picks.get("sun"), probe.premise
@@ -252,6 +252,17 @@ def guarded_choice(probe: ProbeResult) -> dict:
             "doubts": [] if agrees or paper is None else [
                 f"the paper's rule picks layer {paper} and the guarded rule layer {last}; --rule sun tunes the "
                 f"paper's layer, --rule screen compares them by training both"]}
+
+
+def probe_choice(model: nn.Module, tokenizer, rule: LayerRule) -> dict:
+    """The layer-choice record from the probe of its default calibration text alone (`dlzo.ZOTrainer`): rule
+    guarded, `guarded_choice` (always a layer); sun or onset, the rule's layer with `early_layer_doubt`, or
+    {"layer": None, "reason": why not} for the caller's sensitivity fallback."""
+    if rule == "guarded" and tokenizer is not None:
+        return guarded_choice(screen_probe(model, tokenizer))
+    layer, why = probed_layer(model, tokenizer, rule="sun" if rule == "guarded" else rule)
+    doubt = early_layer_doubt(layer, len(decoder_layers(model))) if layer is not None else None
+    return {"layer": layer, "reason": why, "doubts": [doubt] if doubt else []}
 
 
 def early_layer_doubt(layer: int, num_layers: int) -> str | None:

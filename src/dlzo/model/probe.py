@@ -20,6 +20,7 @@ from torch import nn
 from dlzo.choices import ProbeRule  # noqa: F401 (re-exported)
 from dlzo.errors import DlzoError
 from dlzo.model.loading import backbone_and_head, decoder_layers
+from dlzo.model.premise import premise_decision
 
 # Ordinary English prose written for this project, used when the user gives no calibration text.
 DEFAULT_CALIBRATION_TEXT = """\
@@ -99,7 +100,7 @@ class ProbeResult:
     reason: str = ""  # why the chosen rule picked dominant_layer (or nothing)
     picks: dict = field(default_factory=dict)  # what every rule picks on this curve, e.g. {"sun": 11, "onset": 11}
     num_sequences: int = 0  # the calibration sequences (each LayerStats.carriers counts among them)
-    premise: dict = field(default_factory=dict)  # `premise_decision` at the sun rule's layer: does its premise hold
+    premise: dict = field(default_factory=dict)  # dlzo.model.premise at the sun rule's layer: does its premise hold
 
     @property
     def closest_layer(self) -> LayerStats:
@@ -320,42 +321,6 @@ def onset_decision(
     return layers[position].index, (
         f"largest persistent jump: max|h| {name(position)} -> {_num(values[position])} ({_times(jump)}) at layer "
         f"{layers[position].index}, held for {length} layers (min {_num(held)} >= {hold:g}x){rejected}")
-
-
-PREMISE_DEFINITION = (
-    "at the sun rule's layer l: at least min_share of the calibration sequences carry the massive activation (their "
-    "own max|h| passes the sun thresholds), and the max|h| of the later non-final layers stays below max_climb x "
-    "m_l (the regime has begun at l, not merely a climb through it)")
-
-
-def premise_decision(layers: list[LayerStats], layer: int | None, num_sequences: int, min_share: float = 0.9,
-                     max_climb: float = 4.0) -> dict:
-    """Whether the paper's premise holds at the sun rule's `layer`: Sun et al.'s massive activations appear
-    suddenly at one layer, on the starting token of every sequence, and then stay about constant. So: at least
-    `min_share` of the calibration sequences carry it there, and no later non-final layer climbs to `max_climb`
-    times its max|h|. Measured on the training texts `dlzo train` probes (docs/results/study.md, section 7):
-    SmolLM2-135M's layer 11 is carried by every sequence of SST-2, RTE, CB and COPA, 3 seeds each, and the later
-    layers stay within 1.0x; Qwen2.5-Coder-0.5B's layers 3 and 5 by 1-4 of 30-42 SST-2 sequences (one token of one
-    sentence) and at most 22 of 34 on COPA; a third family's layer 0 keeps climbing 35x.
-    Returns {"layer", "holds", "carriers", "sequences", "climb", "min_share", "max_climb", "reason"}."""
-    if layer is None:
-        return {"layer": None, "holds": False, "reason": "the sun rule finds no layer"}
-    body = [s.max_abs for s in layers[layer + 1 : len(layers) - 1]]  # the final layer is often renormalised
-    here = layers[layer].max_abs
-    climb = max(body) / here if body and here > 0 else 1.0
-    carriers = layers[layer].carriers
-    share = carriers / num_sequences if num_sequences else 0.0
-    failures = []
-    if share < min_share:
-        failures.append(f"only {carriers} of {num_sequences} calibration sequences carry it (at least "
-                        f"{min_share:.0%} wanted)")
-    if climb >= max_climb:
-        failures.append(f"the later layers climb {_times(climb)} above it (below {_times(max_climb)} wanted: the "
-                        f"regime is still building)")
-    carried = f"carried by {carriers} of {num_sequences} calibration sequences, later layers within {climb:.2f}x"
-    return {"layer": layer, "holds": not failures, "carriers": carriers, "sequences": num_sequences,
-            "climb": round(climb, 4), "min_share": min_share, "max_climb": max_climb,
-            "reason": "; ".join(failures) if failures else carried}
 
 
 def find_dominant_layer(

@@ -126,7 +126,7 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                              "and flags given must agree with them (--steps may grow with a constant rate)")
     scope: str = option("dominant", SCOPE_HELP)
     rule: LayerRule = option("guarded", "how --scope dominant picks its layer: guarded (the sun rule's layer where the "
-                              "paper's premise holds there: at least 90% of the calibration sequences carry the outlier and it has "
+                              "paper's premise holds there: at least nine in ten calibration sequences carry the outlier and it has "
                               "stopped growing; else the last layer; docs/rules.md), sun (first layer with max|h| > "
                               "100 and >= 1000x the median), onset (the largest persistent jump of max|h|), with sun "
                               "and onset the most perturbation-sensitive layer when the rule finds none; or screen (a "

@@ -34,11 +34,9 @@ from dlzo.data.prompts import batch_examples, prompt_batch
 from dlzo.engine.fastpath import BranchedForward, swapped_tensors
 from dlzo.engine.layer_choice import (
     QUICK_SENSITIVITY,
-    early_layer_doubt,
-    guarded_choice,
     model_loss_screen_task,
     most_sensitive_layer,
-    probed_layer,
+    probe_choice,
     screen_choice,
     screen_probe,
 )
@@ -48,7 +46,6 @@ from dlzo.engine.scope import Scope, add_lora, parse_scope, select
 from dlzo.engine.zo import StepResult, ZOOptimizer
 from dlzo.evaluation.objectives import GenerationRunner
 from dlzo.evaluation.rewards import reward_name
-from dlzo.model.loading import decoder_layers
 from dlzo.model.quantize import quantize_frozen
 from dlzo.training.config import ZOArguments
 from dlzo.training.prepare import half_precision_warning
@@ -68,15 +65,11 @@ def _tokenizer_of(processing_class, data_collator):
 
 
 def _given_or_probed_layer(zo_args: ZOArguments, model: nn.Module, tokenizer) -> dict:
-    """The first two ways both dominant scopes choose their layer, as a layer-choice record: ZOArguments.layer,
-    else the probe on its calibration text by the rule (guarded: `guarded_choice`, which always names a layer;
-    sun or onset: {"layer": None, ...} when the rule finds none)."""
+    """How both dominant scopes choose their layer first, as a layer-choice record: ZOArguments.layer, else the
+    probe by the rule (dlzo.engine.layer_choice.probe_choice: {"layer": None, ...} when sun or onset find none)."""
     if zo_args.layer is not None:
-        return {"layer": zo_args.layer, "reason": "layer given by ZOArguments.layer"}
-    if zo_args.rule == "guarded" and tokenizer is not None:
-        return guarded_choice(screen_probe(model, tokenizer))
-    layer, why = probed_layer(model, tokenizer, rule="sun" if zo_args.rule == "guarded" else zo_args.rule)
-    return {"layer": layer, "reason": why}
+        return {"layer": zo_args.layer, "reason": "layer given by ZOArguments.layer", "doubts": []}
+    return probe_choice(model, tokenizer, zo_args.rule)
 
 
 class ZOStepOptimizer(torch.optim.Optimizer):
@@ -154,8 +147,7 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer builds the lr scheduler from args.lr_scheduler_type; pass no scheduler")
         spec = parse_scope(zo_args.scope)
         layers, self.zo_layer_reason = spec.layers, ""
-        # rules guarded and screen: the choice's record (dlzo.engine.layer_choice.guarded_choice, screen_choice)
-        self.zo_layer_choice: dict = {}
+        self.zo_layer_choice: dict = {}  # rules guarded and screen: the record (dlzo.engine.layer_choice)
         if spec.kind == "dominant-lora":  # the layer is chosen on the base model, before the adapters go in
             tokenizer = _tokenizer_of(trainer_kwargs.get("processing_class") or trainer_kwargs.get("tokenizer"),
                                       trainer_kwargs.get("data_collator"))
@@ -234,22 +226,17 @@ class ZOTrainer(Trainer):
                 warnings.warn(f"ZOTrainer ignores TrainingArguments.{name}={value!r}: {why}", UserWarning, stacklevel=3)
 
     def _dominant_layer(self) -> tuple[int, str]:
-        """ZOArguments.layer; else the rule's layer on the probe's calibration text (guarded: the sun rule's layer
-        where the paper's premise holds, else the last layer); with sun or onset finding none, the layer whose
-        perturbation changes the model's loss most on the first training batches."""
+        """ZOArguments.layer; else the rule's layer on the probe's calibration text; with sun or onset finding none,
+        the layer whose perturbation changes the model's loss most on the first training batches."""
         tokenizer = _tokenizer_of(self.processing_class, self.data_collator)
         if self.zo_args.rule == "screen" and self.zo_args.layer is None:
-            return self._screened_layer(tokenizer)
-        choice = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
+            choice = self._screened_choice(tokenizer)
+        else:
+            choice = _given_or_probed_layer(self.zo_args, self.model, tokenizer)
         layer, why = choice["layer"], choice["reason"]
-        if "rule" in choice:  # the guarded rule's record
-            self.zo_layer_choice = choice
-            for doubt in choice["doubts"]:
-                logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
-            return layer, why
         if layer is not None:
-            doubt = early_layer_doubt(layer, len(decoder_layers(self.model))) if self.zo_args.layer is None else None
-            if doubt:
+            self.zo_layer_choice = choice if "rule" in choice else {}
+            for doubt in choice["doubts"]:
                 logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
             return layer, why
         if self.train_dataset is None:
@@ -262,7 +249,7 @@ class ZOTrainer(Trainer):
         logger.warning("ZOTrainer: layer %d chosen; %s", layer, reason)
         return layer, reason
 
-    def _screened_layer(self, tokenizer) -> tuple[int, str]:
+    def _screened_choice(self, tokenizer) -> dict:
         """rule=screen: dlzo.engine.layer_choice.screen_choice, the procedure of `dlzo train --rule screen`, on
         the first training batches in dataset order and the first eval batches (else the training batches
         after them), with the model's own loss; `zo_layer_choice` keeps the whole record."""
@@ -277,12 +264,8 @@ class ZOTrainer(Trainer):
         held = held[: -(-wanted // held[0]["input_ids"].shape[0])]  # enough batches for about `wanted` rows
         task = model_loss_screen_task(self.model, train[:steps], held)
         with self.accelerator.autocast():
-            self.zo_layer_choice = screen_choice(self.model, screen_probe(self.model, tokenizer), task,
-                                                 lr=self.args.learning_rate, eps=self.zo_args.eps, seed=self.args.seed,
-                                                 distribution=self.zo_args.distribution)
-        for doubt in self.zo_layer_choice["doubts"]:
-            logger.warning("ZOTrainer: the layer choice is doubtful: %s", doubt)
-        return self.zo_layer_choice["layer"], self.zo_layer_choice["reason"]
+            return screen_choice(self.model, screen_probe(self.model, tokenizer), task, lr=self.args.learning_rate,
+                                 eps=self.zo_args.eps, seed=self.args.seed, distribution=self.zo_args.distribution)
 
     @torch.no_grad()
     def layer_sensitivity(self, batches: int = QUICK_SENSITIVITY["batches"],
