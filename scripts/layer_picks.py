@@ -1,8 +1,8 @@
 """What `dlzo train --scope dominant` picks on each model, task and seed, by every layer rule that costs only the
 probe (issue 35): the guarded rule (the default), the paper's sun rule and the onset rule, with the premise's
-evidence (how many calibration sequences carry the outlier, how far the later layers climb above it). The probe
-reads the same 64 training texts as `dlzo train` (dlzo.engine.layer_choice.choose_dominant_layer), so each row is
-the run's own record; no training.
+evidence (how many calibration sequences carry the outlier, how far the later layers climb above it). Each row is
+`dlzo train`'s own choice (dlzo.engine.layer_choice.choose_dominant_layer) on that seed's training examples; no
+training.
 
     python scripts/layer_picks.py OUT.json --model MODEL [--model MODEL2] --tasks sst2,rte,cb,copa --seeds 0,1,2
 
@@ -28,9 +28,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from dlzo.data.benchmarks import load_task
-    from dlzo.engine.layer_choice import guarded_choice
-    from dlzo.model.loading import load_model, load_tokenizer
-    from dlzo.model.probe import find_dominant_layer
+    from dlzo.engine.layer_choice import choose_dominant_layer
+    from dlzo.model.loading import decoder_layers, load_model, load_tokenizer
 
     rows = []
     for name in args.model:
@@ -38,14 +37,12 @@ def main(argv: list[str]) -> None:
         for task_name in args.tasks.split(","):
             task = load_task(task_name, args.data_dir)
             for seed in (int(s) for s in args.seeds.split(",")):
-                train = task.splits(seed).train
-                texts = [e.prompt + e.continuations[e.label] for e in train[:64]]  # as choose_dominant_layer
-                started = time.perf_counter()
-                probe = find_dominant_layer(model, tokenizer, texts, rule="sun")
-                choice = guarded_choice(probe)
-                rows.append({"model": Path(name).name, "task": task_name, "seed": seed, "layers": len(probe.layers),
-                             "guarded": choice["layer"], "sun": probe.picks["sun"], "onset": probe.picks["onset"],
-                             "premise": probe.premise, "seconds": round(time.perf_counter() - started, 2)})
+                started = time.perf_counter()  # `dlzo train`'s own choice on the seed's training examples
+                choice = choose_dominant_layer(model, tokenizer, task.splits(seed).train, eps=1e-3, rule="guarded")
+                rows.append({"model": Path(name).name, "task": task_name, "seed": seed,
+                             "layers": len(decoder_layers(model)), "guarded": choice["layer"],
+                             "sun": choice["rule_layers"]["sun"], "onset": choice["rule_layers"]["onset"],
+                             "premise": choice["premise"], "seconds": round(time.perf_counter() - started, 2)})
                 print(json.dumps(rows[-1]))
         del model
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

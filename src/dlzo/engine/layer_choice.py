@@ -38,7 +38,7 @@ from dlzo.engine.scoring import (
 )
 from dlzo.engine.zo import ZOOptimizer
 from dlzo.model.loading import decoder_layers
-from dlzo.model.probe import ProbeResult, find_dominant_layer
+from dlzo.model.probe import LayerStats, ProbeResult, find_dominant_layer
 
 # The quick measurement behind --scope dominant's fallback (the demo shows the same one, so that its
 # picture and the trained layer agree): 2 directions x the first 2 training batches of 16.
@@ -169,11 +169,14 @@ def probed_layer(model: nn.Module, tokenizer, texts: list[str] | None = None,
     result = find_dominant_layer(model, tokenizer, texts, rule=rule)
     if result.dominant_layer is None:
         return None, f"probe found no massive activations (its closest layer was {result.closest_layer.index})"
-    if rule == "sun":  # the wording of earlier runs' run.json, kept
-        s = result.layers[result.dominant_layer]
-        return result.dominant_layer, (f"probe: first layer with massive activations "
-                                       f"(max|h| {s.max_abs:.3g}, {s.ratio:.3g}x the median)")
+    if rule == "sun":
+        return result.dominant_layer, sun_reason(result.layers[result.dominant_layer])
     return result.dominant_layer, f"probe, {rule} rule: {result.reason}"
+
+
+def sun_reason(stats: LayerStats) -> str:
+    """Why the sun rule picked the layer of `stats`, in the wording of earlier runs' run.json (kept)."""
+    return f"probe: first layer with massive activations (max|h| {stats.max_abs:.3g}, {stats.ratio:.3g}x the median)"
 
 
 def most_sensitive_layer(model: nn.Module, batches: list, eps: float, distribution: str = "gaussian",
@@ -236,10 +239,7 @@ def guarded_choice(probe: ProbeResult) -> dict:
     paper, premise = probe.picks.get("sun"), probe.premise
     record = {"rule": "guarded", "rule_layers": dict(probe.picks), "paper_rule_layer": paper, "premise": premise}
     if paper is not None and premise.get("holds"):
-        s = probe.layers[paper]
-        return {"layer": paper, "reason": (f"probe: first layer with massive activations (max|h| {s.max_abs:.3g}, "
-                                           f"{s.ratio:.3g}x the median); the paper's premise holds there: "
-                                           f"{premise['reason']}"),
+        return {"layer": paper, "reason": f"{sun_reason(probe.layers[paper])}; the paper's premise holds there: {premise['reason']}",
                 **record, "agrees_with_paper_rule": True, "doubts": []}
     if paper is None:
         why = f"the paper's rule (sun) finds no massive activations ({probe.reason})"
