@@ -1,5 +1,6 @@
-"""The levers of issue 34 on the ZO step: FZOO's normalized step, LOZO's low-rank directions and Sparse-MeZO's
-magnitude mask, each against a brute-force reference, and each replayed and resumed bit for bit."""
+"""The levers of issue 34 on the ZO step: FZOO's normalized step, LOZO's low-rank directions, ZO-Muon's
+orthogonalized step and Sparse-MeZO's magnitude mask, each against a brute-force reference, and each replayed
+and resumed bit for bit."""
 
 import math
 
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 
 from conftest import assert_replay_and_resume_exact, small_run
-from dlzo.engine.directions import small_magnitudes
-from dlzo.engine.update_rules import normalized, rate_from_weights
+from dlzo.engine.directions import mix, small_magnitudes
+from dlzo.engine.update_rules import normalized, orthogonalized, rate_from_weights
 from dlzo.engine.zo import ZOOptimizer, direction_seed
 from dlzo.errors import DlzoError
 from dlzo.model.loading import decoder_layers, load_model
@@ -105,7 +106,73 @@ def test_mask_is_the_smallest_magnitudes_and_only_they_move():
     assert (bias.detach() != b0).all()  # vectors are not masked
 
 
+def test_orthogonalized_is_the_polar_factor_at_unit_rms():
+    """A rank-2 matrix plus float rounding: its step is U·Vᵀ of the two real singular directions (the rounding's
+    tiny singular values are not made unit directions), scaled to RMS 1; a vector is rescaled only."""
+    generator = torch.Generator().manual_seed(3)
+    left, right = torch.randn(40, 2, generator=generator), torch.randn(30, 2, generator=generator)
+    matrix = (left * torch.tensor([5.0, 0.5])) @ right.T  # singular values far apart
+    step = orthogonalized(matrix)
+    assert step.pow(2).mean().item() == pytest.approx(1.0, rel=1e-5)
+    values = torch.linalg.svdvals(step.double())
+    assert values[:2].tolist() == pytest.approx([math.sqrt(40 * 30 / 2)] * 2, rel=1e-4)  # equalized
+    assert values[2:].max().item() < 1e-3
+    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    torch.testing.assert_close(step.double(), (u[:, :2] @ vh[:2]) * math.sqrt(600), rtol=1e-4, atol=1e-4)
+    vector = torch.tensor([3.0, -4.0])
+    torch.testing.assert_close(orthogonalized(vector), vector / math.sqrt(12.5))
+    assert not orthogonalized(torch.zeros(4, 3)).any() and not orthogonalized(torch.zeros(3)).any()
+    half = orthogonalized(matrix.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+
+
+def test_orthogonal_step_matches_a_brute_force_reference():
+    """ZO-Muon over low-rank directions: θ <- θ - lr·polar(mean_d g_d·z_d)·sqrt(mn/r), the weight moves within
+    the step's rank-r subspace, every singular value of the step equal."""
+    opt, weight, bias = make(lr=0.01, eps=1e-3, q=3, seed=4, estimator="one-sided", update_rule="orthogonal",
+                             distribution="lowrank", rank=2)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+
+    def loss_at(tensors):
+        return loss_of(w0, b0) if tensors is None else loss_of(tensors["layer.weight"], tensors["layer.bias"])
+
+    result = opt.step_one_sided(loss_at)
+    key = mix(4, 0)  # step 0's subspace: the zs drawn again
+    zw = [opt.directions.sample(s, 0, w0, key) for s in result.seeds]
+    zb = [opt.directions.sample(s, 1, b0, key) for s in result.seeds]
+    dw = sum(g * z for g, z in zip(result.projected_grads, zw)) / 3
+    db = sum(g * z for g, z in zip(result.projected_grads, zb)) / 3
+    u, values, vh = torch.linalg.svd(dw, full_matrices=False)
+    assert (values[2:] < 1e-9 * values[0]).all()  # the estimate has rank 2
+    expected = (u[:, :2] @ vh[:2]) * math.sqrt(12 * 10 / 2)
+    torch.testing.assert_close(weight.detach(), w0 - 0.01 * expected)
+    torch.testing.assert_close(bias.detach(), b0 - 0.01 * db / db.pow(2).mean().sqrt())
+    moved = torch.linalg.svdvals(weight.detach() - w0)
+    assert moved[:2].tolist() == pytest.approx([0.01 * math.sqrt(60)] * 2, rel=1e-9)
+
+
+def test_orthogonal_needs_the_low_rank_subspace():
+    for options in (dict(), dict(distribution="lowrank", mask_fraction=0.2)):
+        with pytest.raises(ValueError, match="distribution lowrank"):
+            make(update_rule="orthogonal", **options)
+    with pytest.raises(DlzoError, match="--distribution lowrank"):
+        TrainConfig(**small_run(zo_update="orthogonal")).validate()
+    with pytest.raises(DlzoError, match="without --zo-mask"):
+        TrainConfig(**small_run(zo_update="orthogonal", distribution="lowrank", zo_mask=0.1)).validate()
+
+
+def test_orthogonalized_in_a_basis_is_the_dense_polar_factor():
+    """polar(D·B)·Bᵀ with B spanning D's rows (the subspace of the low-rank directions) equals the dense SVD's."""
+    generator = torch.Generator().manual_seed(8)
+    right = torch.randn(50, 3, dtype=torch.float64, generator=generator)
+    matrix = torch.randn(20, 3, dtype=torch.float64, generator=generator) @ right.T
+    basis = torch.linalg.qr(right).Q
+    torch.testing.assert_close(orthogonalized(matrix, basis), orthogonalized(matrix))
+
+
 @pytest.mark.parametrize("options", [dict(update_rule="normalized", q=3, estimator="one-sided"),
+                                     dict(update_rule="orthogonal", q=2, estimator="one-sided",
+                                          distribution="lowrank", rank=2),
                                      dict(distribution="lowrank", rank=2, lazy_steps=2),
                                      dict(mask_fraction=0.3, q=2)])
 def test_levers_replay_bit_exactly(options):
@@ -128,6 +195,7 @@ def test_levers_replay_bit_exactly(options):
 @pytest.mark.parametrize("options,message", [(dict(lowrank_rank=0), "--lowrank-rank"),
                                              (dict(zo_mask=1.0), "--zo-mask"), (dict(zo_mask=-0.1), "--zo-mask"),
                                              (dict(lr_per_rms=0.05), "--zo-update normalized"),
+                                             (dict(lr_per_rms=0.05, zo_update="adam"), "or orthogonal"),
                                              (dict(lr_per_rms=-1.0, zo_update="normalized", q=2), "--lr-per-rms")])
 def test_bad_lever_options_name_their_flag(options, message):
     with pytest.raises(DlzoError, match=message):
@@ -159,6 +227,8 @@ def test_lr_per_rms_sets_the_logged_rate_from_the_base_weights(tmp_path):
 @pytest.mark.parametrize("options", [dict(zo_update="normalized", q=3, estimator="one-sided",
                                           distribution="rademacher"),
                                      dict(zo_update="normalized", q=2, lr_per_rms=0.05),
+                                     dict(zo_update="orthogonal", q=2, distribution="lowrank", lowrank_rank=2,
+                                          lowrank_lazy=3, lr_per_rms=0.01),
                                      dict(distribution="lowrank", lowrank_rank=2, lowrank_lazy=3),
                                      dict(zo_mask=0.1)])
 def test_lever_runs_replay_and_resume_bit_exactly(tmp_path, options):

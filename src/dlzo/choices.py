@@ -31,8 +31,9 @@ EXPORT_DTYPES = get_args(ExportDtype)
 # of each element of z; lowrank: z = U·Vᵀ/sqrt(r) per matrix (LOZO, arXiv 2410.07698), V kept for --lowrank-lazy steps
 Distribution = Literal["gaussian", "rademacher", "lowrank"]
 DISTRIBUTIONS = get_args(Distribution)
-# how the estimate g·z becomes a step; normalized: divided by the spread of the q projected gradients (FZOO)
-UpdateRule = Literal["sgd", "momentum", "adam", "hizoo", "normalized"]
+# how the estimate g·z becomes a step; normalized: divided by the spread of the q projected gradients (FZOO);
+# orthogonal: each matrix's step replaced by its polar factor (ZO-Muon, arXiv 2602.17155)
+UpdateRule = Literal["sgd", "momentum", "adam", "hizoo", "normalized", "orthogonal"]
 UPDATE_RULES = get_args(UpdateRule)
 Estimator = Literal["two-sided", "one-sided"]  # (L+ - L-)/2ε, or (L+ - L(θ))/ε with L(θ) shared
 ESTIMATORS = get_args(Estimator)

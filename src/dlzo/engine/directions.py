@@ -72,6 +72,16 @@ class Directions:
             self._active = (seed, {i for i, g in enumerate(self.layer_groups) if g in chosen})
         return self._active[1]
 
+    def row_basis(self, index: int, like: torch.Tensor, subspace: int) -> torch.Tensor | None:
+        """lowrank: orthonormal columns spanning the rows of every z of matrix `index` in `subspace` (the QR of
+        its V, drawn as `sample` draws it), in which ZO-Muon's step is orthogonalized; None for a vector."""
+        if self.distribution != "lowrank" or like.dim() != 2:
+            return None
+        generator = torch.Generator(device=like.device).manual_seed(mix(subspace, index, 0x10_20))
+        right = torch.randn((like.shape[1], min(self.rank, *like.shape)), generator=generator, device=like.device,
+                            dtype=like.dtype)
+        return torch.linalg.qr(right.float() if right.dtype in (torch.float16, torch.bfloat16) else right).Q
+
     def sample(self, seed: int, index: int, like: torch.Tensor, subspace: int = 0) -> torch.Tensor:
         """z for tensor `index` of direction `seed`, shaped and typed like `like` (zero for a tensor outside the
         direction's LeZO layers); `subspace` keys the lowrank distribution's V."""

@@ -1,5 +1,6 @@
 """How the SPSA estimate d = mean g·z becomes a step, beside plain SGD: which tensors get no weight decay,
-FZOO's normalization by the spread of the step's estimates, and Adam's moments (ZO-AdaMM). Each is a pure
+FZOO's normalization by the spread of the step's estimates, ZO-Muon's orthogonalized matrices and Adam's
+moments (ZO-AdaMM). Each is a pure
 function of the step's logged estimates and the state it is given, so replay rebuilds it bit for bit.
 """
 
@@ -9,6 +10,27 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+from dlzo.choices import ESTIMATORS, UPDATE_RULES
+
+
+def check_update_rule(update_rule: str, estimator: str, q: int, distribution: str, sampled_layers: int,
+                      mask_fraction: float) -> None:
+    """ValueError for a rule the other options cannot serve (ZOOptimizer's checks; the CLI's name its flags)."""
+    if update_rule not in UPDATE_RULES:
+        raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}, not {update_rule!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+    if update_rule == "hizoo" and estimator != "two-sided":
+        raise ValueError("update_rule hizoo needs the two-sided estimator (its curvature uses L+, L- and L0)")
+    if update_rule == "hizoo" and sampled_layers:
+        raise ValueError("update_rule hizoo with LeZO's sampled layers would shrink the D of every layer a "
+                         "direction leaves out (z = 0 there)")
+    if update_rule == "normalized" and q < 2:
+        raise ValueError("update_rule normalized divides by the spread of the q directions' estimates: q >= 2")
+    if update_rule == "orthogonal" and (distribution != "lowrank" or mask_fraction):
+        raise ValueError("update_rule orthogonal (ZO-Muon) works inside the lowrank directions' subspace: "
+                         "distribution lowrank, no mask")
 
 
 def no_decay(name: str) -> bool:
@@ -27,6 +49,31 @@ def normalized(grads: list[float]) -> list[float]:
     return [g / spread if spread > 0 else 0.0 for g in grads]
 
 
+def orthogonalized(direction: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """ZO-Muon's step (arXiv 2602.17155) for one tensor, as a new tensor of unit RMS per element, so that the
+    rate alone sets the step's size as with the normalized rule. A matrix's direction D is replaced by its polar
+    factor U·Vᵀ (its thin SVD with every singular value above the rank tolerance set to 1; ZO-Muon's five
+    Newton-Schulz iterations approximate it, their singular values landing in about [0.7, 1.2]); a vector's is
+    only rescaled. `basis`, orthonormal columns spanning D's rows (the low-rank directions' subspace, as ZO-Muon's
+    P), makes it exact and cheap: polar(D) = polar(D·B)·Bᵀ costs an SVD of rows x r, where a dense SVD of a
+    Qwen2.5 layer's matrices takes 45 s on one core. The tolerance is torch.linalg.matrix_rank's (largest
+    singular value x largest side x the dtype's epsilon): the float rounding of a rank-r sum must not become
+    extra unit directions."""
+    work = direction.float() if direction.dtype in (torch.float16, torch.bfloat16) else direction
+    if work.dim() != 2:
+        rms = work.square().mean().sqrt()
+        return (work / rms).to(direction.dtype) if rms > 0 else torch.zeros_like(direction)
+    small = work if basis is None else work @ basis.to(work.dtype)
+    left, values, right = torch.linalg.svd(small, full_matrices=False)
+    count = int((values > values[0] * max(work.shape) * torch.finfo(work.dtype).eps).sum())
+    if not count:
+        return torch.zeros_like(direction)
+    polar = left[:, :count] @ right[:count]
+    if basis is not None:
+        polar = polar @ basis.to(work.dtype).T
+    return polar.mul_(math.sqrt(work.numel() / count)).to(direction.dtype)
+
+
 def adam_update(param: torch.Tensor, direction: torch.Tensor, state: list[torch.Tensor], lr: float, beta1: float,
                 beta2: float, eps: float, updates: int) -> None:
     """m <- β1·m + (1-β1)·d, v <- β2·v + (1-β2)·d², θ <- θ - lr·m̂ / (sqrt(v̂) + eps); `state` is [m, v] and
@@ -42,7 +89,7 @@ def adam_update(param: torch.Tensor, direction: torch.Tensor, state: list[torch.
 
 def rate_from_weights(tensors: Iterable[torch.Tensor], per_rms: float) -> float:
     """--lr-per-rms: the rate as `per_rms` times the root mean square of the tuned matrices' elements (vectors
-    left out). With the normalized step, whose size is the rate's alone, a step then moves each weight by about
+    left out). With the normalized or orthogonal step, whose size is the rate's alone, a step then moves each weight by about
     the same fraction of its typical size on any model: 0.05 was fitted on SmolLM2-135M's layer 11 (RMS 0.194,
     lr 9.7e-3) and trained Qwen2.5-0.5B's layer 3 (RMS 0.026, lr 1.3e-3) past plain SPSA's grid-best
     (docs/benchmarks.md, "A rate without a grid")."""

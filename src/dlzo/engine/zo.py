@@ -7,12 +7,12 @@ by the q directions (q+1 evaluations instead of 2q; the estimate FZOO, arXiv 250
 
 `update_rule` turns the estimate d = mean g·z (+ wd·θ) into a step: sgd (the line above, the default),
 momentum (m <- β1·m + d, θ <- θ - lr·m), adam (ZO-AdaMM: Adam's moments of d, bias-corrected), normalized
-(FZOO: the g divided by their spread over the q directions) or hizoo (HiZOO, arXiv 2402.15173: a diagonal
-Hessian estimate D per element shapes the perturbation and the step; `step_hizoo`). The directions may be
-low-rank per matrix (LOZO) or masked to small-magnitude weights (Sparse-MeZO; dlzo.engine.directions). All
-state lives over the tuned tensors only and is a pure function of the base weights and the logged (seeds,
-grads, lr; hizoo also the curvatures), so `replay_step` rebuilds it bit for bit (resume of a stateful run
-replays the whole log).
+(FZOO: the g divided by their spread over the q directions), orthogonal (ZO-Muon: a matrix's d replaced by its
+polar factor, each step of RMS lr) or hizoo (HiZOO, arXiv 2402.15173: a diagonal Hessian estimate D per
+element shapes the perturbation and the step; `step_hizoo`). The directions may be low-rank per matrix (LOZO)
+or masked to small-magnitude weights (Sparse-MeZO; dlzo.engine.directions). All state lives over the tuned
+tensors only and is a pure function of the base weights and the logged (seeds, grads, lr; hizoo also the
+curvatures), so `replay_step` rebuilds it bit for bit (resume of a stateful run replays the whole log).
 
 z comes from a dedicated torch.Generator seeded from (run seed, step, direction, tensor index), never
 from the global RNG, so any process can rebuild it: resume, replay and data parallelism rely on it.
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlzo.choices import ESTIMATORS, UPDATE_RULES, Distribution, Estimator, UpdateRule
+from dlzo.choices import Distribution, Estimator, UpdateRule
 from dlzo.engine.directions import Directions, direction_seed, mix, small_magnitudes
 from dlzo.engine.master import PerturbedMasters
-from dlzo.engine.update_rules import adam_update, no_decay, normalized
+from dlzo.engine.update_rules import adam_update, check_update_rule, no_decay, normalized, orthogonalized
 
 
 @dataclass
@@ -92,19 +92,9 @@ class ZOOptimizer:
         self.lr, self.eps, self.q = lr, eps, q
         self.weight_decay, self.seed, self.distribution = weight_decay, seed, distribution
         self.exact_restore = exact_restore
-        if update_rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}, not {update_rule!r}")
+        check_update_rule(update_rule, estimator, q, distribution, sampled_layers, mask_fraction)
         self.update_rule, self.beta1, self.beta2, self.adam_eps = update_rule, beta1, beta2, adam_eps
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
         self.estimator = estimator
-        if update_rule == "hizoo" and estimator != "two-sided":
-            raise ValueError("update_rule hizoo needs the two-sided estimator (its curvature uses L+, L- and L0)")
-        if update_rule == "hizoo" and sampled_layers:
-            raise ValueError("update_rule hizoo with LeZO's sampled layers would shrink the D of every layer a "
-                             "direction leaves out (z = 0 there)")
-        if update_rule == "normalized" and q < 2:
-            raise ValueError("update_rule normalized divides by the spread of the q directions' estimates: q >= 2")
         if lazy_steps < 1:
             raise ValueError(f"lazy_steps must be at least 1, not {lazy_steps}")
         if not 0 <= mask_fraction < 1:
@@ -199,8 +189,8 @@ class ZOOptimizer:
     @property
     def stateful(self) -> bool:
         """Momentum and Adam carry state from step to step (not checkpointed: rebuilt by replaying the log);
-        normalized is a function of each step's own estimates."""
-        return self.update_rule not in ("sgd", "normalized")
+        normalized and orthogonal are functions of each step's own estimates."""
+        return self.update_rule not in ("sgd", "normalized", "orthogonal")
 
     def _update_tensor(self, index: int, name: str, param: torch.Tensor, noise: Iterable[torch.Tensor],
                        grads: list[float], owned: bool) -> None:
@@ -209,9 +199,12 @@ class ZOOptimizer:
         for z, grad in zip(noise, grads):
             term = z.mul_(grad / count) if owned else z * (grad / count)
             direction = term if direction is None else direction.add_(term)
+        if self.update_rule == "orthogonal":  # ZO-Muon: the polar factor within the step's subspace, decay after
+            basis = self.directions.row_basis(index, param, mix(self.seed, self.step_count // self.lazy_steps))
+            direction = orthogonalized(direction, basis)
         if self.weight_decay and not no_decay(name):
             direction.add_(param.data, alpha=self.weight_decay)
-        if self.update_rule in ("sgd", "hizoo", "normalized"):
+        if self.update_rule in ("sgd", "hizoo", "normalized", "orthogonal"):
             param.data.sub_(direction, alpha=self.lr)
         elif self.update_rule == "momentum":
             state = self.moments.get(index)
@@ -405,9 +398,8 @@ class ZOOptimizer:
     def finish(self, result: StepResult, zs: list[list[torch.Tensor]] | None = None,
                restore_seed: int | None = None) -> StepResult:
         """Apply the update of an evaluated step (all its directions, in order) and advance the step count.
-        `zs`: the step's z, when the caller still holds them (one direction), so the update need not
-        draw them again; the weights are the same either way. `restore_seed`: the in-place round trip of
-        that one direction still owes its last +εz, added here from the z the update uses."""
+        `zs`: the step's z, when the caller still holds them (one direction), so the update need not draw them
+        again. `restore_seed`: that one direction's in-place round trip still owes its last +εz, added here."""
         values = result.loss_plus + result.loss_minus + result.projected_grads + (result.curvatures or [])
         if not all(math.isfinite(v) for v in values):
             result.skipped = True  # a non-finite loss must never reach the weights

@@ -161,9 +161,11 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
                                          "step instead of 2q)")
     zo_update: UpdateRule = option("sgd", "ZO update rule on the SPSA estimate g·z: sgd (MeZO), momentum (m <- beta1·m + "
                                    "g·z), adam (ZO-AdaMM), hizoo (HiZOO's diagonal Hessian estimate scales the "
-                                   "perturbation and the step; three forwards a step) or normalized (FZOO: the "
-                                   "step divided by the spread of the --q estimates, q >= 2); state only over the "
-                                   "tuned tensors, rebuilt by replay")
+                                   "perturbation and the step; three forwards a step), normalized (FZOO: the "
+                                   "step divided by the spread of the --q estimates, q >= 2) or orthogonal "
+                                   "(ZO-Muon: each matrix's step is its polar factor, every step of RMS --lr; "
+                                   "with --distribution lowrank); state only over the tuned tensors, rebuilt by "
+                                   "replay")
     beta1: float = option(0.9, "--zo-update momentum / adam: the first-moment decay")
     beta2: float = option(0.999, "--zo-update adam: the second-moment decay")
     hessian_smooth: float = option(1e-6, "--zo-update hizoo: the weight of each step's curvature sample in the "
@@ -171,9 +173,9 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
     lowrank_rank: int = option(4, "--distribution lowrank: the rank r of each matrix's z = U·Vᵀ/sqrt(r) (LOZO)")
     lowrank_lazy: int = option(50, "--distribution lowrank: steps that share one V, i.e. one subspace of each "
                                    "matrix (LOZO's lazy sampling)")
-    lr_per_rms: float = option(0.0, "with --zo-update normalized: the rate is this many times the RMS of the "
-                                    "tuned matrices at step 0, in place of --lr (0.05 measured to carry from "
-                                    "SmolLM2 to Qwen2.5; docs/benchmarks.md); 0: --lr")
+    lr_per_rms: float = option(0.0, "with --zo-update normalized or orthogonal: the rate is this many times the "
+                                    "RMS of the tuned matrices at step 0, in place of --lr (0.05 measured to carry "
+                                    "from SmolLM2 to Qwen2.5 with normalized; docs/benchmarks.md); 0: --lr")
     zo_mask: float = option(0.0, "perturb and update only this fraction of each tuned matrix, its smallest-"
                                  "magnitude weights at step 0 (Sparse-MeZO); 0: every weight")
     seed: int = option(0, "run seed: ZO directions and data order")
@@ -284,9 +286,12 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
         if self.zo_update == "normalized" and self.q < 2:
             raise DlzoError("--zo-update normalized divides by the spread of the --q directions' estimates: "
                             f"pass --q 2 or more, not {self.q} (FZOO uses 8 with --estimator one-sided)")
-        if self.lr_per_rms and self.zo_update != "normalized":
-            raise DlzoError("--lr-per-rms sets the rate of the normalized step, whose size is the rate's alone; "
-                            "pass --zo-update normalized (with --q 2 or more)")
+        if self.zo_update == "orthogonal" and (self.distribution != "lowrank" or self.zo_mask):
+            raise DlzoError("--zo-update orthogonal (ZO-Muon) orthogonalizes each matrix's step inside the "
+                            "subspace of its low-rank directions: pass --distribution lowrank, without --zo-mask")
+        if self.lr_per_rms and self.zo_update not in ("normalized", "orthogonal"):
+            raise DlzoError("--lr-per-rms sets the rate of the normalized or orthogonal step, whose size is the "
+                            "rate's alone; pass --zo-update normalized (with --q 2 or more) or orthogonal")
         if not (math.isfinite(self.zo_mask) and 0 <= self.zo_mask < 1):
             raise DlzoError(f"--zo-mask must be in [0, 1), not {self.zo_mask}")
         if not (math.isfinite(self.hessian_smooth) and 0 <= self.hessian_smooth < 1):
