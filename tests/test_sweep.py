@@ -11,6 +11,7 @@ import pytest
 
 from conftest import STORIES, another_process_holding, flags, small_run
 from dlzo.errors import DlzoError
+from dlzo.studies import race
 from dlzo.studies.options import RUN_NAME, SweepConfig
 from dlzo.studies.report import report
 from dlzo.studies.sweep import (
@@ -308,6 +309,22 @@ def test_a_kept_run_whose_data_file_changed_is_not_reused(tmp_path):
     (folder.path / "results.json").write_text("{}")  # finished: reused only if trained as asked
     with pytest.raises(DlzoError, match=r"trained with data \(content\)=.*give --out another folder"):
         _decide(folder.path, config, "layer01")
+
+
+def test_the_layer_rule_binds_a_kept_run_only_under_scope_dominant(tmp_path):
+    """A layer:K run trained under the older default rule (sun) never read it: a study reuses it under guarded,
+    as a race's recipe; a --scope dominant run, whose layer the rule chose, is refused."""
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    for scope, changed in (("layer:11", None), ("dominant", ("rule", "sun", "guarded"))):
+        folder.write_record({"config": asdict(TrainConfig(scope=scope, rule="sun", out=str(folder.path)))})
+        assert folder.changed_since_kept(TrainConfig(scope=scope, out=str(folder.path))) == changed
+    record = {"recipe_config": race.recipe_record(TrainConfig(scope="layer:11", rule="sun"))}
+    assert "rule" not in record["recipe_config"]
+    race.check_same_recipe({"recipe_config": {"rule": "sun", "scope": "layer:11"}}, TrainConfig(scope="layer:11"),
+                           tmp_path)
+    with pytest.raises(DlzoError, match="--rule 'sun'"):
+        race.check_same_recipe({"recipe_config": {"rule": "sun"}}, TrainConfig(scope="dominant"), tmp_path)
 
 
 def test_a_kept_probe_of_another_model_or_task_is_refused(tmp_path):

@@ -172,7 +172,8 @@ def check_same_race(record: dict, race: RaceConfig, path: Path) -> None:
 
 def recipe_record(config: TrainConfig) -> dict:
     """The options a recipe's figures depend on: all but where it lives and how it logs (as for a kept run)."""
-    return {k: v for k, v in asdict(config).items() if k not in FREE_FOR_A_KEPT_RUN}
+    free = (*FREE_FOR_A_KEPT_RUN, *config.inert_options())
+    return {k: v for k, v in asdict(config).items() if k not in free}
 
 
 def _decide(run: RunFolder, config: TrainConfig) -> str:
@@ -191,9 +192,9 @@ def check_same_recipe(record: dict, config: TrainConfig, path: Path) -> None:
     """A finished recipe (or upstream timing) is reused only if it trained as this race would train it: the
     recipe's own settings and the shared ones (model, task, data, batch, eps, dtype, ...). Records older than
     this check carry none and are taken as they are."""
-    now = recipe_record(config)
+    now, inert = recipe_record(config), config.inert_options()
     for name, was in record.get("recipe_config", {}).items():
-        if not same_path_option(name, was, now.get(name)):
+        if name not in inert and not same_path_option(name, was, now.get(name)):
             raise DlzoError(f"{path}: this recipe ran with --{name.replace('_', '-')} {was!r}, the race now gives "
                             f"{now.get(name)!r}; give --out another folder")
 

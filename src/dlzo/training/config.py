@@ -300,6 +300,11 @@ class TrainConfig(ModelOptions, TaskOptions, DataOptions):
             if not 0 <= getattr(self, name) < 1:
                 raise DlzoError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
 
+    def inert_options(self) -> tuple[str, ...]:
+        """Options this run never reads, so a kept run may differ in them: the layer rule outside --scope
+        dominant (a race's layer:11 recipe trained before the guarded default is the same run)."""
+        return () if parse_scope(self.scope).needs_dominant_layer else ("rule",)
+
     def epoch_steps(self, num_examples: int) -> int:
         """--num-train-epochs as steps over `num_examples` training examples: an epoch is a pass over them in
         batches of --batch-size (dlzo.training.step.batch_indices' epochs, the last short batch left out)."""

@@ -209,9 +209,9 @@ class RunFolder:
                             f"{changed[2]!r} is asked; move that folder away or give --out another folder")
 
     def changed_option(self, config: TrainConfig, free: Iterable[str]) -> tuple[str, object, object] | None:
-        """The first option of `config`, `free` ones aside, that differs from this folder's run.json: (name,
-        then, now); None when all agree. Keys added after that run was written hold their default in it."""
-        recorded = self.config()
+        """The first option of `config`, `free` and inert ones aside, that differs from this folder's run.json:
+        (name, then, now); None when all agree. Keys added after that run was written hold their default in it."""
+        recorded, free = self.config(), (*free, *config.inert_options())
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key, now in asdict(config).items():
             was = recorded.get(key, defaults.get(key))
