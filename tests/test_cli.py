@@ -34,6 +34,7 @@ def test_every_recipe_parses_into_its_config(path):
             assert parse_grid(config.lr_grid)
     else:
         config = TrainConfig(**load_recipe(path, TrainConfig))
+        config.model = config.model or "given-on-the-command-line"  # configs/any-model: --model on the command line
         config.validate()
     assert config.eps > 0 and config.steps > 0
 
@@ -64,7 +65,7 @@ def test_wrong_type_in_recipe(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--model", "m", "--zo-update", "nesterov"],
-     "argument --zo-update: invalid choice: 'nesterov' (choose from 'sgd', 'momentum', 'adam', 'hizoo', 'normalized')"),
+     "argument --zo-update: invalid choice: 'nesterov' (choose from 'sgd', 'momentum', 'adam', 'hizoo', 'normalized', 'orthogonal')"),
     (["eval", "--checkpoint", "newest"], "argument --checkpoint: invalid choice: 'newest'"),
     (["train", "--model", "m", "--lerning-rate", "1e-3"], "unrecognized arguments: --lerning-rate 1e-3"),
 ])
@@ -84,5 +85,5 @@ def test_a_recipe_value_outside_the_choices_is_one_line(tmp_path, capsys):
     assert err == (f"dlzo: error: --config {recipe}: key 'distribution' should be one of gaussian, rademacher, lowrank, "
                    f"got 'uniform'\n")
     recipe.write_text('zo_update = true\n')
-    with pytest.raises(DlzoError, match="key 'zo_update' should be one of sgd, momentum, adam, hizoo, normalized, got True"):
+    with pytest.raises(DlzoError, match="key 'zo_update' should be one of sgd, momentum, adam, hizoo, normalized, orthogonal, got True"):
         load_recipe(str(recipe), TrainConfig)

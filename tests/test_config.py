@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from dlzo.choices import ESTIMATORS, UPDATE_RULES
 from dlzo.cli.flags import add_arguments
 from dlzo.cli.options import EvalConfig, ExportConfig
 from dlzo.engine.directions import DISTRIBUTIONS
-from dlzo.engine.zo import ESTIMATORS, UPDATE_RULES
 from dlzo.errors import DlzoError
 from dlzo.fields import comma_list, literal_fields, option, same_as
 from dlzo.studies.options import RaceConfig, SweepConfig
@@ -75,7 +75,7 @@ def test_a_config_built_without_the_command_line_is_checked_against_its_choices(
     argparse: validate() names the flag and the values, in one line."""
     with pytest.raises(DlzoError, match=r"^--distribution 'uniform' is not one of gaussian, rademacher, lowrank$"):
         TrainConfig(model="m", distribution="uniform").validate()
-    with pytest.raises(DlzoError, match=r"^--zo-update 'nesterov' is not one of sgd, momentum, adam, hizoo, normalized$"):
+    with pytest.raises(DlzoError, match=r"^--zo-update 'nesterov' is not one of sgd, momentum, adam, hizoo, normalized, orthogonal$"):
         TrainConfig(model="m", zo_update="nesterov").validate()
     with pytest.raises(DlzoError, match=r"^--dtype 'float8' is not one of auto, float32"):
         SweepConfig(model="m", dtype="float8").validate()
@@ -94,7 +94,7 @@ def test_zo_arguments_share_train_configs_definitions():
         assert zo[name].metadata["help"] == train[name].metadata["help"], name
         assert zo[name].default == train[name].default, name
         assert zo_types[name] == train_types[name], name
-    with pytest.raises(ValueError, match=r"ZOArguments\.zo_update must be one of sgd, momentum, adam, hizoo, normalized, not 'sg'"):
+    with pytest.raises(ValueError, match=r"ZOArguments\.zo_update must be one of sgd, momentum, adam, hizoo, normalized, orthogonal, not 'sg'"):
         ZOArguments(zo_update="sg")
     with pytest.raises(ValueError, match="hizoo needs estimator=two-sided"):
         ZOArguments(zo_update="hizoo", estimator="one-sided")
