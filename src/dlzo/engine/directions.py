@@ -72,14 +72,24 @@ class Directions:
             self._active = (seed, {i for i, g in enumerate(self.layer_groups) if g in chosen})
         return self._active[1]
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator
+
+    def _right(self, index: int, like: torch.Tensor, subspace: int) -> torch.Tensor:
+        """lowrank: matrix `index`'s V (columns x r) in `subspace`, the same for every direction that shares it."""
+        generator = self._generator(like.device).manual_seed(mix(subspace, index, 0x10_20))
+        return torch.randn((like.shape[1], min(self.rank, *like.shape)), generator=generator, device=like.device,
+                           dtype=like.dtype)
+
     def row_basis(self, index: int, like: torch.Tensor, subspace: int) -> torch.Tensor | None:
         """lowrank: orthonormal columns spanning the rows of every z of matrix `index` in `subspace` (the QR of
-        its V, drawn as `sample` draws it), in which ZO-Muon's step is orthogonalized; None for a vector."""
+        its V), in which ZO-Muon's step is orthogonalized; None for a vector."""
         if self.distribution != "lowrank" or like.dim() != 2:
             return None
-        generator = torch.Generator(device=like.device).manual_seed(mix(subspace, index, 0x10_20))
-        right = torch.randn((like.shape[1], min(self.rank, *like.shape)), generator=generator, device=like.device,
-                            dtype=like.dtype)
+        right = self._right(index, like, subspace)
         return torch.linalg.qr(right.float() if right.dtype in (torch.float16, torch.bfloat16) else right).Q
 
     def sample(self, seed: int, index: int, like: torch.Tensor, subspace: int = 0) -> torch.Tensor:
@@ -88,16 +98,11 @@ class Directions:
         active = self.active(seed)
         if active is not None and index not in active:
             return torch.zeros_like(like)
-        generator = self._generators.get(like.device)
-        if generator is None:
-            generator = self._generators[like.device] = torch.Generator(device=like.device)
-        generator.manual_seed(mix(seed, index))
+        generator = self._generator(like.device).manual_seed(mix(seed, index))
         if self.distribution == "lowrank" and like.dim() == 2:
             rank = min(self.rank, *like.shape)
             left = torch.randn((like.shape[0], rank), generator=generator, device=like.device, dtype=like.dtype)
-            generator.manual_seed(mix(subspace, index, 0x10_20))
-            right = torch.randn((like.shape[1], rank), generator=generator, device=like.device, dtype=like.dtype)
-            return (left @ right.T).mul_(rank ** -0.5)
+            return (left @ self._right(index, like, subspace).T).mul_(rank ** -0.5)
         if self.distribution in ("gaussian", "lowrank"):
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
         bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -1,7 +1,7 @@
 """How the SPSA estimate d = mean g·z becomes a step, beside plain SGD: which tensors get no weight decay,
 FZOO's normalization by the spread of the step's estimates, ZO-Muon's orthogonalized matrices and Adam's
-moments (ZO-AdaMM). Each is a pure
-function of the step's logged estimates and the state it is given, so replay rebuilds it bit for bit.
+moments (ZO-AdaMM). Each is a pure function of the step's logged estimates and the state it is given, so replay
+rebuilds it bit for bit.
 """
 
 from __future__ import annotations
@@ -63,14 +63,14 @@ def orthogonalized(direction: torch.Tensor, basis: torch.Tensor | None = None) -
     if work.dim() != 2:
         rms = work.square().mean().sqrt()
         return (work / rms).to(direction.dtype) if rms > 0 else torch.zeros_like(direction)
-    small = work if basis is None else work @ basis.to(work.dtype)
-    left, values, right = torch.linalg.svd(small, full_matrices=False)
+    basis = None if basis is None else basis.to(work.dtype)
+    left, values, right = torch.linalg.svd(work if basis is None else work @ basis, full_matrices=False)
     count = int((values > values[0] * max(work.shape) * torch.finfo(work.dtype).eps).sum())
     if not count:
         return torch.zeros_like(direction)
     polar = left[:, :count] @ right[:count]
     if basis is not None:
-        polar = polar @ basis.to(work.dtype).T
+        polar = polar @ basis.T
     return polar.mul_(math.sqrt(work.numel() / count)).to(direction.dtype)
 
 
@@ -89,10 +89,10 @@ def adam_update(param: torch.Tensor, direction: torch.Tensor, state: list[torch.
 
 def rate_from_weights(tensors: Iterable[torch.Tensor], per_rms: float) -> float:
     """--lr-per-rms: the rate as `per_rms` times the root mean square of the tuned matrices' elements (vectors
-    left out). With the normalized or orthogonal step, whose size is the rate's alone, a step then moves each weight by about
-    the same fraction of its typical size on any model: 0.05 was fitted on SmolLM2-135M's layer 11 (RMS 0.194,
-    lr 9.7e-3) and trained Qwen2.5-0.5B's layer 3 (RMS 0.026, lr 1.3e-3) past plain SPSA's grid-best
-    (docs/benchmarks.md, "A rate without a grid")."""
+    left out). With the normalized or orthogonal step, whose size is the rate's alone, a step then moves each
+    weight by about the same fraction of its typical size on any model: 0.05 was fitted on SmolLM2-135M's layer
+    11 (RMS 0.194, lr 9.7e-3) and trained Qwen2.5-0.5B's layers 3 and 23 (RMS 0.026 and 0.016) past plain SPSA's
+    grid-best (docs/benchmarks.md, "A rate without a grid")."""
     squares, count = 0.0, 0
     for tensor in tensors:
         if tensor.dim() == 2:

@@ -122,10 +122,13 @@ class ZOOptimizer:
         """z for tensor `index` of direction `seed`, regenerated identically on any call: within the mask
         (mask_fraction), and for lowrank in the subspace of the current block of `lazy_steps` steps (the step
         count is the step being taken, in training and replay alike)."""
-        subspace = mix(self.seed, self.step_count // self.lazy_steps) if self.distribution == "lowrank" else 0
-        z = self.directions.sample(seed, index, like, subspace)
+        z = self.directions.sample(seed, index, like, self._subspace())
         mask = self.masks.get(index)
         return z if mask is None else z.mul_(mask.to(z.device))
+
+    def _subspace(self) -> int:
+        """lowrank: the key of the current block of `lazy_steps` steps' V (0 for the other distributions)."""
+        return mix(self.seed, self.step_count // self.lazy_steps) if self.distribution == "lowrank" else 0
 
     def add_noise(self, seed: int, scale: float) -> None:
         """θ += scale·z(seed), in place."""
@@ -200,7 +203,7 @@ class ZOOptimizer:
             term = z.mul_(grad / count) if owned else z * (grad / count)
             direction = term if direction is None else direction.add_(term)
         if self.update_rule == "orthogonal":  # ZO-Muon: the polar factor within the step's subspace, decay after
-            basis = self.directions.row_basis(index, param, mix(self.seed, self.step_count // self.lazy_steps))
+            basis = self.directions.row_basis(index, param, self._subspace())
             direction = orthogonalized(direction, basis)
         if self.weight_decay and not no_decay(name):
             direction.add_(param.data, alpha=self.weight_decay)
