@@ -55,8 +55,8 @@ def orthogonalized(direction: torch.Tensor, basis: torch.Tensor | None = None) -
     factor U·Vᵀ (its thin SVD with every singular value above the rank tolerance set to 1; ZO-Muon's five
     Newton-Schulz iterations approximate it, their singular values landing in about [0.7, 1.2]); a vector's is
     only rescaled. `basis`, orthonormal columns spanning D's rows (the low-rank directions' subspace, as ZO-Muon's
-    P), makes it exact and cheap: polar(D) = polar(D·B)·Bᵀ costs an SVD of rows x r, where a dense SVD of a
-    Qwen2.5 layer's matrices takes 45 s on one core. The tolerance is torch.linalg.matrix_rank's (largest
+    P), makes it exact and cheap: polar(D) = polar(D·B)·Bᵀ costs an SVD of rows x r, where a dense SVD costs
+    about min(rows, cols) / r times more. The tolerance is torch.linalg.matrix_rank's (largest
     singular value x largest side x the dtype's epsilon): the float rounding of a rank-r sum must not become
     extra unit directions."""
     work = direction.float() if direction.dtype in (torch.float16, torch.bfloat16) else direction
